@@ -1,0 +1,32 @@
+"""Shared fixtures: where real data sets live on this machine, repository paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Real MNIST for tests and benchmarks; the product never depends on this path.
+DEFAULT_MNIST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
+
+
+def mnist_dir_setting() -> Path:
+    return Path(os.environ.get("BNN_MNIST_DIR", DEFAULT_MNIST_DIR))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real MNIST IDX files; the test is skipped (with the reason) when absent."""
+    path = mnist_dir_setting()
+    if not (path / "train-images-idx3-ubyte.gz").exists() and not (
+        path / "train-images-idx3-ubyte"
+    ).exists():
+        pytest.skip(f"real MNIST not found at {path} (set BNN_MNIST_DIR)")
+    return path

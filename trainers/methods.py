@@ -1,0 +1,89 @@
+"""Training recipes: which method, which low-memory techniques, which optimizer.
+
+A recipe is the one description every part of the engine reads (layers, optimizer,
+memory model, measurement), so that any two methods can be put side by side.
+Each low-memory technique of Wang et al. is its own switch, so that its share of
+the memory, time and accuracy can be measured (ablation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from trainers.errors import UsageError, unknown_choice
+
+METHODS = ("standard", "lowmem", "bop", "cwr")
+OPTIMIZERS = ("adam", "sgd", "bop")
+
+
+@dataclass(frozen=True)
+class LowMemSwitches:
+    """One flag per row of the lowmem table in METHODS.md (all off = standard)."""
+
+    binary_inputs: bool = False  # save sgn(layer input) bit-packed for dW (first layer keeps real input)
+    bn_sign_trick: bool = False  # batch norm keeps sgn(y) bit-packed + per-channel 16-bit stats
+    packed_masks: bool = False  # STE masks kept as packed bits, not float tensors
+    fp16_grads: bool = False  # activation gradients flow as 16-bit (bfloat16) tensors
+    po2_grads: bool = False  # activation gradients rounded to powers of two (int8 exponent + sign)
+    binary_dw: bool = False  # weight gradient kept as 1 bit: sgn(dW) / sqrt(N)
+    fp16_state: bool = False  # latent weights and optimizer moments stored as float16
+
+    @classmethod
+    def all_on(cls) -> LowMemSwitches:
+        return cls(**{f.name: True for f in fields(cls)})
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @property
+    def any(self) -> bool:
+        return any(getattr(self, name) for name in self.names())
+
+    def with_changes(self, enable=(), disable=()) -> LowMemSwitches:
+        known = set(self.names())
+        for name in (*enable, *disable):
+            if name not in known:
+                raise unknown_choice("lowmem switch", name, known)
+        values = {name: True for name in enable} | {name: False for name in disable}
+        return replace(self, **values)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to train with: method name, low-memory switches, optimizer and its settings."""
+
+    method: str
+    switches: LowMemSwitches
+    optimizer: str
+    lr: float = 1e-3
+    momentum_format: str | None = None  # Bop low-bit momentum: "E,M[,bias]", "auto" or None (fp32)
+
+
+def make_recipe(
+    method: str,
+    optimizer: str | None = None,
+    enable: tuple[str, ...] = (),
+    disable: tuple[str, ...] = (),
+    lr: float = 1e-3,
+    momentum_format: str | None = None,
+) -> Recipe:
+    """Build a recipe from CLI-level names, refusing unknown ones with the choices."""
+    if method not in METHODS:
+        raise unknown_choice("method", method, METHODS)
+    base = LowMemSwitches.all_on() if method == "lowmem" else LowMemSwitches()
+    default_optimizer = "bop" if method == "bop" else "adam"
+    optimizer = optimizer or default_optimizer
+    if optimizer not in OPTIMIZERS:
+        raise unknown_choice("optimizer", optimizer, OPTIMIZERS)
+    if lr <= 0:
+        raise UsageError(f"learning rate must be positive, got {lr}")
+    if momentum_format is not None and optimizer != "bop":
+        raise UsageError(f"--momentum-format {momentum_format!r} needs the bop optimizer")
+    return Recipe(
+        method=method,
+        switches=base.with_changes(enable=enable, disable=disable),
+        optimizer=optimizer,
+        lr=lr,
+        momentum_format=momentum_format,
+    )
