@@ -20,7 +20,7 @@ OPTIMIZERS = ("adam", "sgd", "bop")
 class LowMemSwitches:
     """One flag per row of the lowmem table in METHODS.md (all off = standard)."""
 
-    binary_inputs: bool = False  # save sgn(layer input) bit-packed for dW (first layer keeps real input)
+    binary_inputs: bool = False  # keep sgn(input) packed for dW; first layer keeps its input
     bn_sign_trick: bool = False  # batch norm keeps sgn(y) bit-packed + per-channel 16-bit stats
     packed_masks: bool = False  # STE masks kept as packed bits, not float tensors
     fp16_grads: bool = False  # activation gradients flow as 16-bit (bfloat16) tensors

@@ -1,0 +1,209 @@
+"""Binary layers of the `standard` method (Courbariaux & Bengio) and the block that
+groups them.
+
+Every quantiser is one `torch.autograd.Function` with an explicit backward and a
+thin module around it. `sign` maps 0 to +1 everywhere. What the standard method's
+functions save for backward is fp32, as METHODS.md section 1 says: the layer input,
+the batch norm's normalised output and the STE mask as a float tensor.
+
+A `BinaryBlock` is one binary conv/dense layer with its batch norm, optional
+max-pool and sign activation. With any low-memory switch on, the block runs the
+fused low-memory function of `trainers.lowmem`, which keeps only the low-bit
+tensors between forward and backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainers.methods import LowMemSwitches
+
+
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """sgn with sgn(0) = +1, in x's dtype."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+class SignSTE(torch.autograd.Function):
+    """sgn(x) forward; straight-through gradient where |x| <= 1 (float mask saved)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward((x.abs() <= 1).to(x.dtype))
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        (mask,) = ctx.saved_tensors
+        return grad_out * mask
+
+
+class BinarizeWeight(torch.autograd.Function):
+    """sgn(W) forward; gradient to the latent weight W where |W| <= 1 (clip)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w)
+        return sign(w)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        (w,) = ctx.saved_tensors
+        return grad_out * (w.abs() <= 1).to(grad_out.dtype)
+
+
+class SignActivation(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return SignSTE.apply(x)
+
+
+class BinaryLinear(nn.Linear):
+    """Dense layer with binary weights sgn(W) over latent real weights W; no bias."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        nn.init.uniform_(self.weight, -1.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, BinarizeWeight.apply(self.weight).to(x.dtype))
+
+
+class BinaryConv2d(nn.Conv2d):
+    """2-D convolution with binary weights sgn(W) over latent real weights W; no bias."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         bias=False)
+        nn.init.uniform_(self.weight, -1.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, BinarizeWeight.apply(self.weight).to(x.dtype), None, self.stride,
+                        self.padding)
+
+
+def channel_dims(x: torch.Tensor) -> tuple[int, ...]:
+    """Dimensions a per-channel statistic reduces over: batch (and H x W for conv)."""
+    return (0,) if x.dim() == 2 else (0, 2, 3)
+
+
+def per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """View a (C,) vector so that it broadcasts against `like` (N, C[, H, W])."""
+    return v.view(1, -1) if like.dim() == 2 else v.view(1, -1, 1, 1)
+
+
+class L1BatchNormFunction(torch.autograd.Function):
+    """y = (x - mu) / sigma1 + beta with sigma1 = mean|x - mu| (training statistics).
+
+    Saves the fp32 normalised output; backward is the exact gradient of this forward:
+    dX = (1/sigma1) [dY - mean(dY) - (sgn(xhat) - mean(sgn(xhat))) mean(dY xhat)].
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, beta: torch.Tensor, eps: float):
+        dims = channel_dims(x)
+        mu = x.mean(dim=dims)
+        centred = x - per_channel(mu, x)
+        sigma1 = centred.abs().mean(dim=dims) + eps
+        xhat = centred / per_channel(sigma1, x)
+        ctx.save_for_backward(xhat, sigma1)
+        return xhat + per_channel(beta.to(x.dtype), x), mu.detach(), sigma1.detach()
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mu, _grad_sigma):
+        xhat, sigma1 = ctx.saved_tensors
+        dims = channel_dims(xhat)
+        s = sign(xhat)
+        term = (s - s.mean(dim=dims, keepdim=True)) * (grad_y * xhat).mean(dim=dims, keepdim=True)
+        grad_x = (grad_y - grad_y.mean(dim=dims, keepdim=True) - term) / per_channel(sigma1, xhat)
+        return grad_x, grad_y.sum(dim=dims), None
+
+
+class L1BatchNorm(nn.Module):
+    """The L1 batch norm of Wang et al.: only beta is learned, running stats with momentum 0.9."""
+
+    def __init__(self, channels: int, momentum: float = 0.9, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.channels = channels
+        self.momentum = momentum
+        self.eps = eps
+        self.beta = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_sigma1", torch.ones(channels))
+
+    def update_running(self, mu: torch.Tensor, sigma1: torch.Tensor) -> None:
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(m).add_((1 - m) * mu.to(self.running_mean.dtype))
+            self.running_sigma1.mul_(m).add_((1 - m) * sigma1.to(self.running_sigma1.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            y, mu, sigma1 = L1BatchNormFunction.apply(x, self.beta, self.eps)
+            self.update_running(mu, sigma1)
+            return y
+        mean = per_channel(self.running_mean.to(x.dtype), x)
+        sigma1 = per_channel(self.running_sigma1.to(x.dtype), x)
+        return (x - mean) / sigma1 + per_channel(self.beta.to(x.dtype), x)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Where a block's optional parts go (see the model table in METHODS.md)."""
+
+    pool: str | None = None  # None, "before_bn" (BinaryNet) or "after_act" (CNV)
+    sign_input: bool = False  # sign (+STE) applied to the block's input (ResNetE units)
+    sign_output: bool = True  # sign (+STE) applied to the batch-norm output
+    first: bool = False  # input is real-valued data: kept as is, never binarised
+
+
+class BinaryBlock(nn.Module):
+    """[sign ->] binary conv/dense -> [pool ->] L1 batch norm [-> sign] [-> pool]."""
+
+    def __init__(self, layer: BinaryLinear | BinaryConv2d, spec: BlockSpec,
+                 switches: LowMemSwitches) -> None:
+        super().__init__()
+        self.layer = layer
+        self.bn = L1BatchNorm(layer.out_features if isinstance(layer, nn.Linear)
+                              else layer.out_channels)
+        self.spec = spec
+        self.switches = switches
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec}, lowmem={self.switches.any}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.switches.any:
+            from trainers.lowmem import low_memory_block
+
+            return low_memory_block(self, x)
+        return self.standard_forward(x)
+
+    def standard_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.sign_input:
+            x = SignSTE.apply(x)
+        z = self.layer(x)
+        if self.spec.pool == "before_bn":
+            z = F.max_pool2d(z, 2)
+        y = self.bn(z)
+        if self.spec.sign_output:
+            y = SignSTE.apply(y)
+        if self.spec.pool == "after_act":
+            y = F.max_pool2d(y, 2)
+        return y
+
+
+def binary_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that are binary weights (Bop's); every other parameter is real-valued."""
+    return [m.weight for m in model.modules() if isinstance(m, (BinaryLinear, BinaryConv2d))]
+
+
+@torch.no_grad()
+def clip_binary_weights(model: nn.Module) -> None:
+    """Keep latent weights in [-1, 1] after each update (Courbariaux & Bengio)."""
+    for w in binary_weights(model):
+        w.clamp_(-1.0, 1.0)
