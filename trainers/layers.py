@@ -56,6 +56,14 @@ class BinarizeWeight(torch.autograd.Function):
         return grad_out * (w.abs() <= 1).to(grad_out.dtype)
 
 
+def glorot_uniform_(weight: torch.Tensor) -> None:
+    """Small latent weights (Glorot), so that Adam's steps can flip signs early in training."""
+    fan_out = weight.shape[0] * weight[0, 0].numel()
+    fan_in = weight[0].numel()
+    bound = (6.0 / (fan_in + fan_out)) ** 0.5
+    nn.init.uniform_(weight, -bound, bound)
+
+
 class SignActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return SignSTE.apply(x)
@@ -66,7 +74,7 @@ class BinaryLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
-        nn.init.uniform_(self.weight, -1.0, 1.0)
+        glorot_uniform_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, BinarizeWeight.apply(self.weight).to(x.dtype))
@@ -79,7 +87,7 @@ class BinaryConv2d(nn.Conv2d):
                  padding: int = 0) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          bias=False)
-        nn.init.uniform_(self.weight, -1.0, 1.0)
+        glorot_uniform_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, BinarizeWeight.apply(self.weight).to(x.dtype), None, self.stride,
