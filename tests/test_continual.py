@@ -1,0 +1,300 @@
+"""Continual learning: scenarios, hybrid quantisation, the cwr/naive runner and its CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainers.continual.quant import (
+    HybridQuantise,
+    QuantisedUpdates,
+    quantise_activations,
+    quantise_minmax,
+)
+from trainers.continual.scenario import class_incremental
+from trainers.data import load_dataset
+from trainers.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The digits MLP gains nothing from threads, and the machine's 2 cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- scenarios ---------------------------------------------------------------------------
+
+
+def test_scenario_splits_classes_into_disjoint_experiences_in_a_seeded_order(digits):
+    scenario = class_incremental(digits, experiences=5, seed=3)
+    assert sorted(scenario.class_order) == list(range(10))
+    groups = [exp.classes for exp in scenario.experiences]
+    assert [len(g) for g in groups] == [2] * 5
+    assert [c for g in groups for c in g] == list(scenario.class_order)
+    for exp in scenario.experiences:
+        labels = digits.train_labels[exp.train_indices]
+        assert set(labels.tolist()) == set(exp.classes)
+        assert exp.train_indices.size == np.isin(digits.train_labels, exp.classes).sum()
+    again = class_incremental(digits, experiences=5, seed=3)
+    assert again.class_order == scenario.class_order
+    assert all(np.array_equal(a.train_indices, b.train_indices)
+               for a, b in zip(scenario.experiences, again.experiences, strict=True))
+    assert class_incremental(digits, experiences=5, seed=4).class_order != scenario.class_order
+
+
+def test_scenario_uneven_split_and_given_order(digits):
+    scenario = class_incremental(digits, experiences=3, class_order=range(10))
+    assert [exp.classes for exp in scenario.experiences] == [(0, 1, 2, 3), (4, 5, 6), (7, 8, 9)]
+    assert scenario.seen_classes(1) == (0, 1, 2, 3, 4, 5, 6)
+    test = scenario.test_indices(scenario.seen_classes(0))
+    assert set(digits.test_labels[test].tolist()) == {0, 1, 2, 3}
+
+
+def test_more_experiences_than_classes_is_a_usage_error(digits):
+    with pytest.raises(UsageError, match="--experiences 11 is more than the 10 classes"):
+        class_incremental(digits, experiences=11)
+
+
+def test_class_order_must_list_every_class_once(digits):
+    with pytest.raises(UsageError, match="exactly once"):
+        class_incremental(digits, experiences=2, class_order=[0, 1, 2])
+
+
+# --- hybrid quantisation ---------------------------------------------------------------
+
+
+def test_minmax_quantisation_uses_2_to_the_bits_levels_between_min_and_max():
+    x = torch.linspace(-1.0, 3.0, 1001)
+    q = quantise_minmax(x, 2)  # levels -1, 1/3, 5/3, 3
+    assert torch.allclose(torch.unique(q), torch.tensor([-1.0, 1 / 3, 5 / 3, 3.0]))
+    assert (q - x).abs().max() <= (4.0 / 3) / 2 + 1e-6
+    assert torch.equal(quantise_minmax(x, 32), x)
+    assert torch.equal(quantise_minmax(torch.full((4,), 2.5), 8), torch.full((4,), 2.5))
+    signs = torch.tensor([-1.0, 1.0, 1.0, -1.0])
+    assert torch.equal(quantise_minmax(signs, 8), signs)  # +-1 survives any width
+
+
+def test_hybrid_quantise_forward_at_qf_gradient_identity_then_at_qb():
+    x = torch.linspace(0.0, 1.0, 11, requires_grad=True)
+    y = HybridQuantise.apply(x, 1, 2)  # forward: 2 levels {0, 1}
+    assert torch.equal(y.detach(), torch.round(x.detach()))
+    upstream = torch.linspace(0.0, 3.0, 11)
+    y.backward(upstream)
+    # identity through the rounding, then the gradient itself on 4 levels {0, 1, 2, 3}
+    assert torch.equal(x.grad, torch.round(upstream))
+
+
+def test_quantised_updates_round_gradients_and_updates_at_qb():
+    w = torch.nn.Parameter(torch.tensor([0.0, 0.0, 0.0]))
+    optimizer = torch.optim.SGD([w], lr=1.0)
+    step = QuantisedUpdates(optimizer, [w], qb=1)
+    w.grad = torch.tensor([0.0, 0.4, 1.0])
+    step.step()
+    # gradient on 2 levels {0, 1} -> [0, 0, 1]; update -[0, 0, 1] is already on its grid
+    assert torch.equal(w.detach(), torch.tensor([0.0, 0.0, -1.0]))
+    reference = torch.nn.Parameter(torch.tensor([0.0, 0.0, 0.0]))
+    full = QuantisedUpdates(torch.optim.SGD([reference], lr=1.0), [reference], qb=32)
+    reference.grad = torch.tensor([0.0, 0.4, 1.0])
+    full.step()
+    assert torch.equal(reference.detach(), torch.tensor([0.0, -0.4, -1.0]))
+
+
+def test_activation_hooks_quantise_outputs_and_vanish_at_32_bits():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 16)
+    x = torch.randn(8, 16)
+    handles = quantise_activations([layer], qf=2, qb=16)
+    assert len(torch.unique(layer(x))) <= 4
+    for handle in handles:
+        handle.remove()
+    assert len(torch.unique(layer(x))) > 4
+    assert quantise_activations([layer], qf=32, qb=32) == []
+
+
+# --- the runner -------------------------------------------------------------------------
+
+from trainers.continual.runner import ContinualConfig, run_continual  # noqa: E402
+
+
+def config(**changes) -> ContinualConfig:
+    base = dict(model="mlp", dataset="digits", strategy="cwr", experiences=5, replay_size=100,
+                epochs_per_experience=1, batch_size=50, seed=0)
+    return ContinualConfig(**(base | changes))
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.started, self.steps, self.ended = [], [], []
+
+    def on_epoch_start(self, epoch):
+        self.started.append(epoch)
+
+    def on_step(self, record):
+        self.steps.append(record)
+
+    def on_epoch_end(self, record):
+        self.ended.append(record)
+
+
+def test_cwr_run_reports_every_experience_and_streams_callbacks(digits):
+    calls = Recorder()
+    result = run_continual(config(), calls, dataset=digits)
+    assert calls.started == [1, 2, 3, 4, 5]
+    assert [r.experience for r in calls.ended] == [1, 2, 3, 4, 5]
+    assert calls.ended == result.experiences
+    assert len(calls.steps) == sum(r.steps for r in result.experiences)
+    seen = [len(r.seen_classes) for r in result.experiences]
+    assert seen == [2, 4, 6, 8, 10]
+    for record in result.experiences:
+        assert 0.0 <= record.test_accuracy <= 1.0 and record.seconds > 0
+        assert len(record.accuracy_per_experience) == record.experience
+        assert record.trainable_bytes > 0
+    # 100 // seen classes entries per class, 256 latent bits (the first block's output) each
+    assert [r.buffer_bytes for r in result.experiences] == [(100 // n) * n * 32 for n in seen]
+    assert result.experiences[0].replay_entries == 0
+    assert [r.replay_entries for r in result.experiences[1:]] == [100, 100, 96, 96]
+    assert result.final_average_accuracy == pytest.approx(
+        np.mean(result.experiences[-1].accuracy_per_experience))
+    assert result.experiences[0].test_accuracy > 0.9  # two classes, learned from scratch
+
+
+def test_blocks_below_the_latent_layer_are_frozen_after_the_first_experience(digits):
+    from trainers.continual import runner
+
+    snapshots, grad_outputs = [], []
+    original = runner.ContinualRun.run_experience
+
+    def spy(self, exp):
+        lower = self.parts.lower
+        handle = lower.register_forward_hook(
+            lambda _m, _i, out: grad_outputs.append((exp.index, out.requires_grad, lower.training)))
+        record = original(self, exp)
+        handle.remove()
+        snapshots.append({k: v.clone() for k, v in lower.state_dict().items()})
+        if exp.index > 0:
+            assert not any(p.requires_grad for p in lower.parameters())
+        return record
+
+    runner.ContinualRun.run_experience = spy
+    try:
+        run_continual(config(experiences=3, latent_layer=2), dataset=digits)
+    finally:
+        runner.ContinualRun.run_experience = original
+    # weights and batch-norm statistics of the lower blocks never move after experience 1
+    for later in snapshots[1:]:
+        assert all(torch.equal(later[k], snapshots[0][k]) for k in later)
+    # after the first experience, latents come out of eval mode with no graph behind them
+    later_calls = [(grad, training) for index, grad, training in grad_outputs if index > 0]
+    assert later_calls and not any(grad or training for grad, training in later_calls)
+    assert any(grad for index, grad, _ in grad_outputs if index == 0)
+
+
+def test_replayed_latents_are_mixed_into_every_minibatch_after_the_first(digits, monkeypatch):
+    import trainers.engine
+
+    batches = []
+    real_step = trainers.engine.train_step
+
+    def spy(model, optimizer, x, y):
+        batches.append((x.shape, y.clone()))
+        return real_step(model, optimizer, x, y)
+
+    monkeypatch.setattr(trainers.engine, "train_step", spy)
+    result = run_continual(config(experiences=2, replay_size=40), dataset=digits)
+    first, second = result.experiences
+    old = torch.tensor(first.classes)
+    for shape, y in batches[: first.steps]:
+        assert shape[1:] == (1, 8, 8) and not torch.isin(y, torch.tensor(second.classes)).any()
+    for shape, y in batches[first.steps:]:
+        # 50 current samples as latents of the first block (256 signs), then 40 replayed ones
+        assert shape == (90, 256)
+        assert torch.isin(y[:50], torch.tensor(second.classes)).all()
+        assert torch.isin(y[50:], old).all()
+
+
+def test_naive_keeps_no_buffer_and_forgets(digits):
+    result = run_continual(config(strategy="naive"), dataset=digits)
+    assert all(r.buffer_bytes == 0 and r.replay_entries == 0 for r in result.experiences)
+    # plain fine-tuning on the last two classes: little is left of the first ones
+    assert result.experiences[-1].accuracy_per_experience[0] < 0.5
+
+
+def test_unquantised_reference_differs_from_8_16_bits(digits):
+    reference = run_continual(config(experiences=2, qf=32, qb=32), dataset=digits)
+    quantised = run_continual(config(experiences=2, qf=8, qb=16), dataset=digits)
+    again = run_continual(config(experiences=2, qf=8, qb=16), dataset=digits)
+    assert quantised.experiences[-1].train_loss != reference.experiences[-1].train_loss
+    assert quantised.experiences[-1].train_loss == again.experiences[-1].train_loss
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(latent_layer=5), "--latent-layer 5 is outside model 'mlp' \\(choose 1..4"),
+        (dict(latent_layer=0), "--latent-layer 0 is outside"),
+        (dict(replay_size=9), "--replay-size 9 is below the 10 classes"),
+        (dict(experiences=11), "--experiences 11 is more than the 10 classes"),
+        (dict(strategy="ewc"), "unknown strategy 'ewc'"),
+        (dict(qf=0), "--qf must be 1..32 bits, got 0"),
+    ],
+)
+def test_bad_settings_are_usage_errors(digits, changes, message):
+    with pytest.raises(UsageError, match=message):
+        run_continual(config(**changes), dataset=digits)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainers", "continual", *args],
+                          capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def test_cli_json_last_line_holds_experiences_and_final_average_accuracy():
+    done = run_cli("--model", "mlp", "--dataset", "digits", "--strategy", "cwr",
+                   "--experiences", "2", "--replay-size", "50", "--qf", "8", "--qb", "16",
+                   "--batch-size", "50", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(summary["experiences"]) == 2
+    assert 0.0 <= summary["final_average_accuracy"] <= 1.0
+    first = summary["experiences"][0]
+    for key in ("test_accuracy", "buffer_bytes", "trainable_bytes", "seconds"):
+        assert key in first
+    assert "experience 2/2" in done.stderr
+
+
+def test_cli_bad_input_is_one_line_and_exit_2():
+    done = run_cli("--model", "mlp", "--dataset", "digits", "--strategy", "cwr",
+                   "--experiences", "3", "--replay-size", "5")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: continual: --replay-size 5 is below the 10 classes of the stream "
+        "(the buffer needs at least one entry per class)"
+    ]
+
+
+@pytest.mark.slow
+def test_mnist_cwr_beats_naive_by_20_points_and_8_16_bits_lose_at_most_2(mnist_dir):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import continual_mnist
+
+    rows = continual_mnist.run_rows(str(mnist_dir), seeds=[0, 1, 2], epochs=1, replay_size=1500,
+                                    latent_layer=None)
+    figures = continual_mnist.checks(rows)
+    assert figures["cwr_gain_points"] >= continual_mnist.MIN_CWR_GAIN_POINTS
+    assert figures["quantisation_loss_points"] <= continual_mnist.MAX_QUANTISATION_LOSS_POINTS
