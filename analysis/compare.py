@@ -1,0 +1,219 @@
+"""Comparisons: methods against a baseline on the same device, model and data; two runs.
+
+Every figure is a mean over repeats and seeds with a Student t confidence interval
+and its n. Against the baseline method: memory as a reduction factor
+(baseline / method), time and energy as a ratio (method / baseline), accuracy as a
+difference (method - baseline, in accuracy units). When both methods ran the same
+(seed, repeat) pairs the interval is over the paired ratios or differences;
+otherwise a difference uses Welch's interval and a ratio is the ratio of the means
+with no interval.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+GROUP_KEYS = ("device", "meter", "model", "dataset", "batch_size")
+PAIR_KEYS = ("seed", "repeat")
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Metric:
+    column: str
+    label: str
+    versus: str  # "reduction" (baseline / method), "ratio" (method / baseline), "difference"
+
+
+METRICS = (
+    Metric("peak_tensor_bytes", "peak tensor bytes", "reduction"),
+    Metric("peak_rss_delta_bytes", "peak RSS increase bytes", "reduction"),
+    Metric("peak_hwm_bytes", "peak RSS (high-water) bytes", "reduction"),
+    Metric("epoch_s", "s / epoch", "ratio"),
+    Metric("step_s", "s / step", "ratio"),
+    Metric("energy_per_epoch_j", "J / epoch (gross)", "ratio"),
+    Metric("energy_above_idle_per_epoch_j", "J / epoch (above idle)", "ratio"),
+    Metric("energy_per_sample_j", "J / sample (gross)", "ratio"),
+    Metric("energy_above_idle_per_sample_j", "J / sample (above idle)", "ratio"),
+    Metric("test_accuracy", "test accuracy", "difference"),
+)
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
+def t_interval(values: np.ndarray | pd.Series, confidence: float = CONFIDENCE) -> Interval:
+    """Mean and two-sided Student t interval; nan bounds when n < 2."""
+    x = np.asarray(pd.to_numeric(pd.Series(values), errors="coerce").dropna(), dtype=float)
+    n = int(x.size)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = float(x.mean())
+    if n < 2:
+        return Interval(mean, math.nan, math.nan, n)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def welch_difference(a: np.ndarray, b: np.ndarray, confidence: float = CONFIDENCE) -> Interval:
+    """mean(a) - mean(b) with Welch's interval; n is the smaller sample."""
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    if a.size == 0 or b.size == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    diff = float(a.mean() - b.mean())
+    n = int(min(a.size, b.size))
+    if a.size < 2 or b.size < 2:
+        return Interval(diff, math.nan, math.nan, n)
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Interval(diff, diff, diff, n)
+    dof = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, dof) * se)
+    return Interval(diff, diff - half, diff + half, n)
+
+
+def _versus(metric: Metric, method: pd.DataFrame, base: pd.DataFrame) -> tuple[Interval, str]:
+    col = metric.column
+    m = method.dropna(subset=[col]).set_index(list(PAIR_KEYS))[col].astype(float)
+    b = base.dropna(subset=[col]).set_index(list(PAIR_KEYS))[col].astype(float)
+    m = m[~m.index.duplicated()]
+    b = b[~b.index.duplicated()]
+    common = m.index.intersection(b.index)
+    paired = len(common) > 0 and len(common) == len(m) == len(b)
+    if metric.versus == "difference":
+        if paired:
+            return t_interval((m[common] - b[common]).to_numpy()), "paired"
+        return welch_difference(m.to_numpy(), b.to_numpy()), "welch"
+    num, den = (b, m) if metric.versus == "reduction" else (m, b)
+    if paired:
+        ratios = (num[common] / den[common]).replace([np.inf, -np.inf], np.nan)
+        return t_interval(ratios.to_numpy()), "paired"
+    if num.empty or den.empty or den.mean() == 0:
+        return Interval(math.nan, math.nan, math.nan, 0), "none"
+    n = int(min(num.size, den.size))
+    return Interval(float(num.mean() / den.mean()), math.nan, math.nan, n), "ratio of means"
+
+
+def compare_methods(jobs: pd.DataFrame, baseline: str = "standard") -> pd.DataFrame:
+    """Long table: per group, method and metric: mean, t-interval, n, and vs the baseline."""
+    done = jobs[jobs["result_status"] == "completed"]
+    rows = []
+    keys = [k for k in GROUP_KEYS if k in done]
+    for group, frame in done.groupby(keys, dropna=False):
+        group = dict(zip(keys, group if isinstance(group, tuple) else (group,)))
+        base = frame[frame["method"] == baseline]
+        for method, mframe in frame.groupby("method"):
+            for metric in METRICS:
+                own = t_interval(mframe[metric.column])
+                if own.n == 0:
+                    continue
+                row = {**group, "method": method, "metric": metric.column,
+                       "label": metric.label, "n": own.n, "mean": own.mean,
+                       "ci_low": own.low, "ci_high": own.high, "baseline": baseline,
+                       "versus": metric.versus}
+                if method != baseline and not base.empty:
+                    vs, how = _versus(metric, mframe, base)
+                    row.update(vs_mean=vs.mean, vs_ci_low=vs.low, vs_ci_high=vs.high,
+                               vs_n=vs.n, vs_how=how)
+                rows.append(row)
+    columns = [*keys, "method", "metric", "label", "n", "mean", "ci_low", "ci_high", "baseline",
+               "versus", "vs_mean", "vs_ci_low", "vs_ci_high", "vs_n", "vs_how"]
+    return pd.DataFrame(rows).reindex(columns=columns)
+
+
+def _fmt(mean: float, low: float, high: float, scale: float = 1.0, digits: int = 3) -> str:
+    if mean is None or pd.isna(mean):
+        return "n/a"
+    text = f"{mean * scale:.{digits}g}"
+    if not (pd.isna(low) or pd.isna(high)):
+        text += f" [{low * scale:.{digits}g}, {high * scale:.{digits}g}]"
+    return text
+
+
+HEADLINE = (
+    ("s / epoch", "epoch_s", "own", 1.0),
+    ("J / epoch", "energy_per_epoch_j", "own", 1.0),
+    ("J / epoch above idle", "energy_above_idle_per_epoch_j", "own", 1.0),
+    ("mJ / sample", "energy_per_sample_j", "own", 1e3),
+    ("mJ / sample above idle", "energy_above_idle_per_sample_j", "own", 1e3),
+    ("test accuracy", "test_accuracy", "own", 1.0),
+    ("accuracy diff", "test_accuracy", "vs", 1.0),
+    ("RSS+ reduction", "peak_rss_delta_bytes", "vs", 1.0),
+    ("tensor reduction", "peak_tensor_bytes", "vs", 1.0),
+    ("time ratio", "epoch_s", "vs", 1.0),
+    ("energy ratio", "energy_per_epoch_j", "vs", 1.0),
+)
+
+
+def headline(comparison: pd.DataFrame) -> pd.DataFrame:
+    """One row per (group, method): means with [95 % t-interval] and n, as text."""
+    if comparison.empty:
+        return pd.DataFrame()
+    keys = [k for k in GROUP_KEYS if k in comparison]
+    rows = []
+    for group, frame in comparison.groupby([*keys, "method"], dropna=False, sort=False):
+        row = dict(zip([*keys, "method"], group))
+        by_metric = frame.set_index("metric")
+        row["n"] = int(frame["n"].max())
+        for label, metric, which, scale in HEADLINE:
+            if metric not in by_metric.index:
+                row[label] = "n/a"
+                continue
+            r = by_metric.loc[metric]
+            if which == "own":
+                row[label] = _fmt(r["mean"], r["ci_low"], r["ci_high"], scale)
+            else:
+                row[label] = _fmt(r.get("vs_mean"), r.get("vs_ci_low"), r.get("vs_ci_high"),
+                                  scale)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+RUN_METRICS = ("epoch_s", "energy_per_epoch_j", "energy_above_idle_per_epoch_j",
+               "energy_per_sample_j", "peak_rss_delta_bytes", "peak_tensor_bytes",
+               "test_accuracy")
+
+
+def compare_runs(jobs_a: pd.DataFrame, jobs_b: pd.DataFrame, by_device: bool = False
+                 ) -> pd.DataFrame:
+    """Run A vs run B per (method, model, dataset, batch[, device]): means, n, B/A or B-A."""
+    keys = ["method", "model", "dataset", "batch_size"] + (["device"] if by_device else [])
+    rows = []
+    a_done = jobs_a[jobs_a["result_status"] == "completed"]
+    b_done = jobs_b[jobs_b["result_status"] == "completed"]
+    groups = pd.concat([a_done[keys], b_done[keys]]).drop_duplicates()
+    for group in groups.itertuples(index=False):
+        sel_a = (a_done[keys] == pd.Series(group._asdict())).all(axis=1)
+        sel_b = (b_done[keys] == pd.Series(group._asdict())).all(axis=1)
+        for metric in RUN_METRICS:
+            ia = t_interval(a_done.loc[sel_a, metric])
+            ib = t_interval(b_done.loc[sel_b, metric])
+            if ia.n == 0 and ib.n == 0:
+                continue
+            if metric == "test_accuracy":
+                vs = welch_difference(
+                    pd.to_numeric(b_done.loc[sel_b, metric], errors="coerce").dropna(),
+                    pd.to_numeric(a_done.loc[sel_a, metric], errors="coerce").dropna(),
+                )
+                versus, value, low, high = "B - A", vs.mean, vs.low, vs.high
+            else:
+                versus = "B / A"
+                value = ib.mean / ia.mean if ia.n and ib.n and ia.mean else math.nan
+                low = high = math.nan
+            rows.append({**group._asdict(), "metric": metric, "n_a": ia.n, "mean_a": ia.mean,
+                         "ci_a": _fmt(ia.mean, ia.low, ia.high), "n_b": ib.n,
+                         "mean_b": ib.mean, "ci_b": _fmt(ib.mean, ib.low, ib.high),
+                         "versus": versus, "value": value, "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows)

@@ -1,0 +1,105 @@
+"""One row per training job: what it cost (memory, time, energy) and how accurate it is.
+
+Joins the jobs the plan expanded, their results, the memory samples and the phase
+energies. A job without a result, or on a device without power samples, keeps its
+row with the missing figures empty and `missing` saying why.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis.load import Run
+
+JOB_KEYS = ("device", "model", "dataset", "batch_size", "method", "seed", "repeat")
+
+
+def _epoch_energy(energy: pd.DataFrame) -> pd.DataFrame:
+    """Per (job, attempt, meter): mean energy per epoch and the totals over the epochs."""
+    ep = energy[energy["kind"] == "epoch"]
+    if ep.empty:
+        return pd.DataFrame(columns=["job_id", "attempt", "meter", "epochs_metered",
+                                     "epoch_energy_j", "epoch_energy_above_idle_j",
+                                     "energy_per_epoch_j", "energy_above_idle_per_epoch_j",
+                                     "energy_low_confidence", "energy_reason"])
+    ep = ep.assign(above=pd.to_numeric(ep["energy_above_idle_j"], errors="coerce"))
+    grouped = ep.groupby(["job_id", "attempt", "meter"])
+    out = grouped.agg(
+        epochs_metered=("energy_j", "size"),
+        epoch_energy_j=("energy_j", "sum"),
+        epoch_energy_above_idle_j=("above", lambda s: s.sum(min_count=len(s))),
+        energy_per_epoch_j=("energy_j", "mean"),
+        energy_above_idle_per_epoch_j=("above", "mean"),
+        energy_low_confidence=("low_confidence", "any"),
+        energy_reason=("reason", _reasons),
+    )
+    return out.reset_index()
+
+
+def _reasons(reasons: pd.Series) -> str | None:
+    """The distinct low-confidence reasons of a job's epochs, joined."""
+    return "; ".join(sorted({r for r in reasons if isinstance(r, str)}))[:300] or None
+
+
+def _memory_peaks(run: Run) -> pd.DataFrame:
+    mem = run.memory
+    if mem.empty:
+        return pd.DataFrame(columns=["job_id", "attempt", "sampled_hwm_bytes",
+                                     "sampled_tensor_peak_bytes", "memory_samples"])
+    grouped = mem.groupby(["job_id", "attempt"])
+    return grouped.agg(
+        sampled_hwm_bytes=("hwm_bytes", "max"),
+        sampled_tensor_peak_bytes=("tensor_peak_bytes", "max"),
+        memory_samples=("seq", "size"),
+    ).reset_index()
+
+
+def job_table(run: Run, energy: pd.DataFrame) -> pd.DataFrame:
+    """Training jobs with their figures; `energy` is `run_energy.phase_energies(run)`."""
+    jobs = run.jobs[run.jobs["kind"] == "train"].copy()
+    jobs = jobs.rename(columns={"status": "job_status", "reason": "job_reason"})
+    res = run.results.drop(columns=["method", "device"]).rename(columns={"status": "result_status"})
+    table = jobs.merge(res, on="job_id", how="left", suffixes=("", "_result"))
+    table["attempt"] = table["attempt"].fillna(table["attempts"]).fillna(1).astype(int)
+    table = table.merge(_memory_peaks(run), on=["job_id", "attempt"], how="left")
+    table = table.merge(_epoch_energy(energy), on=["job_id", "attempt"], how="left")
+    if "epochs_result" in table:
+        table["epochs"] = table["epochs_result"].fillna(table["epochs"])
+    steps = pd.to_numeric(table["steps"], errors="coerce")
+    epochs = pd.to_numeric(table["epochs"], errors="coerce")
+    batch = pd.to_numeric(table["batch_size"], errors="coerce")
+    table["epoch_s"] = pd.to_numeric(table["mean_epoch_s"], errors="coerce")
+    table["step_s"] = table["epoch_s"] * epochs / steps.replace(0, np.nan)
+    table["samples_trained"] = steps * batch  # the last step of an epoch may be partial
+    metered = pd.to_numeric(table["epochs_metered"], errors="coerce")
+    per_sample = table["samples_trained"] * metered / epochs.replace(0, np.nan)
+    table["energy_per_sample_j"] = table["epoch_energy_j"] / per_sample
+    table["energy_above_idle_per_sample_j"] = table["epoch_energy_above_idle_j"] / per_sample
+    for col in ("batch_size", "seed", "repeat"):
+        table[col] = pd.to_numeric(table[col], errors="coerce").astype("Int64")
+    table["missing"] = [_missing(row) for row in table.itertuples()]
+    columns = [
+        "job_id", *JOB_KEYS, "attempt", "job_status", "result_status", "meter", "test_accuracy",
+        "train_accuracy", "epochs", "steps", "epoch_s", "step_s", "seconds_total",
+        "samples_trained", "peak_tensor_bytes", "peak_hwm_bytes", "peak_rss_delta_bytes",
+        "sampled_hwm_bytes", "memory_samples", "epochs_metered", "energy_per_epoch_j",
+        "energy_above_idle_per_epoch_j", "energy_per_sample_j", "energy_above_idle_per_sample_j",
+        "energy_low_confidence", "energy_reason", "missing",
+    ]
+    return table[columns].sort_values(["device", "model", "method", "seed", "repeat"],
+                                      na_position="last").reset_index(drop=True)
+
+
+def _missing(row) -> str | None:
+    notes = []
+    if pd.isna(row.result_status):
+        notes.append("no result")
+    if pd.isna(row.meter):
+        notes.append("no energy (no power samples or no epoch phases)")
+    elif pd.isna(row.energy_above_idle_per_epoch_j):
+        notes.append("no idle baseline (energy above idle unknown)")
+    if pd.isna(row.memory_samples):
+        notes.append("no memory samples")
+    return "; ".join(notes) or None
+

@@ -1,0 +1,57 @@
+"""The agent's event stream: numbered JSON lines on stdout, mirrored to a file.
+
+Each line is flushed as it is written so the host sees it at once. The same
+lines go to `events.jsonl` in the job's output directory, so nothing depends on
+the stream surviving. If stdout breaks (the host went away) the writer keeps
+the file going and reports `host_gone`, so the job can stop itself.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from device_agent.protocol import Event
+
+
+class EventWriter:
+    """Thread-safe: the job thread and the samplers emit through one writer."""
+
+    def __init__(self, stream: TextIO, mirror_path: Path | None = None) -> None:
+        self._stream = stream
+        self._mirror = mirror_path.open("a", encoding="utf-8") if mirror_path else None
+        self._lock = threading.Lock()
+        self._seq = 0
+        self.job_id = "agent"
+        self.host_gone = False
+
+    def emit(self, kind: str, **data: Any) -> Event:
+        with self._lock:
+            event = Event(
+                kind=kind,
+                job_id=self.job_id,
+                seq=self._seq,
+                t_mono_ns=time.monotonic_ns(),
+                t_wall_s=time.time(),
+                data=data,
+            )
+            self._seq += 1
+            line = event.to_line() + "\n"
+            if not self.host_gone:
+                try:
+                    self._stream.write(line)
+                    self._stream.flush()
+                except (BrokenPipeError, OSError, ValueError):
+                    self.host_gone = True
+            if self._mirror is not None:
+                self._mirror.write(line)
+                self._mirror.flush()
+            return event
+
+    def close(self) -> None:
+        with self._lock:
+            if self._mirror is not None:
+                self._mirror.close()
+                self._mirror = None

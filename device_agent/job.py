@@ -1,0 +1,274 @@
+"""Running one job on the device: check the data, run the engine, stream what happens.
+
+The engine (`trainers`) is imported only here and only for training methods, so
+an idle baseline, `clock` and `facts` never load torch. The outcome is an
+`AgentExit` code plus a last event (`job_end`, `error` or `interrupted`) and a
+`result.json` in the output directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import resource
+import signal
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from device_agent.events import EventWriter
+from device_agent.facts import pi_model
+from device_agent.protocol import AgentExit, JobSpec
+from device_agent.sampler import MemorySampler, PmicSampler, read_memory, reset_peak_rss
+
+UNBOUNDED_EPOCHS = 1_000_000
+OOM_MESSAGES = ("can't allocate memory", "out of memory", "cannot allocate memory")
+
+
+class JobInterrupted(BaseException):
+    """Raised in the job thread by a stop signal or when the host has gone."""
+
+
+class DatasetMismatch(RuntimeError):
+    """The data set file on the device is missing or its checksum differs from the spec."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or the allocator's refusal that torch reports as a RuntimeError."""
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MESSAGES)
+
+
+def _record_fields(record: Any) -> dict[str, Any]:
+    """A callback record (dataclass or plain object) as a JSON-safe dict."""
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        items = ((f.name, getattr(record, f.name)) for f in dataclasses.fields(record))
+    else:
+        items = vars(record).items()
+    return {
+        key: value
+        for key, value in items
+        if isinstance(value, (int, float, str, bool)) or value is None
+    }
+
+
+class StreamingCallbacks:
+    """The engine's training callbacks, turned into events; also where a stop lands."""
+
+    def __init__(self, writer: EventWriter, sampler: MemorySampler, step_every: int) -> None:
+        self._writer = writer
+        self._sampler = sampler
+        self._step_every = step_every
+        self.steps = 0
+        self.epoch_records: list[dict[str, Any]] = []
+        self.peak_tensor_bytes: int | None = None
+
+    def _check_host(self) -> None:
+        if self._writer.host_gone:
+            raise JobInterrupted("host gone (stdout closed)")
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self._check_host()
+        self._writer.emit("epoch_start", epoch=epoch)
+
+    def on_step(self, record: Any) -> None:
+        self.steps += 1
+        fields = _record_fields(record)
+        peak = fields.get("peak_tensor_bytes")
+        if isinstance(peak, int):
+            self._sampler.tensor_peak_bytes = peak
+            self.peak_tensor_bytes = max(self.peak_tensor_bytes or 0, peak)
+        self._sampler.step = self.steps
+        if self.steps % self._step_every == 0:
+            self._writer.emit("step", global_step=self.steps, **fields)
+        self._check_host()
+
+    def on_epoch_end(self, record: Any) -> None:
+        fields = _record_fields(record)
+        self.epoch_records.append(fields)
+        self._writer.emit("epoch_end", **fields)
+        self._check_host()
+
+
+def _apply_limits(spec: JobSpec) -> int | None:
+    extra = spec.limits.extra_address_space_bytes
+    if extra is None:
+        return None
+    limit = (read_memory().vm_bytes or 0) + extra
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+    return limit
+
+
+def _run_idle(spec: JobSpec, writer: EventWriter) -> dict[str, Any]:
+    deadline = time.monotonic() + (spec.method.duration_s or 0.0)
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.2))
+        if writer.host_gone:
+            raise JobInterrupted("host gone (stdout closed)")
+    return {"duration_s": spec.method.duration_s}
+
+
+def _run_training(spec: JobSpec, callbacks: StreamingCallbacks) -> dict[str, Any]:
+    assert spec.dataset is not None  # validated: only idle has no dataset
+    if spec.method.name == "cwr":
+        from trainers.continual.runner import ContinualConfig, run_continual
+
+        continual = ContinualConfig(
+            model=spec.model,
+            dataset=spec.dataset.name,
+            data_dir=spec.dataset.path,
+            epochs_per_experience=spec.epochs or 1,
+            batch_size=spec.batch_size,
+            seed=spec.seed,
+            lr=spec.method.lr,
+        )
+        result = run_continual(continual, callbacks)
+        return _record_fields(result) if result is not None else {}
+    from trainers.methods import make_recipe
+    from trainers.train import TrainConfig, train
+
+    recipe = make_recipe(
+        spec.method.name,
+        optimizer=spec.method.optimizer,
+        enable=spec.method.enable,
+        disable=spec.method.disable,
+        lr=spec.method.lr,
+        momentum_format=spec.method.momentum_format,
+    )
+    config = TrainConfig(
+        model=spec.model,
+        dataset=spec.dataset.name,
+        data_dir=spec.dataset.path,
+        recipe=recipe,
+        epochs=spec.epochs or UNBOUNDED_EPOCHS,  # steps-only job: max_steps ends it
+        batch_size=spec.batch_size,
+        seed=spec.seed,
+        max_steps=spec.max_steps,
+        lr_plateau=spec.method.lr_plateau,
+    )
+    result = train(config, callbacks)
+    return _record_fields(result) if result is not None else {}
+
+
+def _final_metrics(callbacks: StreamingCallbacks, result: dict[str, Any]) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    if callbacks.epoch_records:
+        last = callbacks.epoch_records[-1]
+        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+            metrics[key] = last.get(key)
+        seconds = [r["seconds"] for r in callbacks.epoch_records if "seconds" in r]
+        metrics["mean_epoch_s"] = sum(seconds) / len(seconds) if seconds else None
+    metrics["epochs"] = len(callbacks.epoch_records)
+    metrics["steps"] = callbacks.steps
+    metrics["peak_tensor_bytes"] = callbacks.peak_tensor_bytes
+    for key, value in result.items():
+        metrics.setdefault(key, value)
+    return metrics
+
+
+def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
+    """Run `spec` to an outcome. Signals SIGTERM/SIGINT end it as interrupted."""
+    writer.job_id = spec.job_id
+    stopping = False
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise JobInterrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    sampler = MemorySampler(writer, spec.telemetry.memory_hz)
+    pmic_path = PmicSampler.available(pi_model())
+    power = PmicSampler(writer, spec.telemetry.power_hz, pmic_path) if pmic_path else None
+    callbacks = StreamingCallbacks(writer, sampler, spec.telemetry.step_every)
+
+    def stop_samplers() -> None:  # before the last event, so it is the last line
+        sampler.stop()
+        if power:
+            power.stop()
+
+    outcome: dict[str, Any]
+    started = time.monotonic()
+    try:
+        if spec.dataset is not None:
+            path = Path(spec.dataset.path)
+            if not path.is_file():
+                raise DatasetMismatch(f"data set file {path} not found")
+            actual = file_sha256(path)
+            if actual != spec.dataset.sha256:
+                raise DatasetMismatch(
+                    f"data set file {path} has sha256 {actual}, the job expects "
+                    f"{spec.dataset.sha256}"
+                )
+        if spec.method.name != "idle":
+            import trainers.train  # noqa: F401 - load the engine before the memory baseline
+        baseline = read_memory()
+        hwm_reset = reset_peak_rss()
+        sampler.start()  # threads first: their stacks must not count against the limit
+        if power:
+            power.start()
+        limit = _apply_limits(spec)
+        writer.emit(
+            "job_start",
+            spec=spec.to_dict(),
+            rss_start_bytes=baseline.rss_bytes,
+            hwm_reset=hwm_reset,
+            address_space_limit_bytes=limit,
+            power_source="pmic" if power else None,
+        )
+        if spec.method.name == "idle":
+            result = _run_idle(spec, writer)
+        else:
+            result = _run_training(spec, callbacks)
+        stop_samplers()
+        end = read_memory()
+        metrics = _final_metrics(callbacks, result)
+        metrics.update(
+            seconds_total=time.monotonic() - started,
+            peak_hwm_bytes=end.hwm_bytes,
+            peak_rss_delta_bytes=(
+                end.hwm_bytes - baseline.rss_bytes
+                if end.hwm_bytes is not None and baseline.rss_bytes is not None
+                else None
+            ),
+        )
+        outcome = {"status": "completed", "exit_code": int(AgentExit.OK), "metrics": metrics}
+        writer.emit("job_end", **metrics)
+    except JobInterrupted as exc:
+        stopping = True
+        stop_samplers()
+        outcome = {"status": "interrupted", "exit_code": int(AgentExit.INTERRUPTED)}
+        writer.emit("interrupted", reason=str(exc), steps=callbacks.steps)
+    except BaseException as exc:  # every failure becomes an error event
+        stopping = True
+        stop_samplers()
+        oom = is_out_of_memory(exc)
+        code = AgentExit.OUT_OF_MEMORY if oom else AgentExit.CRASHED
+        outcome = {"status": "oom" if oom else "failed", "exit_code": int(code)}
+        writer.emit(
+            "error",
+            type=type(exc).__name__,
+            message=str(exc)[:2000],
+            traceback=traceback.format_exc()[-8000:],
+            oom=oom,
+            steps=callbacks.steps,
+        )
+    finally:
+        stopping = True
+        stop_samplers()
+    outcome["job_id"] = spec.job_id
+    (out_dir / "result.json").write_text(json.dumps(outcome, indent=1, default=str))
+    return AgentExit(outcome["exit_code"])

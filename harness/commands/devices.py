@@ -1,0 +1,166 @@
+"""`harness devices check` (is every device usable?) and `harness devices setup` (deploy)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from harness.errors import HarnessError, HarnessUsageError
+from harness.exit_codes import ExitStatus
+from harness.fleet.check import DeviceCheck, check_devices
+from harness.inventory import Device, load_inventory
+
+MIB = 1024 * 1024
+
+
+def _size(value: int | None) -> str:
+    return "-" if value is None else f"{value / MIB:,.0f} MiB"
+
+
+def _flag(value: bool | None) -> str:
+    return {True: "yes", False: "NO", None: "-"}[value]
+
+
+def _check_table(checks: list[DeviceCheck]) -> Table:
+    table = Table(title="devices")
+    for column in ("device", "address", "reach", "auth", "host key", "python", "torch",
+                   "psutil", "deployed", "mem free", "disk free", "temp", "throttled", "meter",
+                   "clock offset", "rtt", "usable"):
+        table.add_column(column)
+    for c in checks:
+        table.add_row(
+            c.name, c.address, _flag(c.reachable), _flag(c.authenticated), c.host_key,
+            c.python or "-", c.torch or "-", c.psutil or "-", _flag(c.deployed),
+            _size(c.mem_available_bytes), _size(c.disk_free_bytes),
+            "-" if c.cpu_temp_c is None else f"{c.cpu_temp_c:.1f} °C",
+            c.throttled or "-", c.meter,
+            "-" if c.clock_offset_s is None else f"{c.clock_offset_s * 1000:+.2f} ms",
+            "-" if c.clock_rtt_s is None else f"{c.clock_rtt_s * 1000:.2f} ms",
+            "yes" if c.usable else "[red]NO[/red]",
+        )
+    return table
+
+
+def _select(args: argparse.Namespace) -> tuple[list[Device], str]:
+    inventory = load_inventory(args.devices)
+    return inventory.select(args.only), str(args.devices)
+
+
+def _check(args: argparse.Namespace) -> int:
+    devices, hint = _select(args)
+    err = Console(stderr=True)
+    err.print(f"checking {len(devices)} device(s) ...")
+    checks = check_devices(devices, hint)
+    for check in checks:
+        if check.problem:
+            err.print(f"[red]{check.name}[/red]: {check.problem}", highlight=False)
+    if args.format == "json":
+        print(json.dumps({"devices": [c.to_dict() for c in checks]}))
+    else:
+        Console(width=200).print(_check_table(checks))
+    return ExitStatus.OK if all(c.usable for c in checks) else ExitStatus.PARTIAL
+
+
+@dataclass
+class SetupResult:
+    name: str
+    copied: int = 0
+    skipped: int = 0
+    installed: str | None = None
+    problem: str | None = None
+
+
+def _setup_one(device: Device, datasets: list[Path], install: bool, hint: str) -> SetupResult:
+    from harness.fleet.errors import DeviceNotReady
+    from harness.fleet.probe import install_command
+    from harness.fleet.transport import SshTransport
+
+    result = SetupResult(device.name)
+    if device.transport != "ssh":
+        result.problem = "not an ssh device (the local transport runs the code in place)"
+        return result
+    transport = SshTransport(device, inventory_hint=hint)
+    try:
+        try:
+            transport.ensure_deployed(datasets)
+        except DeviceNotReady:
+            probe = transport.probe  # set when only packages are missing
+            if not install or probe is None or not probe.missing:
+                raise
+            command = install_command(probe.executable, probe.missing)
+            outcome = transport.connection.run(
+                [probe.executable, "-m", "pip", "install", *probe.missing], timeout_s=3600
+            )
+            if outcome.exit_code != 0:
+                raise DeviceNotReady(
+                    f"device {device.name}: `{command}` failed: {outcome.stderr.strip()[-300:]} "
+                    f"(if the system Python refuses pip, make a venv on the device and set "
+                    f"`python:` to it)"
+                ) from None
+            result.installed = " ".join(probe.missing)
+            transport.ensure_deployed(datasets)
+        if transport.last_deploy is not None:
+            result.copied = len(transport.last_deploy.copied)
+            result.skipped = len(transport.last_deploy.skipped)
+    except HarnessError as exc:
+        result.problem = str(exc)
+    finally:
+        transport.close()
+    return result
+
+
+def _setup(args: argparse.Namespace) -> int:
+    devices, hint = _select(args)
+    datasets = [Path(p) for p in args.data or []]
+    for path in datasets:
+        if not path.is_file():
+            raise HarnessUsageError(f"--data: {path} is not a file (prepare it with harness data)")
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(devices)))) as pool:
+        results = list(pool.map(lambda d: _setup_one(d, datasets, args.install, hint), devices))
+    err = Console(stderr=True)
+    for result in results:
+        if result.problem:
+            err.print(f"[red]{result.name}[/red]: {result.problem}", highlight=False)
+    if args.format == "json":
+        print(json.dumps({"devices": [asdict(r) for r in results]}))
+    else:
+        table = Table(title="setup")
+        for column in ("device", "copied", "already there", "installed", "ready"):
+            table.add_column(column)
+        for r in results:
+            table.add_row(r.name, str(r.copied), str(r.skipped), r.installed or "-",
+                          "yes" if r.problem is None else "[red]NO[/red]")
+        Console(width=200).print(table)
+    return ExitStatus.OK if all(r.problem is None for r in results) else ExitStatus.PARTIAL
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("devices", help="check and set up the devices of an inventory")
+    commands = parser.add_subparsers(dest="devices_command", required=True, metavar="ACTION")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--devices", required=True, type=Path, metavar="INV",
+                        help="inventory file (native or Ansible-style YAML)")
+    common.add_argument("--only", action="append", metavar="NAME_OR_TAG",
+                        help="only these devices (repeatable)")
+    common.add_argument("--format", choices=("table", "json"), default="table")
+    check = commands.add_parser(
+        "check", parents=[common],
+        help="reachability, host key, Python/torch, memory, disk, temperature, clock offset",
+    )
+    check.set_defaults(handler=_check)
+    setup = commands.add_parser(
+        "setup", parents=[common],
+        help="deploy the device code (and data sets) and check the Python packages",
+    )
+    setup.add_argument("--install", action="store_true",
+                       help="pip-install missing Python packages on the devices")
+    setup.add_argument("--data", action="append", metavar="FILE",
+                       help="a prepared data set file to push too (repeatable)")
+    setup.set_defaults(handler=_setup)
+

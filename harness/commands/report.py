@@ -1,0 +1,112 @@
+"""`harness report RUN [--out DIR]` and `harness compare RUN_A RUN_B`.
+
+The report writes `report.html` (self-contained, figures embedded) and the tables as
+CSV into DIR (default RUN/report) and prints the headline table; compare prints run
+B against run A per method, model, data and batch. `analysis` (pandas, matplotlib)
+is imported only when a command runs, so building the CLI stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from harness.errors import HarnessUsageError
+
+TERMINAL_COLUMNS = ("device", "method", "n", "s / epoch", "J / epoch", "J / epoch above idle",
+                    "test accuracy", "accuracy diff", "RSS+ reduction", "energy ratio")
+
+
+def _run_dir(value: str) -> Path:
+    path = Path(value)
+    if path.name == "run.sqlite":
+        path = path.parent
+    if not (path / "run.sqlite").is_file():
+        raise HarnessUsageError(f"{value}: no run.sqlite (not a run directory)")
+    return path
+
+
+def _print_table(rows: list[dict], columns: list[str], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right", overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(row.get(col)) for col in columns))
+    Console(width=200).print(table)
+
+
+def _cell(value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from analysis.report import analyse, write_report
+
+    run_dir = _run_dir(args.run)
+    extra = [m for m in (args.paper_models or "").split(",") if m]
+    analysis = analyse(run_dir, modeled=not args.no_model, extra_models=extra)
+    path = write_report(analysis, Path(args.out) if args.out else run_dir / "report")
+    rows = analysis.headline.to_dict("records")
+    if args.format == "json":
+        print(json.dumps({"report": str(path), "headline": rows, "missing": analysis.missing},
+                         default=str))
+        return 0
+    columns = [c for c in TERMINAL_COLUMNS if c in analysis.headline]
+    _print_table(rows, columns, f"run {analysis.run.run_id}: per method (mean [95 % t-interval])")
+    for note in analysis.missing:
+        print(f"missing: {note}")
+    print(f"report: {path}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from analysis.compare import compare_runs
+    from analysis.jobs import job_table
+    from analysis.load import load_run
+    from analysis.run_energy import phase_energies
+
+    tables = []
+    for value in (args.run_a, args.run_b):
+        run = load_run(_run_dir(value))
+        tables.append((run, job_table(run, phase_energies(run))))
+    frame = compare_runs(tables[0][1], tables[1][1], by_device=args.by_device)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(args.out, index=False)
+    rows = frame.to_dict("records")
+    if args.format == "json":
+        print(json.dumps({"a": tables[0][0].run_id, "b": tables[1][0].run_id, "rows": rows},
+                         default=str))
+        return 0
+    columns = [c for c in ("method", "model", "dataset", "batch_size", "device", "metric",
+                           "n_a", "ci_a", "n_b", "ci_b", "versus", "value") if c in frame]
+    _print_table(rows, columns, f"A = {tables[0][0].run_id}, B = {tables[1][0].run_id}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    report = subparsers.add_parser("report", help="HTML report + CSV tables of a run")
+    report.add_argument("run", help="run directory (runs/<id>)")
+    report.add_argument("--out", help="output directory (default: RUN/report)")
+    report.add_argument("--no-model", action="store_true",
+                        help="skip the engine's modeled memory (no `trainers memory` calls)")
+    report.add_argument("--paper-models", metavar="M1,M2",
+                        help="also model these in the reproduction table (e.g. mlp,cnv,binarynet)")
+    report.add_argument("--format", choices=("table", "json"), default="table")
+    report.set_defaults(handler=_report)
+    compare = subparsers.add_parser("compare", help="compare two runs (devices, versions)")
+    compare.add_argument("run_a", help="run directory A (the reference)")
+    compare.add_argument("run_b", help="run directory B")
+    compare.add_argument("--by-device", action="store_true", help="also split by device name")
+    compare.add_argument("--out", help="write the comparison as CSV here")
+    compare.add_argument("--format", choices=("table", "json"), default="table")
+    compare.set_defaults(handler=_compare)

@@ -1,0 +1,358 @@
+"""`harness run`: run a plan on an inventory into a new run store, or finish one (`--resume`).
+
+With no arguments it runs the embedded default: `inventory/local.yaml` (this
+machine) and `inventory/plan-default.yaml` (standard vs lowmem, MLP on the
+digits, after an idle baseline), shows progress per device and ends with a
+comparison table per method and the run directory's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import secrets
+import shutil
+import sys
+import time
+from contextlib import ExitStack
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from harness.errors import HarnessUsageError
+from harness.exit_codes import ExitStatus
+from harness.manifest import build_manifest
+from harness.plan import idle_job, load_plan
+from harness.runner import RERUN_STATUSES, Runner, check_pins
+from harness.store import RunStore
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PLAN_COPY = "plan.yaml"
+MIB = 1024 * 1024
+
+
+def packaged_file(name: str) -> Path:
+    """A file shipped in the `inventory` package (works from an installed package too)."""
+    resource = resources.files("inventory") / name
+    return Path(str(resource))
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+
+
+def _start_meters(devices: list[Any], store: RunStore, say) -> tuple[list[Any], dict[str, Any]]:
+    """A recorder per device with a meter, for the whole run (None: power not recorded)."""
+    try:
+        from harness.meters import start_recorder
+    except ImportError as exc:
+        say(f"power: not recorded (the meters package is not available: {exc})")
+        return [], {"recorded": False, "reason": f"harness.meters unavailable: {exc}"}
+    recorders, sources = [], {}
+    for device in devices:
+        if not device.meter:
+            sources[device.name] = None
+            continue
+        recorders.append(start_recorder(dict(device.meter), store, device.name))
+        sources[device.name] = dict(device.meter)
+    if not recorders:
+        say("power: no device has a meter in the inventory; energy is not measured")
+    return recorders, {"recorded": bool(recorders), "meters": sources}
+
+
+def _progress_table(runner: Runner) -> Table:
+    table = Table(title="devices", expand=False)
+    for column in ("device", "job", "state", "epoch", "step", "loss", "done", "failed"):
+        table.add_column(column)
+    for worker in runner.workers:
+        p = worker.progress
+        table.add_row(
+            p.device,
+            p.job_id or "-",
+            p.state,
+            str(p.epoch or "-"),
+            str(p.step or "-"),
+            f"{p.loss:.4f}" if p.loss is not None else "-",
+            str(p.done),
+            str(p.failed),
+        )
+    return table
+
+
+def _jobs_to_run(store: RunStore, planned: list[Any]) -> tuple[list[Any], dict[str, int]]:
+    store.flush()
+    rows = {r["job_id"]: r for r in store.query("SELECT job_id, status, attempts FROM jobs")}
+    todo = [job for job in planned if rows[job.job_id]["status"] in RERUN_STATUSES]
+    attempts = {job_id: row["attempts"] for job_id, row in rows.items()}
+    return todo, attempts
+
+
+def _run(args: argparse.Namespace) -> int:
+    err = Console(stderr=True)
+    say = err.print
+    if args.resume:
+        run_dir = Path(args.resume)
+        store = RunStore.open(run_dir)
+        manifest = store.read_manifest()
+        plan_path = run_dir / PLAN_COPY
+        inventory_path = Path(args.devices or manifest["inventory"]["path"])
+        if args.plan:
+            raise HarnessUsageError("--plan: a resumed run keeps its own plan (run_dir/plan.yaml)")
+    else:
+        inventory_path = Path(args.devices) if args.devices else packaged_file("local.yaml")
+        plan_path = Path(args.plan) if args.plan else packaged_file("plan-default.yaml")
+        run_id = args.run_id or new_run_id()
+        if not RUN_ID_PATTERN.match(run_id):
+            raise HarnessUsageError(
+                f"--run-id: expected letters, digits, '.', '_', '-', got {run_id!r}"
+            )
+        run_dir = Path(args.out) / run_id
+    from harness.inventory import load_inventory
+
+    inventory = load_inventory(inventory_path)
+    plan = load_plan(plan_path)
+    devices = inventory.devices
+    check_pins(list(plan.jobs), devices, plan_path)
+    if not args.resume:
+        store = RunStore.create(run_dir)
+        shutil.copyfile(plan_path, run_dir / PLAN_COPY)
+    with ExitStack() as stack:
+        stack.callback(store.close)
+        if args.dashboard is not None:
+            from harness.dashboard import start_dashboard
+
+            server = stack.enter_context(start_dashboard(run_dir, port=args.dashboard))
+            say(f"dashboard: {server.url}")
+        return _execute(args, store, run_dir, plan, inventory, devices, say)
+
+
+def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say) -> int:
+    from harness.commands.data import prepare_dataset
+
+    data_dir = run_dir / "data"
+    prepared = {}
+    for source in plan.datasets:
+        existing = data_dir / f"{source.name}.npz"
+        if existing.is_file():
+            prepared[source.name] = existing
+        else:
+            say(f"preparing data set {source.name} ...")
+            prepared[source.name] = prepare_dataset(source.name, source.source, data_dir).path
+    idle_jobs = (
+        [idle_job(d.name, plan.idle_baseline_s, plan.telemetry) for d in devices]
+        if plan.idle_baseline_s > 0
+        else []
+    )
+    planned = idle_jobs + list(plan.jobs)
+    for device in devices:
+        store.add_device(device.name, device.transport, device.host, device.tags, device.meter)
+    store.add_jobs(planned)
+    resumed = bool(args.resume)
+    if resumed:
+        left = store.mark_unfinished_incomplete("the harness stopped while it ran")
+        manifest = store.read_manifest()
+        manifest.setdefault("resumes", []).append(
+            {"t_host_s": time.time(), "argv": sys.argv, "incomplete_jobs": left}
+        )
+        store.write_manifest(manifest)
+    todo, attempts = _jobs_to_run(store, planned)
+    recorders, power = _start_meters(devices, store, say)
+    if not resumed:
+        datasets = [{"name": n, "file": str(p), "sha256": _sha(p)} for n, p in prepared.items()]
+        store.write_manifest(
+            build_manifest(run_dir.name, sys.argv, plan, inventory, datasets, power)
+        )
+        store.set_run_info(run_id=run_dir.name, created_host_s=time.time())
+    say(
+        f"run {run_dir}: {len(todo)} job(s) to run on {len(devices)} device(s)"
+        + (f" (resumed; {len(planned) - len(todo)} already finished)" if resumed else "")
+    )
+    runner = Runner(
+        store,
+        devices,
+        todo,
+        prepared,
+        max_attempts=plan.max_attempts,
+        cooldown_s=plan.cooldown_s,
+        attempts=attempts,
+        log=say,
+        transport_factory=lambda d: _transport(d, run_dir),
+    )
+    interrupted = False
+    try:
+        with Live(
+            _progress_table(runner),
+            console=Console(stderr=True),
+            refresh_per_second=4,
+            transient=False,
+        ) as live:
+            try:
+                runner.start()
+                while runner.alive():
+                    live.update(_progress_table(runner))
+                    time.sleep(0.25)
+                live.update(_progress_table(runner))
+            except KeyboardInterrupt:
+                interrupted = True
+                say("interrupted: stopping the agents ...")
+                runner.stop()
+            runner.finish()
+    finally:
+        for recorder in recorders:
+            recorder.stop()
+        store.flush()
+    print_comparison(store, run_dir, devices)
+    if interrupted:
+        return ExitStatus.INTERRUPTED
+    statuses = [r["status"] for r in store.query("SELECT status FROM jobs")]
+    return ExitStatus.OK if all(s == "completed" for s in statuses) else ExitStatus.PARTIAL
+
+
+def _transport(device: Any, run_dir: Path):
+    """Local devices work inside the run directory (results beside the store); others as set."""
+    if device.transport == "local":
+        from harness.local import LocalTransport
+
+        return LocalTransport(device, root=run_dir / "devices" / device.name)
+    from harness.transport import make_transport
+
+    return make_transport(device)
+
+
+def _sha(path: Path) -> str:
+    from trainers.data.canonical import file_sha256
+
+    return file_sha256(path)
+
+
+def _energy_per_epoch(
+    store: RunStore, device: str, job_id: str, attempt: int, meter: str
+) -> tuple[float | None, bool]:
+    """Mean gross energy of the job's epochs (J) and whether any figure is low-confidence."""
+    try:
+        import numpy as np
+
+        from analysis.energy import Window, window_energy
+    except ImportError:
+        return None, False
+    phases = store.query(
+        "SELECT idx, t_start_host_s, t_end_host_s FROM phases WHERE device = ? "
+        "AND job_id = ? AND attempt = ? AND kind = 'epoch' ORDER BY idx",
+        (device, job_id, attempt),
+    )
+    if not phases:
+        return None, False
+    start, end = phases[0]["t_start_host_s"] - 5, phases[-1]["t_end_host_s"] + 5
+    rows = store.query(
+        "SELECT t_host_s, power_w FROM power_samples WHERE device = ? AND meter = ? "
+        "AND t_host_s BETWEEN ? AND ? ORDER BY t_host_s",
+        (device, meter, start, end),
+    )
+    if len(rows) < 2:
+        return None, False
+    t = np.array([r["t_host_s"] for r in rows])
+    w = np.array([r["power_w"] for r in rows])
+    clock = store.query(
+        "SELECT error_s FROM clock_offsets WHERE device = ? AND job_id = ? AND "
+        "attempt = ? ORDER BY id LIMIT 1",
+        (device, job_id, attempt),
+    )
+    error_s = clock[0]["error_s"] if clock else 0.0
+    figures = [
+        window_energy(
+            t, w, Window(f"epoch {p['idx']}", p["t_start_host_s"], p["t_end_host_s"], error_s)
+        )
+        for p in phases
+    ]
+    return (sum(f.energy_j for f in figures) / len(figures), any(f.low_confidence for f in figures))
+
+
+def print_comparison(store: RunStore, run_dir: Path, devices: list[Any]) -> None:
+    """Per method (and model, data set): peak memory, time and energy per epoch, accuracy."""
+    meters = {d.name: (d.meter or {}) for d in devices}
+    rows = store.query(
+        "SELECT j.job_id, j.method, j.model, j.dataset, j.status, r.device, r.attempt, "
+        "r.test_accuracy, r.mean_epoch_s, r.peak_tensor_bytes, r.peak_rss_delta_bytes "
+        "FROM jobs j LEFT JOIN results r ON r.job_id = j.job_id WHERE j.kind = 'train' "
+        "ORDER BY j.plan_index"
+    )
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["model"], row["dataset"]), []).append(row)
+    any_modeled = any(m.get("type") == "modeled" for m in meters.values())
+    table = Table(title="comparison per method")
+    for column in (
+        "method",
+        "model",
+        "data",
+        "jobs ok",
+        "peak tensor MiB",
+        "peak RSS+ MiB",
+        "s / epoch",
+        "J / epoch" + (" (modeled)" if any_modeled else ""),
+        "test accuracy",
+    ):
+        table.add_column(column, justify="right")
+    low_confidence = False
+    for (method, model, dataset), members in groups.items():
+        done = [m for m in members if m["status"] == "completed"]
+        energies = []
+        for member in done:
+            meter = meters.get(member["device"], {})
+            if meter:
+                energy, low = _energy_per_epoch(
+                    store,
+                    member["device"],
+                    member["job_id"],
+                    member["attempt"],
+                    meter.get("name", meter.get("type")),
+                )
+                low_confidence |= low
+                if energy is not None:
+                    energies.append(energy)
+        table.add_row(
+            method,
+            model,
+            dataset,
+            f"{len(done)}/{len(members)}",
+            _mean(done, "peak_tensor_bytes", MIB),
+            _mean(done, "peak_rss_delta_bytes", MIB),
+            _mean(done, "mean_epoch_s"),
+            f"{sum(energies) / len(energies):.2f}" if energies else "n/a",
+            _mean(done, "test_accuracy"),
+        )
+    console = Console(width=140)
+    console.print(table)
+    if low_confidence:
+        console.print(
+            "some energy figures are low-confidence (too few samples per epoch); "
+            "see analysis.energy for the reasons"
+        )
+    print(f"run directory: {run_dir}")
+
+
+def _mean(rows: list, key: str, scale: float = 1.0) -> str:
+    values = [r[key] for r in rows if r[key] is not None]
+    if not values:
+        return "n/a"
+    return f"{sum(values) / len(values) / scale:.3f}"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    run = subparsers.add_parser("run", help="run a plan on devices (default: this machine)")
+    run.add_argument("--devices", help="inventory file (default: the embedded local.yaml)")
+    run.add_argument("--plan", help="plan file (default: the embedded plan-default.yaml)")
+    run.add_argument("--out", default="runs", help="directory of run directories (./runs)")
+    run.add_argument("--run-id", help="name of the run directory (default: time + random)")
+    run.add_argument(
+        "--resume", metavar="RUN_DIR", help="finish the jobs of this run that did not complete"
+    )
+    run.add_argument(
+        "--dashboard", nargs="?", type=int, const=8050, metavar="PORT",
+        help="serve the live dashboard on 127.0.0.1:PORT (default 8050) during the run",
+    )
+    run.set_defaults(handler=_run)

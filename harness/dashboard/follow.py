@@ -1,0 +1,379 @@
+"""Follow one run store while it is written: new rows by id cursor, plus a small summary.
+
+The dashboard never re-reads the whole store: each streamed table (power and memory
+samples, phases, meter gaps, progress events) is read from the last id seen, and the
+summary (devices, jobs, meter statistics) is a handful of small tables. Energy so far per
+job comes from `analysis.energy.window_energy` over the samples this follower already holds.
+A store that is missing, empty or of another schema version is a `StoreProblem` with a
+message for the page, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis.energy import Window, window_energy
+from harness.store import DB_NAME, SCHEMA_VERSION
+
+# Event kinds that carry a device's progress (the rest stay in the store).
+PROGRESS_KINDS = ("job_start", "epoch_start", "step", "epoch_end", "job_end", "error")
+# Store status -> the overview's category.
+STATUS_CATEGORY = {
+    "planned": "idle",
+    "done": "idle",
+    "running": "running",
+    "error": "failed",
+    "lost": "unreachable",
+    "unreachable": "unreachable",
+}
+CHUNK_ROWS = 20_000
+
+
+class StoreProblem(Exception):
+    """Why a run store cannot be shown yet (missing, empty, other schema, unreadable)."""
+
+
+def open_store(run_dir: Path) -> sqlite3.Connection:
+    """A read-only connection to a store this dashboard can read, or a `StoreProblem`."""
+    path = Path(run_dir) / DB_NAME
+    if not Path(run_dir).is_dir():
+        raise StoreProblem(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise StoreProblem(f"{path}: no run store yet (missing {DB_NAME}; has the run started?)")
+    if path.stat().st_size == 0:
+        raise StoreProblem(f"{path}: the run store is empty (no schema written yet)")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+        conn.row_factory = sqlite3.Row
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as exc:
+        raise StoreProblem(f"{path}: not a readable run store ({exc})") from exc
+    if not tables:
+        conn.close()
+        raise StoreProblem(f"{path}: the run store is empty (no tables yet)")
+    version = 0  # a store from before schema versioning
+    if "schema_version" in tables:
+        version = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+    if version != SCHEMA_VERSION:
+        conn.close()
+        age = "older" if version < SCHEMA_VERSION else "newer"
+        hint = (
+            "open it once with this harness (e.g. `harness run --resume`) to back it up and migrate"
+            if version < SCHEMA_VERSION
+            else "use the harness version that wrote it"
+        )
+        raise StoreProblem(
+            f"{path}: schema version {version} is {age} than the version this dashboard "
+            f"reads ({SCHEMA_VERSION}); {hint}"
+        )
+    return conn
+
+
+class Series:
+    """One (device, meter) power trace held by the follower in host time order (numpy
+    buffers that double when full, so a job's window is a view, not a copy)."""
+
+    def __init__(self) -> None:
+        self._t = np.empty(1024)
+        self._w = np.empty(1024)
+        self.size = 0
+
+    @property
+    def t_s(self) -> np.ndarray:
+        return self._t[: self.size]
+
+    @property
+    def power_w(self) -> np.ndarray:
+        return self._w[: self.size]
+
+    def extend(self, t_s: list[float], power_w: list[float]) -> None:
+        t, w = np.asarray(t_s, dtype=float), np.asarray(power_w, dtype=float)
+        needed = self.size + t.size
+        if needed > self._t.size:
+            capacity = max(needed, 2 * self._t.size)
+            self._t = np.resize(self._t, capacity)
+            self._w = np.resize(self._w, capacity)
+        self._t[self.size : needed] = t
+        self._w[self.size : needed] = w
+        old = self.size
+        self.size = needed
+        if t.size and (np.any(np.diff(t) < 0) or (old and t[0] < self._t[old - 1])):
+            order = np.argsort(self.t_s, kind="stable")  # late rows: rare, re-sort
+            self._t[:needed] = self.t_s[order]
+            self._w[:needed] = self.power_w[order]
+
+    def window(self, t_start_s: float, t_end_s: float) -> tuple[np.ndarray, np.ndarray]:
+        """The samples of [start, end] plus one neighbour each side (for edge interpolation)."""
+        lo = max(0, int(np.searchsorted(self.t_s, t_start_s, "left")) - 1)
+        hi = int(np.searchsorted(self.t_s, t_end_s, "right")) + 1
+        return self.t_s[lo:hi], self.power_w[lo:hi]
+
+
+@dataclass
+class Progress:
+    job_id: str | None = None
+    epoch: int | None = None
+    step: int | None = None
+    loss: float | None = None
+    train_accuracy: float | None = None
+    test_accuracy: float | None = None
+    state: str | None = None
+
+
+class StoreFollower:
+    """Reads one run's store incrementally; `poll()` returns only what is new."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.conn = open_store(self.run_dir)
+        self.cursors = {"power": 0, "memory": 0, "phases": 0, "gaps": 0, "events": 0}
+        self.series: dict[tuple[str, str], Series] = {}
+        self.gaps: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        self.progress: dict[str, Progress] = {}
+        self._final_energy: dict[tuple[str, str, float], dict[str, Any]] = {}
+        self.progress_changed = False  # a progress event arrived since the last summary
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _rows(self, cursor: str, sql: str) -> list[sqlite3.Row]:
+        rows = self.conn.execute(sql, (self.cursors[cursor], CHUNK_ROWS)).fetchall()
+        if rows:
+            self.cursors[cursor] = rows[-1]["id"]
+        return rows
+
+    def _power_rows(self) -> tuple[list[list[Any]], bool]:
+        """New power samples grouped per (device, meter), in columns: [device, meter, t_s,
+        power_w, volts, amps] (plain tuples: the bulk of a store, read fast)."""
+        cursor = self.conn.cursor()
+        cursor.row_factory = None
+        rows = cursor.execute(
+            "SELECT id, device, meter, t_host_s, power_w, volts, amps FROM power_samples "
+            "WHERE id > ? AND power_w IS NOT NULL ORDER BY id LIMIT ?",
+            (self.cursors["power"], CHUNK_ROWS),
+        ).fetchall()
+        if not rows:
+            return [], False
+        self.cursors["power"] = rows[-1][0]
+        columns: dict[tuple[str, str], list[list[Any]]] = {}
+        for _, device, meter, t_s, power_w, volts, amps in rows:
+            group = columns.get((device, meter))
+            if group is None:
+                group = columns[(device, meter)] = [[], [], [], []]
+            group[0].append(t_s)
+            group[1].append(power_w)
+            group[2].append(volts)
+            group[3].append(amps)
+        for (device, meter), (t_s, power_w, _, _) in columns.items():
+            self.series.setdefault((device, meter), Series()).extend(t_s, power_w)
+        full = len(rows) == CHUNK_ROWS
+        return [[device, meter, *group] for (device, meter), group in columns.items()], full
+
+    def poll(self) -> tuple[dict[str, list[list[Any]]], bool]:
+        """New rows since the last call, as compact lists; True when a chunk was full."""
+        power, power_full = self._power_rows()
+        memory = self._rows(
+            "memory",
+            "SELECT id, device, job_id, t_host_s, rss_bytes, hwm_bytes, tensor_peak_bytes "
+            "FROM memory_samples WHERE id > ? AND t_host_s IS NOT NULL ORDER BY id LIMIT ?",
+        )
+        phases = self._rows(
+            "phases",
+            "SELECT id, device, job_id, kind, idx, t_start_host_s, t_end_host_s FROM phases "
+            "WHERE id > ? ORDER BY id LIMIT ?",
+        )
+        gaps = self._rows(
+            "gaps",
+            "SELECT id, device, meter, t_start_s, t_end_s, reason FROM meter_gaps "
+            "WHERE id > ? ORDER BY id LIMIT ?",
+        )
+        events = self._rows(
+            "events",
+            "SELECT id, device, job_id, kind, t_host_s, raw_json FROM events WHERE id > ? "
+            f"AND kind IN ({', '.join(repr(k) for k in PROGRESS_KINDS)}) ORDER BY id LIMIT ?",
+        )
+        for row in gaps:
+            end = row["t_end_s"] if row["t_end_s"] is not None else float("inf")
+            self.gaps.setdefault((row["device"], row["meter"]), []).append((row["t_start_s"], end))
+        marks = [self._progress_event(row) for row in events]
+        self.progress_changed |= bool(events)
+        full = power_full or any(len(rows) == CHUNK_ROWS for rows in (memory, phases, gaps, events))
+        return {
+            "power": power,
+            "memory": [
+                [
+                    r["device"],
+                    r["job_id"],
+                    r["t_host_s"],
+                    r["rss_bytes"],
+                    r["hwm_bytes"],
+                    r["tensor_peak_bytes"],
+                ]
+                for r in memory
+            ],
+            "phases": [
+                [
+                    r["device"],
+                    r["job_id"],
+                    r["kind"],
+                    r["idx"],
+                    r["t_start_host_s"],
+                    r["t_end_host_s"],
+                ]
+                for r in phases
+            ],
+            "gaps": [
+                [r["device"], r["meter"], r["t_start_s"], r["t_end_s"], r["reason"]] for r in gaps
+            ],
+            "marks": [mark for mark in marks if mark is not None],
+        }, full
+
+    def _progress_event(self, row: sqlite3.Row) -> list[Any] | None:
+        """Update the device's progress; epoch starts become live marks on the trace."""
+        progress = self.progress.setdefault(row["device"], Progress())
+        try:
+            data = json.loads(row["raw_json"]).get("data") or {}
+        except (ValueError, AttributeError):
+            return None
+        kind = row["kind"]
+        if kind == "job_start":
+            self.progress[row["device"]] = Progress(job_id=row["job_id"], state="running")
+        elif kind == "epoch_start":
+            progress.job_id, progress.epoch = row["job_id"], _number(data.get("epoch"))
+            if row["t_host_s"] is not None:
+                return [
+                    row["device"],
+                    row["job_id"],
+                    "epoch_start",
+                    progress.epoch,
+                    row["t_host_s"],
+                ]
+        elif kind == "step":
+            progress.step = _number(data.get("global_step"))
+            progress.epoch = _number(data.get("epoch")) or progress.epoch
+            progress.loss = _number(data.get("loss"))
+        elif kind == "epoch_end":
+            progress.train_accuracy = _number(data.get("train_accuracy"))
+            progress.test_accuracy = _number(data.get("test_accuracy"))
+        elif kind in ("job_end", "error"):
+            progress.state = "finished" if kind == "job_end" else "error"
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """Devices with status and progress, jobs with energy so far, meter statistics."""
+        now = time.time()
+        self.progress_changed = False
+        devices = [
+            dict(r)
+            for r in self.conn.execute(
+                "SELECT name, transport, status, reason, meter_json, updated_host_s FROM devices "
+                "ORDER BY name"
+            )
+        ]
+        stats = [
+            dict(r)
+            for r in self.conn.execute(
+                "SELECT device, meter, samples, achieved_hz, rejected_records, gaps, "
+                "updated_host_s FROM meter_stats ORDER BY device, meter"
+            )
+        ]
+        jobs = [
+            dict(r)
+            for r in self.conn.execute(
+                "SELECT job_id, plan_index, kind, method, model, dataset, epochs, status, device, "
+                "attempts, reason, t_start_host_s, t_end_host_s FROM jobs "
+                "ORDER BY t_start_host_s IS NULL, t_start_host_s, plan_index"
+            )
+        ]
+        results = {
+            r["job_id"]: dict(r)
+            for r in self.conn.execute(
+                "SELECT job_id, test_accuracy, train_accuracy, epochs, steps FROM results"
+            )
+        }
+        for device in devices:
+            device["category"] = STATUS_CATEGORY.get(device["status"], device["status"])
+            device["progress"] = vars(self.progress.get(device["name"], Progress()))
+        for job in jobs:
+            job["result"] = results.get(job["job_id"])
+            job["energy"] = self._job_energy(job, now)
+        return {"t_server_s": now, "devices": devices, "meter_stats": stats, "jobs": jobs}
+
+    def _job_energy(self, job: dict[str, Any], now: float) -> list[dict[str, Any]]:
+        """Energy of the job's window per meter; a running job's window ends at its meter's
+        latest sample (so far). A finished job's figure is kept once its samples are in."""
+        device, start = job["device"], job["t_start_host_s"]
+        if device is None or start is None:
+            return []
+        finished = job["t_end_host_s"] is not None
+        figures = []
+        for (series_device, meter), series in sorted(self.series.items()):
+            if series_device != device or series.size == 0:
+                continue
+            latest = float(series.t_s[-1])
+            end = job["t_end_host_s"] if finished else min(now, latest)
+            key = (job["job_id"], meter, end)
+            if key in self._final_energy:
+                figures.append(self._final_energy[key])
+                continue
+            t, w = series.window(start, end)
+            if t.size < 2 or end <= start:
+                continue
+            gaps = [(a, min(b, end)) for a, b in self.gaps.get((device, meter), [])]
+            energy = window_energy(t, w, Window(job["job_id"], start, end), gaps=gaps)
+            figure = {
+                "meter": meter,
+                "energy_j": energy.energy_j,
+                "covered_s": energy.covered_s,
+                "duration_s": energy.duration_s,
+                "mean_power_w": None if np.isnan(energy.mean_power_w) else energy.mean_power_w,
+                "samples": energy.samples,
+                "low_confidence": energy.low_confidence,
+                "reason": energy.reason,
+                "so_far": not finished,
+            }
+            if finished and latest >= end:
+                self._final_energy[key] = figure
+            figures.append(figure)
+        return figures
+
+    def run_finished(self) -> bool:
+        """No job is pending or running (the page stops showing 'live')."""
+        row = self.conn.execute(
+            "SELECT COUNT(*) FROM jobs WHERE status IN ('pending', 'running')"
+        ).fetchone()
+        total = self.conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        return total > 0 and row[0] == 0
+
+
+def _number(value: Any) -> float | int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+def run_overview(run_dir: Path) -> dict[str, Any]:
+    """One line of the run list: devices, jobs by status, first and last time; or the problem."""
+    try:
+        conn = open_store(run_dir)
+    except StoreProblem as exc:
+        return {"problem": str(exc)}
+    try:
+        statuses = dict(
+            conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        )
+        devices = conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
+        started = conn.execute("SELECT MIN(t_start_host_s) FROM jobs").fetchone()[0]
+        ended = conn.execute("SELECT MAX(t_end_host_s) FROM jobs").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        return {"problem": f"{run_dir}: cannot read the store ({exc})"}
+    finally:
+        conn.close()
+    return {"devices": devices, "jobs": statuses, "t_start_s": started, "t_end_s": ended}

@@ -1,0 +1,114 @@
+"""What a device has: its Python and the agent's dependencies, memory, disk, temperature.
+
+One remote command (stdlib Python on the device) answers everything as JSON,
+so `harness devices check` costs one round trip per device. Packages are
+found and versioned from their metadata without importing them (importing
+torch takes seconds on a Pi).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from harness.fleet.connection import DeviceConnection
+from harness.fleet.deploy import remote_python_env
+from harness.fleet.errors import DeviceNotReady
+
+# Python modules the agent needs on the device -> the pip requirement that provides each.
+REQUIRED_MODULES = {"torch": "torch", "psutil": "psutil", "numpy": "numpy"}
+
+_PROBE_SCRIPT = r"""
+import importlib.metadata, importlib.util, json, os, platform, shutil, subprocess, sys
+found = {"python": platform.python_version(), "executable": sys.executable, "modules": {}}
+for name in sys.argv[2:]:
+    if importlib.util.find_spec(name) is None:
+        found["modules"][name] = None
+        continue
+    try:
+        found["modules"][name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        found["modules"][name] = "?"
+spec = importlib.util.find_spec("device_agent")
+found["device_agent_path"] = spec.origin if spec else None
+try:
+    with open("/proc/meminfo") as handle:
+        info = dict(line.split(":", 1) for line in handle)
+    found["mem_available_bytes"] = int(info["MemAvailable"].split()[0]) * 1024
+except (OSError, KeyError, ValueError):
+    found["mem_available_bytes"] = None
+path = sys.argv[1]
+while not os.path.isdir(path):
+    path = os.path.dirname(path) or "/"
+found["disk_free_bytes"] = shutil.disk_usage(path).free
+try:
+    with open("/sys/class/thermal/thermal_zone0/temp") as handle:
+        found["cpu_temp_c"] = int(handle.read().strip()) / 1000.0
+except (OSError, ValueError):
+    found["cpu_temp_c"] = None
+found["throttled"] = None
+if shutil.which("vcgencmd"):
+    try:
+        out = subprocess.run(["vcgencmd", "get_throttled"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        found["throttled"] = out.split("=", 1)[-1]
+    except (OSError, subprocess.SubprocessError):
+        pass
+json.dump(found, sys.stdout)
+"""
+
+
+@dataclass(frozen=True)
+class DeviceProbe:
+    """A device's answers; None where the device has no such thing."""
+
+    python: str
+    executable: str
+    modules: dict[str, str | None]
+    device_agent_path: str | None
+    mem_available_bytes: int | None
+    disk_free_bytes: int | None
+    cpu_temp_c: float | None
+    throttled: str | None  # `vcgencmd get_throttled` value, e.g. "0x50000"
+
+    @property
+    def missing(self) -> list[str]:
+        """pip requirements for the modules the agent needs and the device lacks."""
+        return [pip for module, pip in REQUIRED_MODULES.items() if self.modules.get(module) is None]
+
+
+def probe_argv(python: str, workdir: str) -> list[str]:
+    """The probe's command line; it prints one JSON object (`DeviceProbe`'s fields)."""
+    return [python, "-c", _PROBE_SCRIPT, workdir, *REQUIRED_MODULES]
+
+
+def parse_probe(stdout: str) -> DeviceProbe:
+    return DeviceProbe(**json.loads(stdout))
+
+
+def probe_device(connection: DeviceConnection, python: str, workdir: str) -> DeviceProbe:
+    """Run the probe with the device's Python (deployed code on PYTHONPATH)."""
+    result = connection.run(
+        [*remote_python_env(workdir), *probe_argv(python, workdir)], timeout_s=120
+    )
+    if result.exit_code != 0:
+        raise DeviceNotReady(
+            f"device {connection.device.name}: {python} did not run "
+            f"({(result.stderr or result.stdout).strip()[-200:]}); set `python:` in the "
+            f"inventory to the device's Python 3 interpreter"
+        )
+    return parse_probe(result.stdout)
+
+
+def install_command(python: str, missing: list[str]) -> str:
+    return f"{python} -m pip install {' '.join(missing)}"
+
+
+def require_agent_dependencies(probe: DeviceProbe, device_name: str, inventory: str) -> None:
+    """Raise `DeviceNotReady` saying exactly what to install when a dependency is missing."""
+    if probe.missing:
+        raise DeviceNotReady(
+            f"device {device_name}: {probe.executable} lacks {', '.join(probe.missing)}; "
+            f"on the device run `{install_command(probe.executable, probe.missing)}`, or run "
+            f"`harness devices setup --devices {inventory} --install`"
+        )

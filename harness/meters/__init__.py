@@ -1,0 +1,142 @@
+"""Power meters: drivers, emulators, the recorder, and `start_recorder` for `harness run`.
+
+An inventory device's `meter` section is a mapping; `meter_from_config` validates it
+(one-line `HarnessUsageError` naming the field and value) and builds the driver:
+
+    type: um24c | um25c | um34c   port, [baud 9600], [poll_hz 4], [refresh_hz 2]
+    type: line                    port, [baud 115200], [columns t_us,bus_mV,current_uA], [rate_hz]
+    type: rapl                    [interval_s 0.1], [powercap_root /sys/class/powercap]
+    type: modeled                 [profile pi3b+|pi4|pi5|host], [pid], [interval_s 0.5]
+    type: pmic                    read on the device by the agent (Pi 5); nothing to do here
+    any type                      [name], [gap_s]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from harness.errors import HarnessUsageError
+from harness.meters.base import Meter, PowerSample
+from harness.meters.line import LineFormat, LineMeter
+from harness.meters.modeled import POWER_PROFILES, ModeledMeter, default_profile
+from harness.meters.rapl import POWERCAP_ROOT, RaplMeter
+from harness.meters.recorder import Recorder, RecorderStats, SampleStore
+from harness.meters.um import UM_MODELS, UmMeter
+
+METER_TYPES = (*UM_MODELS, "line", "rapl", "modeled", "pmic")
+_FIELDS = {
+    **{model: {"port", "baud", "poll_hz", "refresh_hz"} for model in UM_MODELS},
+    "line": {"port", "baud", "columns", "rate_hz"},
+    "rapl": {"interval_s", "powercap_root"},
+    "modeled": {"profile", "pid", "interval_s"},
+    "pmic": set(),
+}
+_COMMON = {"type", "name", "gap_s"}
+
+
+def _field(config: Mapping[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
+    raw = config.get(key, default)
+    if raw is None:
+        return None
+    value = float(raw) if kind is float and type(raw) is int else raw
+    if not isinstance(value, kind) or isinstance(value, bool):
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        raise HarnessUsageError(f"{where}meter.{key}: {raw!r} is not {article} {kind.__name__}")
+    if kind in (int, float) and value <= 0:
+        raise HarnessUsageError(f"{where}meter.{key}: {raw!r} must be positive")
+    return value
+
+
+def meter_from_config(config: Mapping[str, Any], device_name: str = "") -> Meter | None:
+    """Validate a device's `meter` mapping and build its driver (None for `pmic`)."""
+    where = f"device {device_name}: " if device_name else ""
+    if not isinstance(config, Mapping):
+        raise HarnessUsageError(f"{where}meter: {config!r} is not a mapping")
+    kind = config.get("type")
+    if kind not in METER_TYPES:
+        raise HarnessUsageError(f"{where}meter.type: {kind!r} (choices: {', '.join(METER_TYPES)})")
+    unknown = sorted(set(config) - _FIELDS[kind] - _COMMON)
+    if unknown:
+        allowed = ", ".join(sorted(_FIELDS[kind] | _COMMON))
+        raise HarnessUsageError(
+            f"{where}meter.{unknown[0]}: not a field of type {kind} ({allowed})"
+        )
+    name = _field(config, "name", str, kind, where)
+    if kind == "pmic":
+        return None
+    if kind in UM_MODELS or kind == "line":
+        port = _field(config, "port", str, None, where)
+        if not port:
+            raise HarnessUsageError(f"{where}meter.port: missing (the serial port of the {kind})")
+    if kind in UM_MODELS:
+        return UmMeter(
+            kind,
+            port,
+            poll_hz=_field(config, "poll_hz", float, 4.0, where),
+            baud=_field(config, "baud", int, 9600, where),
+            refresh_hz=_field(config, "refresh_hz", float, 2.0, where),
+            name=name,
+        )
+    if kind == "line":
+        columns = config.get("columns", "t_us,bus_mV,current_uA")
+        try:
+            LineFormat.from_columns(columns)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise HarnessUsageError(f"{where}meter.columns: {columns!r}: {exc}") from None
+        return LineMeter(
+            port,
+            columns=columns,
+            baud=_field(config, "baud", int, 115200, where),
+            nominal_hz=_field(config, "rate_hz", float, 1000.0, where),
+            name=name,
+        )
+    if kind == "rapl":
+        return RaplMeter(
+            root=_field(config, "powercap_root", str, str(POWERCAP_ROOT), where),
+            interval_s=_field(config, "interval_s", float, 0.1, where),
+            name=name,
+        )
+    profile_name = config.get("profile")
+    if profile_name is not None and profile_name not in POWER_PROFILES:
+        raise HarnessUsageError(
+            f"{where}meter.profile: {profile_name!r} (choices: {', '.join(POWER_PROFILES)})"
+        )
+    return ModeledMeter(
+        POWER_PROFILES[profile_name] if profile_name else default_profile(),
+        pid=_field(config, "pid", int, None, where),
+        interval_s=_field(config, "interval_s", float, 0.5, where),
+        name=name,
+    )
+
+
+class AgentSourcedRecorder:
+    """For `pmic`: the device agent reads the PMIC and streams `power` events itself."""
+
+    def __init__(self, device_name: str) -> None:
+        self.device = device_name
+        self.stats = RecorderStats()
+
+    def stop(self, timeout_s: float = 0.0) -> RecorderStats:
+        return self.stats
+
+
+def start_recorder(
+    meter_config: Mapping[str, Any], store: SampleStore, device_name: str
+) -> Recorder | AgentSourcedRecorder:
+    """Validate the device's meter section and start reading it into the store."""
+    meter = meter_from_config(meter_config, device_name)
+    if meter is None:
+        return AgentSourcedRecorder(device_name)
+    gap_s = _field(meter_config, "gap_s", float, None, f"device {device_name}: ")
+    return Recorder(meter, store, device_name, gap_s=gap_s).start()
+
+
+__all__ = [
+    "METER_TYPES",
+    "AgentSourcedRecorder",
+    "PowerSample",
+    "Recorder",
+    "meter_from_config",
+    "start_recorder",
+]

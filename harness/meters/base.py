@@ -1,0 +1,71 @@
+"""The meter contract shared by every power source: samples, errors, connect/read/close.
+
+A driver turns one meter's wire protocol into `PowerSample`s. Units are converted once,
+here at the driver boundary, so everything downstream speaks watts, volts, amps, seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(slots=True)
+class PowerSample:
+    """One distinct reading of one meter.
+
+    `t_host_s` is the host's wall clock when the reading was taken (to align machines);
+    `t_mono_ns` the host's monotonic clock at the same moment (for intervals);
+    `t_meter_s` the meter's own clock where it has one. `modeled` marks estimates that
+    were computed, not measured, so they are never mixed silently with measured power.
+    Not frozen: a frozen dataclass costs five times as much to build, and a fleet of fast
+    line meters builds tens of thousands a second.
+    """
+
+    t_host_s: float
+    t_mono_ns: int
+    power_w: float
+    volts: float | None = None
+    amps: float | None = None
+    t_meter_s: float | None = None
+    seq: int = 0
+    modeled: bool = False
+
+
+def host_now() -> tuple[float, int]:
+    """The host's wall and monotonic clocks, read together."""
+    return time.time(), time.monotonic_ns()
+
+
+class MeterError(Exception):
+    """A meter could not be read."""
+
+
+class MeterDisconnected(MeterError):
+    """The port went away (unplugged, Bluetooth dropped, pty closed); reconnecting may help."""
+
+
+class CorruptFrame(MeterError):
+    """A frame failed validation (unknown model id, bad end marker, bad checksum, bad line)."""
+
+
+class Meter(Protocol):
+    """connect / read / close, as in rd-usb: the recorder needs nothing more.
+
+    `read` blocks for at most about a second and returns the distinct samples it got (maybe
+    none); it raises `MeterDisconnected` when the port is gone. `rejected_records` counts
+    frames that failed validation since construction.
+    """
+
+    name: str
+    nominal_hz: float
+
+    def connect(self) -> None: ...
+
+    def read(self) -> list[PowerSample]: ...
+
+    def close(self) -> None: ...
+
+    @property
+    def rejected_records(self) -> int: ...

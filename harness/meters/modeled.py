@@ -1,0 +1,155 @@
+"""The `modeled` source: power estimated from CPU utilisation through a device profile.
+
+Power = idle + (busy - idle) x utilisation, per device profile. Utilisation is that of
+the whole machine, or of one process tree (a training job and its children). Every
+sample is marked `modeled=True`: an estimate, never to be mixed silently with
+measured power.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from harness.meters.base import MeterError, PowerSample, host_now
+
+
+@dataclass(frozen=True)
+class PowerProfile:
+    """Board power at rest and with every core busy, at its supply voltage.
+
+    The figures are typical published measurements of a bare board (no peripherals,
+    Ethernet up, HDMI off) under an all-core stress load; they are rough, which is why
+    modeled power is labelled as such.
+    """
+
+    name: str
+    idle_w: float
+    busy_w: float
+    supply_volts: float = 5.1
+
+    def power_w(self, utilisation: float) -> float:
+        utilisation = min(1.0, max(0.0, utilisation))
+        return self.idle_w + (self.busy_w - self.idle_w) * utilisation
+
+
+POWER_PROFILES: dict[str, PowerProfile] = {
+    "pi3b+": PowerProfile("pi3b+", idle_w=1.9, busy_w=5.1),
+    "pi4": PowerProfile("pi4", idle_w=2.7, busy_w=6.4),
+    "pi5": PowerProfile("pi5", idle_w=2.7, busy_w=7.5),
+    "host": PowerProfile("host", idle_w=15.0, busy_w=45.0, supply_volts=19.0),
+}
+
+
+class ProcessTreeLoad:
+    """CPU utilisation (0..1 of all cores) of a process tree, or of the whole machine.
+
+    Works from CPU-time differences between calls: a process's time is counted while it
+    lives and, once reaped, through its parent's `children_*` times, so short-lived
+    children are not missed.
+    """
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.pid = pid
+        self._cores = psutil.cpu_count() or 1
+        self._previous: dict[int, float] = {}
+        self._previous_t = time.monotonic()
+        if pid is None:
+            psutil.cpu_percent(interval=None)
+        else:
+            try:
+                self._root = psutil.Process(pid)
+            except psutil.Error as exc:
+                raise MeterError(f"no process {pid} to follow: {exc}") from exc
+            self._previous = self._tree_times()
+
+    def _tree_times(self) -> dict[int, float]:
+        try:
+            processes = [self._root, *self._root.children(recursive=True)]
+        except psutil.Error:
+            return {}
+        times = {}
+        for process in processes:
+            try:
+                cpu = process.cpu_times()
+            except psutil.Error:
+                continue
+            times[process.pid] = cpu.user + cpu.system + cpu.children_user + cpu.children_system
+        return times
+
+    def utilisation(self) -> float:
+        now = time.monotonic()
+        elapsed = max(now - self._previous_t, 1e-6)
+        if self.pid is None:
+            self._previous_t = now
+            return psutil.cpu_percent(interval=None) / 100.0
+        current = self._tree_times()
+        busy_s = sum(
+            max(0.0, total - self._previous.get(pid, 0.0)) for pid, total in current.items()
+        )
+        self._previous, self._previous_t = current, now
+        return min(1.0, busy_s / elapsed / self._cores)
+
+
+class ModeledMeter:
+    """A meter that models power from CPU load, one sample per `interval_s`."""
+
+    def __init__(
+        self,
+        profile: PowerProfile,
+        pid: int | None = None,
+        interval_s: float = 0.5,
+        name: str = "modeled",
+    ) -> None:
+        self.profile = profile
+        self.pid = pid
+        self.interval_s = interval_s
+        self.nominal_hz = 1.0 / interval_s
+        self.name = name
+        self.rejected_records = 0
+        self._load: ProcessTreeLoad | None = None
+        self._next = 0.0
+        self._seq = 0
+
+    def connect(self) -> None:
+        self._load = ProcessTreeLoad(self.pid)
+        self._next = time.monotonic() + self.interval_s
+
+    def close(self) -> None:
+        self._load = None
+
+    def read(self) -> list[PowerSample]:
+        if self._load is None:
+            raise MeterError("modeled meter is not connected")
+        time.sleep(max(0.0, self._next - time.monotonic()))
+        self._next += self.interval_s
+        power_w = self.profile.power_w(self._load.utilisation())
+        t_host_s, t_mono_ns = host_now()
+        half_s = self.interval_s / 2  # the load is a mean over the interval: stamp its middle
+        self._seq += 1
+        return [
+            PowerSample(
+                t_host_s=t_host_s - half_s,
+                t_mono_ns=t_mono_ns - int(half_s * 1e9),
+                power_w=power_w,
+                volts=self.profile.supply_volts,
+                amps=power_w / self.profile.supply_volts,
+                seq=self._seq,
+                modeled=True,
+            )
+        ]
+
+
+def default_profile() -> PowerProfile:
+    """The profile of the machine this runs on: a Pi model from the device tree, else host."""
+    try:
+        with open("/proc/device-tree/model", encoding="utf-8", errors="replace") as handle:
+            model = handle.read()
+    except OSError:
+        return POWER_PROFILES["host"]
+    for marker, key in (("Pi 5", "pi5"), ("Pi 4", "pi4"), ("Pi 3 Model B Plus", "pi3b+")):
+        if marker in model:
+            return POWER_PROFILES[key]
+    return POWER_PROFILES["host"]

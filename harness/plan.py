@@ -1,0 +1,349 @@
+"""Plans: a YAML matrix (methods x models x datasets x batch sizes x seeds x repeats) -> jobs.
+
+Every job gets a stable id built from its coordinates
+(`mlp-digits-lowmem-b100-s0-r0`), so a resumed run finds the same jobs. The
+plan also says how long the idle baseline lasts, how long devices cool down
+between jobs, how often the agent samples, and how often a lost job is retried.
+Errors name the file, line and field. Example (the embedded default)::
+
+    idle_baseline_s: 8
+    cooldown_s: 1
+    telemetry: {memory_hz: 10, power_hz: 5}
+    datasets:
+      digits: {}                     # or {from: /path/to/source/files}
+    matrix:
+      - methods: [standard, lowmem]  # or {name: lowmem, label: no-fp16, disable: [fp16_grads]}
+        models: [mlp]
+        datasets: [digits]
+        batch_sizes: [100]
+        seeds: [0]
+        repeats: 1
+        epochs: 3
+        devices: [local]             # optional: pin to device names or tags
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device_agent.protocol import METHODS, JobSpec, SpecError
+from harness.errors import HarnessUsageError
+from harness.fleet.yaml_lines import YamlList, YamlMap, load_yaml_with_lines
+from harness.store import PlannedJob
+
+PLAN_KEYS = ("idle_baseline_s", "cooldown_s", "max_attempts", "telemetry", "datasets", "matrix")
+ENTRY_KEYS = (
+    "methods",
+    "models",
+    "datasets",
+    "batch_sizes",
+    "seeds",
+    "repeats",
+    "epochs",
+    "max_steps",
+    "eval_every_epochs",
+    "devices",
+    "limits",
+)
+METHOD_KEYS = (
+    "name",
+    "label",
+    "optimizer",
+    "lr",
+    "enable",
+    "disable",
+    "momentum_format",
+    "lr_plateau",
+)
+LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,40}$")
+PLACEHOLDER_SHA256 = "0" * 64
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A data set the plan uses and where to prepare it from (None: the built-in source)."""
+
+    name: str
+    source: Path | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    path: Path
+    idle_baseline_s: float
+    cooldown_s: float
+    max_attempts: int
+    telemetry: dict[str, Any]
+    datasets: tuple[DatasetSource, ...]
+    jobs: tuple[PlannedJob, ...]
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+class _Where:
+    """Builds error messages that name the file, line and field."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def error(self, node: Any, key: Any, field_name: str, message: str) -> HarnessUsageError:
+        line = node.line_of(key) if isinstance(node, (YamlMap, YamlList)) else 0
+        where = f"{self.path}:{line}" if line else f"{self.path}"
+        return HarnessUsageError(f"{where}: field {field_name!r}: {message}")
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _positive_number(where: _Where, node: YamlMap, key: str, name: str, default: float) -> float:
+    value = node.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise where.error(node, key, name, f"expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _int_list(
+    where: _Where, node: YamlMap, key: str, name: str, default: list, minimum: int
+) -> list[int]:
+    values = _as_list(node.get(key, default))
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise where.error(node, key, name, f"expected integers >= {minimum}, got {value!r}")
+    if not values:
+        raise where.error(node, key, name, "expected at least one value")
+    return values
+
+
+def _name_list(where: _Where, node: YamlMap, key: str, name: str, default: list | None) -> list:
+    if key not in node and default is None:
+        raise where.error(node, node.line, name, "is required")
+    values = _as_list(node.get(key, default))
+    if not values or not all(isinstance(v, str) and v for v in values):
+        raise where.error(node, key, name, f"expected a list of names, got {values!r}")
+    return values
+
+
+def _method(where: _Where, entry: YamlMap, value: Any, name: str) -> dict[str, Any]:
+    """A method given as a name or a mapping of options -> a method dict with a label."""
+    method = {"name": value} if isinstance(value, str) else value
+    if not isinstance(method, dict):
+        raise where.error(entry, "methods", name, f"expected a name or a mapping, got {value!r}")
+    for key in method:
+        if key not in METHOD_KEYS:
+            raise where.error(
+                method,
+                key,
+                f"{name}.{key}",
+                f"unknown option; choose from {', '.join(METHOD_KEYS)}",
+            )
+    if method.get("name") not in METHODS or method.get("name") == "idle":
+        raise where.error(
+            method if isinstance(method, YamlMap) else entry,
+            "name",
+            f"{name}.name",
+            f"unknown method {method.get('name')!r}; choose one of "
+            f"{', '.join(m for m in METHODS if m != 'idle')}",
+        )
+    label = method.get("label", method["name"])
+    if not isinstance(label, str) or not LABEL_PATTERN.match(label):
+        raise where.error(
+            method if isinstance(method, YamlMap) else entry,
+            "label",
+            f"{name}.label",
+            f"expected letters, digits, '.', '_', '-', got {label!r}",
+        )
+    options = {k: v for k, v in method.items() if k != "label"}
+    return {"label": label, "options": options}
+
+
+def load_plan(path: Path) -> Plan:
+    """Read and expand a plan; `HarnessUsageError` (file:line: field ...) for bad input."""
+    path = Path(path)
+    where = _Where(path)
+    doc = load_yaml_with_lines(path)
+    if not isinstance(doc, YamlMap):
+        raise HarnessUsageError(f"{path}: a plan is a mapping with a 'matrix' list")
+    for key in doc:
+        if key not in PLAN_KEYS:
+            raise where.error(
+                doc, key, str(key), f"unknown key; choose from {', '.join(PLAN_KEYS)}"
+            )
+    idle_s = _positive_number(where, doc, "idle_baseline_s", "idle_baseline_s", 0.0)
+    cooldown_s = _positive_number(where, doc, "cooldown_s", "cooldown_s", 0.0)
+    max_attempts = _int_list(where, doc, "max_attempts", "max_attempts", [2], 1)[0]
+    telemetry = doc.get("telemetry", {})
+    if not isinstance(telemetry, dict):
+        raise where.error(doc, "telemetry", "telemetry", f"expected a mapping, got {telemetry!r}")
+    datasets = _datasets(where, doc, path)
+    matrix = doc.get("matrix")
+    if not isinstance(matrix, YamlList) or not matrix:
+        raise where.error(doc, "matrix", "matrix", f"expected a non-empty list, got {matrix!r}")
+    jobs: list[PlannedJob] = []
+    seen: dict[str, str] = {}
+    for index, entry in enumerate(matrix):
+        for job in _expand_entry(where, entry, f"matrix[{index}]", telemetry, datasets):
+            if job.job_id in seen:
+                raise where.error(
+                    entry,
+                    entry.line,
+                    f"matrix[{index}]",
+                    f"job {job.job_id!r} is also made by {seen[job.job_id]}; "
+                    "give the methods distinct labels",
+                )
+            seen[job.job_id] = f"matrix[{index}]"
+            jobs.append(PlannedJob(**{**job.__dict__, "plan_index": len(jobs)}))
+    return Plan(
+        path,
+        idle_s,
+        cooldown_s,
+        max_attempts,
+        dict(telemetry),
+        tuple(DatasetSource(n, s) for n, s in datasets.items()),
+        tuple(jobs),
+        doc,
+    )
+
+
+def _datasets(where: _Where, doc: YamlMap, path: Path) -> dict[str, Path | None]:
+    section = doc.get("datasets", {})
+    if not isinstance(section, dict):
+        raise where.error(doc, "datasets", "datasets", f"expected a mapping, got {section!r}")
+    result: dict[str, Path | None] = {}
+    for name, options in section.items():
+        options = options or {}
+        if not isinstance(options, dict) or set(options) - {"from"}:
+            raise where.error(
+                section,
+                name,
+                f"datasets.{name}",
+                f"expected {{}} or {{from: PATH}}, got {options!r}",
+            )
+        source = options.get("from")
+        result[str(name)] = (path.parent / Path(source).expanduser()) if source else None
+    return result
+
+
+def _expand_entry(
+    where: _Where, entry: Any, name: str, telemetry: dict, datasets: dict[str, Path | None]
+) -> list[PlannedJob]:
+    if not isinstance(entry, YamlMap):
+        raise HarnessUsageError(f"{where.path}: field {name!r}: expected a mapping, got {entry!r}")
+    for key in entry:
+        if key not in ENTRY_KEYS:
+            raise where.error(
+                entry, key, f"{name}.{key}", f"unknown key; choose from {', '.join(ENTRY_KEYS)}"
+            )
+    methods = [
+        _method(where, entry, value, f"{name}.methods[{i}]")
+        for i, value in enumerate(_as_list(entry.get("methods", [])))
+    ]
+    if not methods:
+        raise where.error(entry, "methods", f"{name}.methods", "expected at least one method")
+    models = _name_list(where, entry, "models", f"{name}.models", None)
+    data_names = _name_list(where, entry, "datasets", f"{name}.datasets", None)
+    for data_name in data_names:
+        if data_name not in datasets:
+            raise where.error(
+                entry,
+                "datasets",
+                f"{name}.datasets",
+                f"{data_name!r} is not in the plan's 'datasets' section",
+            )
+    batch_sizes = _int_list(where, entry, "batch_sizes", f"{name}.batch_sizes", [100], 1)
+    seeds = _int_list(where, entry, "seeds", f"{name}.seeds", [0], 0)
+    repeats = _int_list(where, entry, "repeats", f"{name}.repeats", [1], 1)[0]
+    pinned = tuple(
+        _name_list(where, entry, "devices", f"{name}.devices", []) if "devices" in entry else ()
+    )
+    jobs = []
+    for method, model, data_name, batch, seed, repeat in itertools.product(
+        methods, models, data_names, batch_sizes, seeds, range(repeats)
+    ):
+        job_id = f"{model}-{data_name}-{method['label']}-b{batch}-s{seed}-r{repeat}"
+        spec = {
+            "schema_version": 1,
+            "job_id": job_id,
+            "method": method["options"],
+            "model": model,
+            "dataset": {
+                "name": data_name,
+                "path": f"data/{data_name}",
+                "sha256": PLACEHOLDER_SHA256,
+            },
+            "batch_size": batch,
+            "epochs": entry.get("epochs", 1),
+            "max_steps": entry.get("max_steps"),
+            "seed": seed,
+            "eval_every_epochs": entry.get("eval_every_epochs", 1),
+            "telemetry": dict(telemetry),
+            "limits": dict(entry.get("limits", {}) or {}),
+        }
+        try:
+            checked = JobSpec.from_dict(spec)
+        except SpecError as exc:
+            key = exc.field.split(".")[0]
+            node = entry if key in entry else (method["options"] if key == "method" else entry)
+            raise where.error(
+                node if isinstance(node, YamlMap) else entry,
+                key,
+                f"{name}.{exc.field}",
+                str(exc).split(": ", 1)[1],
+            ) from exc
+        jobs.append(
+            PlannedJob(
+                job_id=job_id,
+                plan_index=0,
+                kind="train",
+                method=checked.method.name,
+                model=model,
+                dataset=data_name,
+                batch_size=batch,
+                epochs=checked.epochs,
+                max_steps=checked.max_steps,
+                seed=seed,
+                repeat=repeat,
+                pinned=pinned,
+                spec=checked.to_dict(),
+            )
+        )
+    return jobs
+
+
+def idle_job(device: str, duration_s: float, telemetry: dict[str, Any]) -> PlannedJob:
+    """The idle baseline of one device, as a job the agent runs (method `idle`)."""
+    job_id = "idle-" + re.sub(r"[^A-Za-z0-9._-]", "_", device)
+    spec = JobSpec.from_dict(
+        {
+            "schema_version": 1,
+            "job_id": job_id,
+            "method": {"name": "idle", "duration_s": duration_s},
+            "model": None,
+            "dataset": None,
+            "epochs": None,
+            "telemetry": dict(telemetry),
+        }
+    ).to_dict()
+    return PlannedJob(
+        job_id=job_id,
+        plan_index=-1,
+        kind="idle",
+        method="idle",
+        model=None,
+        dataset=None,
+        batch_size=None,
+        epochs=None,
+        max_steps=None,
+        seed=None,
+        repeat=None,
+        pinned=(device,),
+        spec=spec,
+    )
+
+
+def eligible(job: PlannedJob, device_name: str, device_tags: tuple[str, ...] | list[str]) -> bool:
+    """A job pinned to names or tags runs only on a matching device; unpinned jobs run anywhere."""
+    return not job.pinned or device_name in job.pinned or any(t in job.pinned for t in device_tags)

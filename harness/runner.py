@@ -1,0 +1,490 @@
+"""Running a plan on an inventory: one thread per device, one job at a time per device.
+
+Every device thread opens its transport (an unreachable device is recorded and
+skipped), deploys the data sets, runs its idle baseline, then takes the next
+job it may run from a shared queue (jobs pinned to names or tags go only to
+matching devices). Each job: clock offset before, the agent's event stream
+into the store as it arrives, clock offset after, an outcome from the last
+event and the exit code. A job whose device was lost goes back to the queue
+until the plan's `max_attempts`; its partial events stay, under their attempt
+number. Meters are recorded for the whole run, through `harness.meters`.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device_agent.protocol import AgentExit, Event, JobSpec, MalformedLine, parse_event_line
+from harness.clock import ClockEstimate, estimate_offset
+from harness.errors import DeviceLost, DeviceUnreachable, HarnessUsageError
+from harness.plan import eligible
+from harness.store import EventRecord, MemorySample, PlannedJob, RunStore
+from harness.transport import Transport, make_transport
+
+FINAL_STATUSES = ("completed", "failed", "oom")
+RERUN_STATUSES = ("pending", "running", "incomplete", "interrupted")
+WAIT_AFTER_STREAM_S = 30.0
+STOP_GRACE_S = 5.0
+
+
+@dataclass
+class JobOutcome:
+    status: str  # completed | failed | oom | interrupted | lost
+    exit_code: int | None
+    reason: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Progress:
+    """What the terminal shows for one device; updated by its thread."""
+
+    device: str
+    job_id: str | None = None
+    state: str = "waiting"
+    epoch: int | None = None
+    step: int | None = None
+    loss: float | None = None
+    done: int = 0
+    failed: int = 0
+
+
+def classify(exit_code: int | None, last_kind: str | None, stop_requested: bool) -> tuple[str, str]:
+    """The job's outcome from the agent's exit code and its last event (status, reason)."""
+    if exit_code is None:
+        return "lost", "the agent did not exit"
+    if exit_code == AgentExit.OK and last_kind == "job_end":
+        return "completed", "ok"
+    if exit_code == AgentExit.OUT_OF_MEMORY:
+        return "oom", "out of memory (MemoryError in the agent)"
+    if exit_code == AgentExit.INTERRUPTED or stop_requested:
+        return "interrupted", "stopped by a signal"
+    if exit_code < 0:
+        name = _signal_name(-exit_code)
+        if -exit_code == signal.SIGKILL:
+            return "oom", f"killed by {name} (likely the out-of-memory killer)"
+        return "failed", f"killed by signal {name}"
+    if exit_code == AgentExit.BAD_SPEC:
+        return "failed", "the agent refused the job spec"
+    if exit_code == AgentExit.OK:
+        return "lost", "the event stream ended before job_end"
+    return "failed", f"the job crashed (exit code {exit_code})"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+class JobQueue:
+    """Jobs waiting for a device; a device takes the first one it may run."""
+
+    def __init__(self, jobs: list[PlannedJob]) -> None:
+        self._jobs = list(jobs)
+        self._lock = threading.Lock()
+
+    def take(self, device: Any) -> PlannedJob | None:
+        with self._lock:
+            for index, job in enumerate(self._jobs):
+                if eligible(job, device.name, device.tags):
+                    return self._jobs.pop(index)
+        return None
+
+    def put_back(self, job: PlannedJob) -> None:
+        with self._lock:
+            self._jobs.insert(0, job)
+
+    def remaining(self) -> list[PlannedJob]:
+        with self._lock:
+            return list(self._jobs)
+
+
+class StreamRecorder:
+    """Turns one attempt's stdout lines into store rows; keeps what the runner needs."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        device: str,
+        job: PlannedJob,
+        attempt: int,
+        clock: ClockEstimate,
+        progress: Progress,
+    ) -> None:
+        self.store = store
+        self.device = device
+        self.job = job
+        self.attempt = attempt
+        self.clock = clock
+        self.progress = progress
+        self.last_kind: str | None = None  # the final event: job_end, error or interrupted
+        self.metrics: dict[str, Any] = {}
+        self.error: str | None = None
+        self.t_start_host_s: float | None = None
+        self.t_end_host_s: float | None = None
+        self._epoch_start_host_s: dict[int, float] = {}
+        self.malformed = 0
+
+    def line(self, line_no: int, line: str) -> None:
+        received = time.time()
+        parsed = parse_event_line(line)
+        if isinstance(parsed, MalformedLine):
+            self.malformed += 1
+            self.store.add_events(
+                [
+                    EventRecord(
+                        self.device,
+                        self.job.job_id,
+                        self.attempt,
+                        line_no,
+                        parsed.raw,
+                        received,
+                        malformed_reason=parsed.reason,
+                    )
+                ]
+            )
+            return
+        t_host = self.clock.to_host(parsed.t_wall_s)
+        self.store.add_events(
+            [
+                EventRecord(
+                    self.device,
+                    self.job.job_id,
+                    self.attempt,
+                    line_no,
+                    line[:1_000_000],
+                    received,
+                    seq=parsed.seq,
+                    kind=parsed.kind,
+                    t_mono_ns=parsed.t_mono_ns,
+                    t_wall_s=parsed.t_wall_s,
+                    t_host_s=t_host,
+                )
+            ]
+        )
+        if parsed.kind in ("job_end", "error", "interrupted"):
+            self.last_kind = parsed.kind
+        if parsed.known_kind:
+            self._handle(parsed, t_host)
+
+    def _handle(self, event: Event, t_host: float) -> None:
+        data = event.data
+        kind = event.kind
+        if kind == "hello":
+            self.store.set_device_facts(self.device, data)
+        elif kind == "job_start":
+            self.t_start_host_s = t_host
+            self.progress.state = "running"
+        elif kind == "epoch_start" and isinstance(data.get("epoch"), int):
+            self._epoch_start_host_s[data["epoch"]] = t_host
+            self.progress.epoch = data["epoch"]
+        elif kind == "step":
+            self.progress.step = data.get("global_step")
+            loss = data.get("loss")
+            self.progress.loss = loss if isinstance(loss, (int, float)) else None
+        elif kind == "epoch_end" and isinstance(data.get("epoch"), int):
+            start = self._epoch_start_host_s.get(data["epoch"])
+            if start is not None:
+                self.store.add_phase(
+                    self.device,
+                    self.job.job_id,
+                    self.attempt,
+                    "epoch",
+                    data["epoch"],
+                    start,
+                    t_host,
+                )
+        elif kind == "memory":
+            self.store.add_memory_samples(
+                [
+                    MemorySample(
+                        self.device,
+                        self.job.job_id,
+                        self.attempt,
+                        event.seq,
+                        t_host,
+                        event.t_wall_s,
+                        event.t_mono_ns,
+                        _int_or_none(data.get("rss_bytes")),
+                        _int_or_none(data.get("hwm_bytes")),
+                        _int_or_none(data.get("vm_bytes")),
+                        _int_or_none(data.get("tensor_peak_bytes")),
+                        _int_or_none(data.get("step")),
+                    )
+                ]
+            )
+        elif kind == "power" and isinstance(data.get("power_w"), (int, float)):
+            self.store.add_power_samples(
+                self.device,
+                str(data.get("source", "agent")),
+                [_AgentPower(t_host, float(data["power_w"]), event.t_wall_s)],
+            )
+        elif kind in ("job_end", "error", "interrupted"):
+            self.t_end_host_s = t_host
+            self.metrics = dict(data)
+            if kind == "error":
+                self.error = f"{data.get('type')}: {data.get('message')}"
+        if kind == "job_end" and self.t_start_host_s is not None:
+            phase = "idle" if self.job.kind == "idle" else "job"
+            self.store.add_phase(
+                self.device, self.job.job_id, self.attempt, phase, 0, self.t_start_host_s, t_host
+            )
+
+
+@dataclass(frozen=True)
+class _AgentPower:
+    """A power reading the agent streamed (Pi 5 PMIC), in the recorder's sample shape."""
+
+    t_host_s: float
+    power_w: float
+    t_meter_s: float
+    volts: float | None = None
+    amps: float | None = None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class DeviceWorker:
+    """The thread of one device: open, deploy, idle baseline, jobs, close."""
+
+    def __init__(self, device: Any, run: Runner) -> None:
+        self.device = device
+        self.run = run
+        self.progress = Progress(device.name)
+        self.thread = threading.Thread(target=self._main, name=f"device {device.name}", daemon=True)
+        self.current = None
+
+    def _main(self) -> None:
+        run = self.run
+        store = run.store
+        try:
+            transport = run.transport_factory(self.device)
+            transport.open()
+        except (DeviceUnreachable, DeviceLost) as exc:
+            self.progress.state = "unreachable"
+            store.set_device_status(self.device.name, "unreachable", str(exc))
+            run.log(f"[{self.device.name}] unreachable, skipped: {exc}")
+            return
+        except Exception as exc:  # a bug or bad setting: recorded, the other devices go on
+            self.progress.state = "error"
+            store.set_device_status(self.device.name, "error", f"{type(exc).__name__}: {exc}")
+            run.log(f"[{self.device.name}] error, skipped: {type(exc).__name__}: {exc}")
+            return
+        try:
+            store.set_device_status(self.device.name, "running")
+            transport.ensure_deployed(run.dataset_files)
+            first = True
+            while not run.stop_requested.is_set():
+                job = run.next_job(self.device)
+                if job is None:
+                    break
+                if not first and run.cooldown_s > 0 and job.kind != "idle":
+                    self.progress.state = "cooling down"
+                    run.stop_requested.wait(run.cooldown_s)
+                first = False
+                self._run_with_retries(transport, job)
+            store.set_device_status(self.device.name, "done")
+        except (DeviceUnreachable, DeviceLost) as exc:
+            store.set_device_status(self.device.name, "lost", str(exc))
+            run.log(f"[{self.device.name}] lost: {exc}")
+        except Exception as exc:
+            store.set_device_status(self.device.name, "error", f"{type(exc).__name__}: {exc}")
+            run.log(f"[{self.device.name}] error: {type(exc).__name__}: {exc}")
+        finally:
+            self.progress.state = "done" if not run.stop_requested.is_set() else "stopped"
+            self.progress.job_id = None
+            transport.close()
+
+    def _run_with_retries(self, transport: Transport, job: PlannedJob) -> None:
+        run = self.run
+        attempt = run.next_attempt(job.job_id)
+        try:
+            outcome = self._run_job(transport, job, attempt)
+        except DeviceLost as exc:
+            outcome = JobOutcome("lost", None, str(exc))
+        status = outcome.status
+        if status == "lost":
+            if attempt < run.max_attempts and not run.stop_requested.is_set():
+                run.queue.put_back(job)
+                status = "incomplete"
+                outcome.reason = f"{outcome.reason}; will retry"
+            else:
+                status = "incomplete"
+        run.store.finish_job(job.job_id, status, outcome.exit_code, outcome.reason, time.time())
+        run.store.set_result(
+            job.job_id, self.device.name, attempt, status, job.method, outcome.metrics
+        )
+        if status == "completed":
+            self.progress.done += 1
+        else:
+            self.progress.failed += 1
+        run.log(
+            f"[{self.device.name}] {job.job_id} (attempt {attempt}): {status}"
+            + ("" if status == "completed" else f" - {outcome.reason}")
+        )
+        if outcome.status == "lost":
+            estimate_offset(transport, samples=1)  # DeviceLost here ends this device's thread
+
+    def _run_job(self, transport: Transport, job: PlannedJob, attempt: int) -> JobOutcome:
+        run = self.run
+        store = run.store
+        name = self.device.name
+        self.progress.job_id = job.job_id
+        self.progress.state = "clock"
+        self.progress.epoch = self.progress.step = self.progress.loss = None
+        before = estimate_offset(transport)
+        store.add_clock_offset(
+            name,
+            job.job_id,
+            attempt,
+            "before",
+            before.t_host_s,
+            before.offset_s,
+            before.rtt_s,
+            before.error_s,
+            before.samples,
+        )
+        spec = run.device_spec(job)
+        store.start_job(job.job_id, name, attempt, time.time())
+        self.progress.state = "starting"
+        remote = transport.start_job(spec)
+        recorder = StreamRecorder(store, name, job, attempt, before, self.progress)
+        with run.lock:
+            run.running[name] = remote
+        try:
+            for line_no, line in enumerate(remote.lines()):
+                recorder.line(line_no, line)
+            exit_code = remote.wait(WAIT_AFTER_STREAM_S)
+            if exit_code is None:
+                remote.stop(STOP_GRACE_S)
+                exit_code = remote.wait(STOP_GRACE_S)
+        finally:
+            with run.lock:
+                run.running.pop(name, None)
+        status, reason = classify(exit_code, recorder.last_kind, run.stop_requested.is_set())
+        if recorder.error and status != "completed":
+            reason = f"{reason}: {recorder.error}"
+        if recorder.malformed:
+            reason = f"{reason}; {recorder.malformed} malformed event line(s)"
+        try:
+            after = estimate_offset(transport)
+            store.add_clock_offset(
+                name,
+                job.job_id,
+                attempt,
+                "after",
+                after.t_host_s,
+                after.offset_s,
+                after.rtt_s,
+                after.error_s,
+                after.samples,
+            )
+        except DeviceLost:
+            status, reason = (
+                ("lost", "device lost after the job") if status == "completed" else (status, reason)
+            )
+        return JobOutcome(status, exit_code, reason, recorder.metrics)
+
+
+class Runner:
+    """One run of a plan's jobs over devices, into one store."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        devices: list[Any],
+        jobs: list[PlannedJob],
+        dataset_files: dict[str, Path],
+        *,
+        max_attempts: int,
+        cooldown_s: float,
+        attempts: dict[str, int],
+        log: Callable[[str], None],
+        transport_factory: Callable[[Any], Transport] = make_transport,
+    ) -> None:
+        self.store = store
+        self.devices = devices
+        self.queue = JobQueue(jobs)
+        self.datasets = dataset_files
+        self.dataset_files = sorted(set(dataset_files.values()))
+        self._sha256: dict[str, str] = {}
+        self.max_attempts = max_attempts
+        self.cooldown_s = cooldown_s
+        self._attempts = dict(attempts)
+        self.log = log
+        self.transport_factory = transport_factory
+        self.stop_requested = threading.Event()
+        self.lock = threading.Lock()
+        self.running: dict[str, Any] = {}
+        self.workers = [DeviceWorker(device, self) for device in devices]
+
+    def next_job(self, device: Any) -> PlannedJob | None:
+        return self.queue.take(device)
+
+    def next_attempt(self, job_id: str) -> int:
+        with self.lock:
+            self._attempts[job_id] = self._attempts.get(job_id, 0) + 1
+            return self._attempts[job_id]
+
+    def device_spec(self, job: PlannedJob) -> dict[str, Any]:
+        """The job's spec with the data set's host path and checksum filled in, validated."""
+        spec = dict(job.spec)
+        if job.dataset is not None:
+            path = self.datasets[job.dataset]
+            if job.dataset not in self._sha256:
+                from trainers.data.canonical import file_sha256
+
+                self._sha256[job.dataset] = file_sha256(path)
+            spec["dataset"] = {
+                "name": job.dataset,
+                "path": str(path),
+                "sha256": self._sha256[job.dataset],
+            }
+        JobSpec.from_dict(spec)
+        return spec
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.thread.start()
+
+    def alive(self) -> bool:
+        return any(worker.thread.is_alive() for worker in self.workers)
+
+    def finish(self) -> None:
+        """After the threads: jobs no device took are recorded as skipped (unless stopped)."""
+        if self.stop_requested.is_set():
+            return
+        for job in self.queue.remaining():
+            self.store.finish_job(
+                job.job_id, "skipped", None, "no reachable device may run it", time.time()
+            )
+
+    def stop(self) -> None:
+        """Stop every running agent (SIGTERM, then SIGKILL) and let the threads finish."""
+        self.stop_requested.set()
+        with self.lock:
+            running = list(self.running.values())
+        for remote in running:
+            remote.stop(STOP_GRACE_S)
+        for worker in self.workers:
+            worker.thread.join(STOP_GRACE_S + 10)
+
+
+def check_pins(jobs: list[PlannedJob], devices: list[Any], plan_path: Path) -> None:
+    """Refuse a job pinned to names or tags that no inventory device has."""
+    for job in jobs:
+        if job.pinned and not any(eligible(job, d.name, d.tags) for d in devices):
+            raise HarnessUsageError(
+                f"{plan_path}: job {job.job_id!r} is pinned to {', '.join(job.pinned)}, "
+                "which no inventory device has (names or tags)"
+            )

@@ -1,0 +1,114 @@
+"""The run store's schema: versioned table definitions and the migration that applies them.
+
+Each version lists the statements that bring a store from the previous version to
+it; `migrate` backs a non-empty older store up (`run.sqlite.v<N>.bak`) before
+changing it and refuses a store written by a newer harness.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+# Version -> statements that bring a store from the previous version to this one.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE run_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+        """CREATE TABLE devices (
+            name TEXT PRIMARY KEY, transport TEXT, host TEXT, tags_json TEXT,
+            meter_json TEXT, facts_json TEXT, status TEXT NOT NULL DEFAULT 'planned',
+            reason TEXT, updated_host_s REAL)""",
+        """CREATE TABLE jobs (
+            job_id TEXT PRIMARY KEY, plan_index INTEGER, kind TEXT NOT NULL,
+            method TEXT, model TEXT, dataset TEXT, batch_size INTEGER, epochs INTEGER,
+            max_steps INTEGER, seed INTEGER, repeat INTEGER, pinned_json TEXT,
+            spec_json TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
+            device TEXT, attempts INTEGER NOT NULL DEFAULT 0, exit_code INTEGER, reason TEXT,
+            t_start_host_s REAL, t_end_host_s REAL)""",
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY, device TEXT NOT NULL, job_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL, line_no INTEGER NOT NULL, seq INTEGER, kind TEXT,
+            t_mono_ns INTEGER, t_wall_s REAL, t_host_s REAL, t_received_host_s REAL,
+            malformed_reason TEXT, raw_json TEXT NOT NULL,
+            UNIQUE (device, job_id, attempt, line_no))""",
+        "CREATE INDEX events_job ON events (job_id, attempt, kind)",
+        """CREATE TABLE memory_samples (
+            id INTEGER PRIMARY KEY, device TEXT NOT NULL, job_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL, seq INTEGER NOT NULL, t_host_s REAL, t_wall_s REAL,
+            t_mono_ns INTEGER, rss_bytes INTEGER, hwm_bytes INTEGER, vm_bytes INTEGER,
+            tensor_peak_bytes INTEGER, step INTEGER,
+            UNIQUE (device, job_id, attempt, seq))""",
+        """CREATE TABLE power_samples (
+            id INTEGER PRIMARY KEY, device TEXT NOT NULL, meter TEXT NOT NULL,
+            t_host_s REAL NOT NULL, power_w REAL, volts REAL, amps REAL, t_meter_s REAL)""",
+        "CREATE INDEX power_samples_time ON power_samples (device, meter, t_host_s)",
+        """CREATE TABLE meter_gaps (
+            id INTEGER PRIMARY KEY, device TEXT NOT NULL, meter TEXT NOT NULL,
+            t_start_s REAL NOT NULL, t_end_s REAL, reason TEXT)""",
+        """CREATE TABLE meter_stats (
+            device TEXT NOT NULL, meter TEXT NOT NULL, samples INTEGER, achieved_hz REAL,
+            rejected_records INTEGER, gaps INTEGER, updated_host_s REAL,
+            PRIMARY KEY (device, meter))""",
+        """CREATE TABLE clock_offsets (
+            id INTEGER PRIMARY KEY, device TEXT NOT NULL, job_id TEXT, attempt INTEGER,
+            phase TEXT NOT NULL, t_host_s REAL NOT NULL, offset_s REAL NOT NULL,
+            rtt_s REAL NOT NULL, error_s REAL NOT NULL, samples INTEGER NOT NULL)""",
+        """CREATE TABLE phases (
+            id INTEGER PRIMARY KEY, device TEXT NOT NULL, job_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL, kind TEXT NOT NULL, idx INTEGER NOT NULL,
+            t_start_host_s REAL NOT NULL, t_end_host_s REAL NOT NULL,
+            UNIQUE (device, job_id, attempt, kind, idx))""",
+        """CREATE TABLE results (
+            job_id TEXT PRIMARY KEY, device TEXT NOT NULL, attempt INTEGER NOT NULL,
+            status TEXT NOT NULL, method TEXT, test_accuracy REAL, train_accuracy REAL,
+            test_loss REAL, epochs INTEGER, steps INTEGER, mean_epoch_s REAL,
+            seconds_total REAL, peak_tensor_bytes INTEGER, peak_hwm_bytes INTEGER,
+            peak_rss_delta_bytes INTEGER, metrics_json TEXT)""",
+    ),
+}
+
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
+def _current_version(conn: sqlite3.Connection) -> int:
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
+    ).fetchone()
+    if not exists:
+        return 0
+    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> int:
+    """Bring the store to the latest version, backing up a non-empty older store first."""
+    latest = SCHEMA_VERSION
+    current = _current_version(conn)
+    if current > latest:
+        raise HarnessError(
+            f"{path}: schema version {current} is newer than this harness ({latest})"
+        )
+    if current == latest:
+        return current
+    if current > 0:
+        backup_path = path.with_name(f"{path.name}.v{current}.bak")
+        backup = sqlite3.connect(backup_path)
+        with backup:
+            conn.backup(backup)
+        backup.close()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if current == 0:
+            conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_s REAL)")
+        for version in range(current + 1, latest + 1):
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version VALUES (?, ?)", (version, time.time()))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return latest

@@ -1,0 +1,244 @@
+"""The dashboard in headless Chromium (Debian's /usr/bin/chromium through playwright).
+
+A real `harness run` (the local device, an emulated UM25C on a real pty following this
+test's CPU load) writes its store while the page watches it: the power trace must grow,
+a phase boundary must appear, and the screenshot is kept under `artifacts/`. The store
+problems (missing, empty, older schema) must show as a readable message on the page.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_dashboard import Sample, make_old_store, write_run
+
+from harness.dashboard import start_dashboard
+from harness.meters.emulator import LoadSignal, UmEmulator
+from harness.meters.modeled import POWER_PROFILES
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+PLAN = """\
+idle_baseline_s: 3
+cooldown_s: 1
+max_attempts: 1
+telemetry: {memory_hz: 5, power_hz: 5, step_every: 1}
+datasets:
+  digits: {}
+matrix:
+  - methods: [standard]
+    models: [mlp]
+    datasets: [digits]
+    batch_sizes: [100]
+    seeds: [0]
+    repeats: 1
+    epochs: 2
+"""
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def power_canvas(page) -> dict:
+    return page.eval_on_selector(
+        "section.device[data-device='local'] canvas.power",
+        "c => ({samples: +c.dataset.samples, marks: +c.dataset.marks, labels: c.dataset.labels})",
+    )
+
+
+def test_live_run_grows_on_the_page_with_phase_boundaries(tmp_path, browser):
+    link = tmp_path / "rfcomm0"
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(
+        "version: 1\ndevices:\n  - name: local\n    transport: local\n"
+        f"    meter: {{type: um25c, port: '{link}', poll_hz: 40, refresh_hz: 10}}\n"
+    )
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN)
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "160"}
+    load = LoadSignal(POWER_PROFILES["pi4"], pid=os.getpid())
+    errors: list[str] = []
+    with UmEmulator("um25c", load, refresh_hz=10.0, link=link):
+        run = subprocess.Popen(
+            [sys.executable, "-m", "harness", "run", "--devices", str(inventory),
+             "--plan", str(plan), "--out", str(runs), "--run-id", "live"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        server = start_dashboard(runs, port=0)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        try:
+            wait_for(lambda: (runs / "live" / "run.sqlite").exists(), 30, "the run store")
+            page.goto(server.url)
+            page.click("a[href='/run/live/']")
+            page.wait_for_selector("section.device[data-device='local'] canvas.power")
+            first = wait_for(
+                lambda: power_canvas(page)["samples"] >= 5 and power_canvas(page), 30, "samples"
+            )
+            assert page.inner_text("#liveness") == "live"
+            fleet_row = "#fleet tbody tr[data-device='local']"
+            wait_for(lambda: "running" in page.inner_text(fleet_row), 30, "the device running")
+            assert "um25c" in page.inner_text(fleet_row)
+            # a phase boundary appears (the idle baseline's end, then the job's epochs)
+            boundary = wait_for(
+                lambda: "epoch 1" in power_canvas(page)["labels"] and power_canvas(page),
+                60,
+                "the first epoch's boundary",
+            )
+            assert boundary["samples"] > first["samples"]  # the trace grew meanwhile
+            assert boundary["marks"] > first["marks"]
+            assert "idle" in boundary["labels"] and "standard · mlp" in boundary["labels"]
+            rate = page.inner_text(f"{fleet_row} td.rate")
+            assert 7.0 < float(rate.split()[0]) < 13.0, rate  # the emulator refreshes at 10 Hz
+            assert "J so far" in page.inner_text(f"{fleet_row} td.energy")
+            # hovering shows the exact stored values
+            box = page.query_selector("section.device canvas.power").bounding_box()
+            page.mouse.move(box["x"] + box["width"] - 40, box["y"] + box["height"] / 2)
+            tooltip = page.inner_text("#tooltip")
+            assert " W at " in tooltip and "um25c" in tooltip and "job mlp-digits" in tooltip
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-live.png"), full_page=True)
+            assert (ARTIFACTS / "dashboard-live.png").stat().st_size > 10_000
+        finally:
+            page.close()
+            server.stop()
+            run.send_signal(signal.SIGINT)
+            try:
+                run.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                run.kill()
+                run.communicate()
+    assert errors == []
+
+
+def test_finished_run_status_gaps_and_wheel_zoom(tmp_path, browser):
+    t0 = time.time() - 60
+    store = write_run(tmp_path / "run", t0, n=200)  # 20 s at 10 Hz, then a 2 s meter gap
+    store.add_meter_gap("pi-1", "um25c", t0 + 19.95, t0 + 22.0, "port disappeared")
+    store.add_power_samples("pi-1", "um25c", [Sample(t0 + 22 + i * 0.1, 4.0) for i in range(200)])
+    store.set_meter_stats("pi-1", "um25c", 400, 9.52, 3, 1)
+    store.finish_job("job-a", "completed", 0, None, t0 + 40)
+    store.set_device_status("pi-1", "unreachable", "ssh: connection refused")
+    store.add_device("pi-2", "ssh", "10.0.0.2", [], None)
+    store.set_device_status("pi-2", "error", "ValueError: bad facts")
+    store.flush()
+    server = start_dashboard(tmp_path / "run", port=0)
+    page = browser.new_page(viewport={"width": 1200, "height": 800})
+    try:
+        page.goto(server.url)  # serving one run: its page directly
+        page.wait_for_function("document.querySelector('#liveness').textContent === 'finished'")
+        selector = "section.device[data-device='pi-1'] canvas.power"
+        page.wait_for_function(f'+document.querySelector("{selector}").dataset.samples === 400')
+        row = "#fleet tbody tr[data-device='pi-1']"
+        assert page.inner_text(f"{row} td.status") == "unreachable"
+        assert page.inner_text("#fleet tbody tr[data-device='pi-2'] td.status") == "failed"
+        assert (page.inner_text(f"{row} td.rate"), page.inner_text(f"{row} td.gaps")) == (
+            "9.52 Hz",
+            "1",
+        )
+        energy = page.inner_text(f"{row} td.energy")  # the gap is not integrated: flagged
+        assert energy.startswith("≈") and energy.endswith(" J (um25c)"), energy
+        labels = page.eval_on_selector(selector, "c => c.dataset.labels").split("|")
+        assert "gap" in labels and "epoch 1" in labels and "standard · mlp" in labels
+        box = page.query_selector(selector).bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        for _ in range(5):
+            page.mouse.wheel(0, -100)
+        page.wait_for_function(f'+document.querySelector("{selector}").dataset.samples < 400')
+        assert "zoomed" in page.inner_text("#view-note")
+        page.dblclick(selector)
+        page.wait_for_function(f'+document.querySelector("{selector}").dataset.samples === 400')
+    finally:
+        page.close()
+        server.stop()
+        store.close()
+
+
+def test_token_reaches_the_event_stream_through_the_cookie(tmp_path, browser):
+    store = write_run(tmp_path / "run", time.time() - 10)
+    server = start_dashboard(tmp_path / "run", host="127.0.0.2", port=0, token="tok-42")
+    with_token, without = browser.new_context(), browser.new_context()
+    try:
+        page = with_token.new_page()
+        page.goto(server.url)  # ?token= once; the cookie carries it to scripts and the stream
+        page.wait_for_function("window.dashboard.summaries > 0 && window.dashboard.drawnSamples")
+        assert page.evaluate("window.dashboard.drawnSamples") == 50
+        stranger = without.new_page()
+        response = stranger.goto(f"{server.base_url}/run/run/")
+        assert response.status == 401 and "needs its token" in stranger.inner_text("body")
+    finally:
+        with_token.close()
+        without.close()
+        server.stop()
+        store.close()
+
+
+def test_store_problems_show_a_message_on_the_page(tmp_path, browser):
+    runs = tmp_path / "runs"
+    (runs / "pending").mkdir(parents=True)
+    (runs / "empty").mkdir()
+    (runs / "empty" / "run.sqlite").write_bytes(b"")
+    make_old_store(runs / "old")
+    server = start_dashboard(runs, port=0)
+    page = browser.new_page()
+    try:
+        for run, message in [
+            ("pending", "no run store yet"),
+            ("empty", "the run store is empty"),
+            ("old", "schema version 0 is older than"),
+        ]:
+            page.goto(f"{server.base_url}/run/{run}/")
+            page.wait_for_selector("#problem:not([hidden])")
+            assert message in page.inner_text("#problem"), run
+        page.goto(f"{server.base_url}/run/nope/")
+        assert "nothing at /run/nope/" in page.inner_text("body")
+    finally:
+        page.close()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_latency_benchmark_median_under_a_second_with_16_devices():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "dashboard_latency.py"), "--seconds", "15"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]

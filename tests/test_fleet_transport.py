@@ -1,0 +1,136 @@
+"""SshTransport against real sshd: deployment by checksum, requirement checks, clock, a job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fleet import (  # noqa: F401
+    digits_file,
+    harness,
+    idle_spec,
+    lab_factory,
+    metered_lab,
+    requires_sshd,
+    training_spec,
+)
+
+from harness.cli import main
+from harness.clock import estimate_offset
+from harness.fleet.errors import DeviceNotReady
+from harness.fleet.probe import parse_probe, probe_argv
+from harness.fleet.transport import SshTransport, device_side_spec
+from harness.inventory import load_inventory
+
+pytestmark = requires_sshd
+
+
+def test_deploy_skips_by_checksum_and_job_runs_from_workdir(
+    lab_factory, digits_file: Path  # noqa: F811
+):
+    lab = lab_factory(1)
+    device = load_inventory(lab.inventory_path).device("dev1")
+    workdir = Path(device.workdir)
+    with SshTransport(device) as transport:
+        first = transport.ensure_deployed([digits_file])
+        assert "data/digits.npz" in first.copied and "code/device_agent/cli.py" in first.copied
+        assert not first.skipped
+        assert (workdir / "data" / "digits.npz").read_bytes() == digits_file.read_bytes()
+        assert not list(workdir.rglob("*.partial"))
+        # Only device code goes over: no harness, no analysis.
+        assert {p.name for p in (workdir / "code").iterdir()} == {"device_agent", "trainers"}
+        # The device's agent is the deployed copy, not the host's.
+        assert transport.probe.device_agent_path == str(
+            workdir / "code" / "device_agent" / "__init__.py")
+        again = transport.ensure_deployed([digits_file])
+        assert again.copied == [] and len(again.skipped) == len(first.copied)
+        (workdir / "code" / "device_agent" / "cli.py").write_text("# damaged\n")
+        repaired = transport.ensure_deployed([digits_file])
+        assert repaired.copied == ["code/device_agent/cli.py"]
+
+        estimate = estimate_offset(transport, 6)
+        assert abs(estimate.offset_s) < 0.05 and 0 < estimate.rtt_s < 0.5  # same machine
+
+        job = transport.start_job(idle_spec("rest", 0.5))
+        events = [json.loads(line) for line in job.lines()]
+        assert job.wait(30) == 0, job.stderr_tail
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "hello" and kinds[1] == "job_start" and kinds[-1] == "job_end"
+    assert (workdir / "jobs" / "rest" / "job.json").is_file()
+
+
+def test_spec_points_at_the_devices_copy_of_the_data(digits_file: Path):  # noqa: F811
+    spec = training_spec("tiny", digits_file)
+    device_spec = device_side_spec(spec)
+    assert device_spec["dataset"]["path"] == "data/digits.npz"
+    assert spec["dataset"]["path"] == str(digits_file)  # the host's spec is left alone
+
+
+def test_missing_packages_say_exactly_what_to_install(
+    lab_factory, tmp_path: Path, capsys: pytest.CaptureFixture  # noqa: F811
+):
+    lab = lab_factory(1)
+    venv = tmp_path / "bare-venv"  # a Python without torch, psutil or numpy
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    text = lab.inventory_path.read_text().replace(f"python: {sys.executable}", f"python: {python}")
+    inventory = tmp_path / "bare.yaml"
+    inventory.write_text(text)
+    device = load_inventory(inventory).device("dev1")
+    assert device.python == str(python)
+    with (
+        SshTransport(device, inventory_hint=str(inventory)) as transport,
+        pytest.raises(DeviceNotReady) as error,
+    ):
+        transport.ensure_deployed([])
+    assert str(error.value) == (
+        f"device dev1: {python} lacks torch, psutil, numpy; on the device run "
+        f"`{python} -m pip install torch psutil numpy`, or run "
+        f"`harness devices setup --devices {inventory} --install`"
+    )
+    assert main(["devices", "check", "--devices", str(inventory), "--format", "json"]) == 3
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])["devices"][0]
+    assert row["torch"] is None and not row["usable"]
+    assert f"{python} -m pip install torch psutil numpy" in row["problem"]
+    assert main(["devices", "setup", "--devices", str(inventory)]) == 3
+    assert "pip install torch psutil numpy" in capsys.readouterr().err
+
+
+def test_devices_check_reports_every_column(metered_lab, capsys: pytest.CaptureFixture):  # noqa: F811
+    lab = metered_lab(2)
+    inventory = str(lab.inventory_path)
+    assert main(["devices", "setup", "--devices", inventory, "--only", "dev1"]) == 0
+    capsys.readouterr()
+    assert main(["devices", "check", "--devices", inventory, "--format", "json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out.splitlines()[-1])["devices"]}
+    for row in rows.values():
+        assert row["reachable"] and row["authenticated"] and row["host_key"] == "known"
+        assert row["python"] and row["torch"] and row["psutil"]
+        assert row["mem_available_bytes"] > 0 and row["disk_free_bytes"] > 0
+        assert row["usable"] and row["meter"].startswith("um34c ")  # its pty exists
+    assert rows["dev1"]["deployed"] and rows["dev1"]["clock_rtt_s"] > 0
+    assert not rows["dev2"]["deployed"] and rows["dev2"]["clock_rtt_s"] is None
+    result = harness("devices", "check", "--devices", inventory)  # as a user runs it
+    assert result.returncode == 0, result.stderr
+    for header in ("host key", "torch", "mem free", "throttled", "clock offset", "usable"):
+        assert header in result.stdout
+
+
+def test_probe_reads_throttling_where_vcgencmd_exists(tmp_path: Path):
+    """The probe is plain Python on the device; a Pi's `vcgencmd` answer is parsed."""
+    fake = tmp_path / "bin" / "vcgencmd"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho throttled=0x50005\n")
+    fake.chmod(0o755)
+    result = subprocess.run(
+        probe_argv(sys.executable, str(tmp_path / "not-yet" / "work")),
+        capture_output=True, text=True, check=True,
+        env={"PATH": f"{fake.parent}:/usr/bin:/bin"},
+    )
+    probe = parse_probe(result.stdout)
+    assert probe.throttled == "0x50005"
+    assert probe.disk_free_bytes > 0  # measured on the nearest existing parent directory
+    assert probe.missing == []

@@ -1,0 +1,157 @@
+"""Plans: matrix expansion, stable ids, pinning, and errors that name file, line and field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from device_agent.protocol import JobSpec
+from harness.errors import HarnessUsageError
+from harness.plan import eligible, idle_job, load_plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+MATRIX = """\
+idle_baseline_s: 4
+cooldown_s: 1.5
+telemetry: {memory_hz: 5}
+datasets:
+  digits: {}
+  mnist: {from: raw/mnist}
+matrix:
+  - methods: [standard, {name: lowmem, label: lowmem-nofp16, disable: [fp16_grads]}]
+    models: [mlp]
+    datasets: [digits, mnist]
+    batch_sizes: [50, 100]
+    seeds: [0, 1]
+    repeats: 2
+    epochs: 3
+    devices: [pi4]
+  - methods: [bop]
+    models: [mlp]
+    datasets: [digits]
+    max_steps: 10
+    epochs: null
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_matrix_expands_to_every_combination_with_stable_ids(tmp_path):
+    plan = load_plan(write(tmp_path, MATRIX))
+    assert len(plan.jobs) == 2 * 1 * 2 * 2 * 2 * 2 + 1
+    ids = [job.job_id for job in plan.jobs]
+    assert len(set(ids)) == len(ids)
+    assert ids[0] == "mlp-digits-standard-b50-s0-r0"
+    assert "mlp-mnist-lowmem-nofp16-b100-s1-r1" in ids
+    assert ids == [job.job_id for job in load_plan(write(tmp_path, MATRIX)).jobs]  # stable
+    assert [job.plan_index for job in plan.jobs] == list(range(len(ids)))
+    assert plan.idle_baseline_s == 4 and plan.cooldown_s == 1.5
+    assert plan.datasets[1].source == tmp_path / "raw" / "mnist"
+    lowmem = next(j for j in plan.jobs if "nofp16" in j.job_id)
+    assert lowmem.spec["method"]["disable"] == ["fp16_grads"]
+    assert lowmem.pinned == ("pi4",)
+    bop = plan.jobs[-1]
+    assert bop.max_steps == 10 and bop.epochs is None and bop.pinned == ()
+    assert bop.spec["telemetry"]["memory_hz"] == 5
+    for job in plan.jobs:  # every expanded spec is a valid job spec
+        JobSpec.from_dict(job.spec)
+
+
+def test_pinning_by_name_or_tag():
+    plan_job = idle_job("pi-a", 2, {})
+    assert eligible(plan_job, "pi-a", ())
+    assert not eligible(plan_job, "pi-b", ("pi-a-lookalike",))
+    assert JobSpec.from_dict(plan_job.spec).method.duration_s == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("matrix: []\n", r"plan.yaml:1: field 'matrix': expected a non-empty list"),
+        (
+            "matrix:\n  - methods: [fancy]\n    models: [mlp]\n    datasets: [d]\n"
+            "datasets: {d: {}}\n",
+            r"plan.yaml:2: field 'matrix\[0\].methods\[0\].name': unknown method 'fancy'",
+        ),
+        (
+            "datasets: {d: {}}\nmatrix:\n  - methods: [standard]\n    models: [mlp]\n"
+            "    datasets: [d]\n    batch_sizes: [100, -3]\n",
+            r"plan.yaml:6: field 'matrix\[0\].batch_sizes': expected integers >= 1, got -3",
+        ),
+        (
+            "datasets: {d: {}}\nmatrix:\n  - methods: [standard]\n    models: [mlp]\n"
+            "    datasets: [e]\n",
+            r"plan.yaml:5: field 'matrix\[0\].datasets': 'e' is not in",
+        ),
+        (
+            "datasets: {d: {}}\nmatrix:\n  - methods: [standard]\n    models: [mlp]\n"
+            "    datasets: [d]\n    epochs: two\n",
+            r"plan.yaml:6: field 'matrix\[0\].epochs': expected an integer or null, got 'two'",
+        ),
+        (
+            "datasets: {d: {}}\nmatrix:\n  - methods: [standard]\n    models: [mlp]\n"
+            "    datasets: [d]\n    colour: red\n",
+            r"plan.yaml:6: field 'matrix\[0\].colour'",
+        ),
+        (
+            "datasets: {d: {}}\nmatrix:\n  - methods: [standard, standard]\n    models: [mlp]\n"
+            "    datasets: [d]\n",
+            r"job 'mlp-d-standard-b100-s0-r0' is also made",
+        ),
+        ("idle_baseline_s: -1\nmatrix: []\n", r"plan.yaml:1: field 'idle_baseline_s'"),
+        ("matrix: [\n", r"plan.yaml:2: invalid YAML"),
+        ("- just a list\n", r"a plan is a mapping"),
+        (
+            "datasets: {d: {}}\nmatrix:\n  - methods: [{name: lowmem, lr: -1}]\n    models: [mlp]\n"
+            "    datasets: [d]\n",
+            r"field 'matrix\[0\].method.lr': expected a positive number",
+        ),
+    ],
+)
+def test_bad_plans_name_file_line_and_field(tmp_path, text, expected):
+    with pytest.raises(HarnessUsageError, match=expected):
+        load_plan(write(tmp_path, text))
+
+
+def test_plan_show_prints_the_jobs_and_bad_plans_exit_2(tmp_path):
+    path = write(tmp_path, MATRIX)
+    shown = subprocess.run(
+        [sys.executable, "-m", "harness", "plan", "show", str(path), "--format", "json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 0, shown.stderr
+    jobs = json.loads(shown.stdout.splitlines()[-1])["jobs"]
+    assert [j["job_id"] for j in jobs] == [j.job_id for j in load_plan(path).jobs]
+    table = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "plan",
+            "show",
+            str(REPO / "inventory" / "plan-default.yaml"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert table.returncode == 0 and "mlp-digits-lowmem-b100-s0-r0" in table.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "harness", "plan", "show", str(write(tmp_path, "matrix: 3\n"))],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "field 'matrix'" in bad.stderr
