@@ -1,0 +1,93 @@
+"""Bop with low-bit floating-point momentum, routed beside Adam for the real-valued parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from trainers.bop.fpformat import FloatFormat
+from trainers.bop.lost_updates import LayerLostUpdates, LostUpdates
+from trainers.bop.optimizer import DEFAULT_GAMMA, DEFAULT_TAU, Bop, bop_update
+from trainers.bop.routing import RoutedOptimizer, route_parameters
+from trainers.errors import UsageError
+from trainers.layers import binary_weights
+from trainers.methods import Recipe
+
+__all__ = [
+    "DEFAULT_GAMMA",
+    "DEFAULT_TAU",
+    "Bop",
+    "FloatFormat",
+    "LayerLostUpdates",
+    "LostUpdates",
+    "RoutedOptimizer",
+    "bop_update",
+    "build_bop_optimizer",
+    "resolve_momentum_format",
+    "route_parameters",
+]
+
+
+class _RealParameters(nn.Module):
+    """Holds the real-valued parameters so the engine's optimizer rule can be applied to them."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.params = nn.ParameterList(params)
+
+
+def build_bop_optimizer(
+    model: nn.Module,
+    recipe: Recipe,
+    *,
+    gamma: float = DEFAULT_GAMMA,
+    tau: float = DEFAULT_TAU,
+    warmup_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> RoutedOptimizer:
+    """Bop for the binary weights, the recipe's Adam (lowmem-aware) for everything else.
+
+    With `recipe.momentum_format == "auto"` the encoding search runs first on `warmup_batches`
+    (see `resolve_momentum_format`); without them "auto" is refused.
+    """
+    if recipe.momentum_format == "auto":
+        if warmup_batches is None:
+            raise UsageError(
+                "--momentum-format auto needs warm-up batches: resolve it first with"
+                " trainers.bop.resolve_momentum_format(recipe, model, batches)"
+            )
+        recipe = resolve_momentum_format(recipe, model, warmup_batches, gamma=gamma, tau=tau)
+    from trainers.optim import build_optimizer
+
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    binary = [p for p in binary_weights(model) if p.requires_grad]
+    binary_ids = {id(p) for p in binary}
+    real = [p for _, p in trainable if id(p) not in binary_ids]
+    routes = route_parameters(trainable, {"bop": binary, "adam": real})
+    optimizers: dict[str, torch.optim.Optimizer] = {
+        "bop": Bop(routes["bop"], gamma=gamma, tau=tau, momentum_format=recipe.momentum_format)
+    }
+    if real:
+        adam_recipe = replace(recipe, optimizer="adam", momentum_format=None)
+        optimizers["adam"] = build_optimizer(_RealParameters(real), adam_recipe)
+    return RoutedOptimizer(optimizers)
+
+
+def resolve_momentum_format(
+    recipe: Recipe,
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    **search_options,
+) -> Recipe:
+    """The recipe with `momentum_format="auto"` replaced by the searched format (others as is).
+
+    Runs the warm-up on a copy of `model`, so the model itself is left untouched.
+    """
+    if recipe.momentum_format != "auto":
+        return recipe
+    from trainers.bop.search import search_model_momentum_format
+
+    report = search_model_momentum_format(model, recipe, batches, **search_options)
+    return replace(recipe, momentum_format=report.choice.spec if report.choice else None)

@@ -1,0 +1,312 @@
+"""The encoding search of Yayla & Chen: the cheapest momentum format that loses few updates.
+
+A short warm-up of the real model on real batches (Bop, float32 momentum) records the gradients
+of a random sample of binary weights. Each candidate format then replays that trace from m = 0,
+as training starts; it is eligible when it represents tau and loses at most `tolerance` of the
+attempted updates, and the narrowest eligible one is chosen. For information each candidate
+also replays the trace from m = the mean warm-up gradient, a stand-in for the steady state
+late in training, where |m| is large and the relative steps gamma (g - m) / m are tiny: there
+every format much narrower than float32 loses most updates (yet flips nearly the same weights,
+since a flip needs only the sign of m to change).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from trainers.bits import PackedBits, unpack_signs
+from trainers.bop.fpformat import FloatFormat, quantize_many
+from trainers.bop.optimizer import DEFAULT_GAMMA, DEFAULT_TAU
+from trainers.errors import UsageError
+from trainers.layers import binary_weights, sign
+from trainers.methods import Recipe
+
+DEFAULT_WIDTHS = tuple(range(4, 17))
+DEFAULT_TOLERANCE = 0.25
+DEFAULT_WARMUP_STEPS = 20
+DEFAULT_SAMPLE_SIZE = 1 << 14
+CANDIDATES_PER_PASS = 64  # rows replayed together (bounds the float64 temporaries)
+FLOAT32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class GradientTrace:
+    """Gradients of sampled binary weights over the warm-up steps."""
+
+    grads: torch.Tensor  # (steps, samples) float32
+    weights: torch.Tensor  # (samples,) the sampled weights' +-1 at the start
+    layer_numels: tuple[int, ...]  # sizes of all binary-weight tensors (for the memory figures)
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """One momentum format replayed on the trace."""
+
+    spec: str  # "E,M,bias", or "fp32" for the float32 reference
+    bits: int
+    represents_tau: bool
+    attempted: int
+    lost: int
+    lost_fraction_start: float
+    lost_fraction_steady: float
+    flips: int
+    momentum_bytes: int
+    eligible: bool
+
+    @property
+    def lost_fraction(self) -> float:
+        """The warm-up's lost fraction, which eligibility is judged on."""
+        return self.lost_fraction_start
+
+
+@dataclass(frozen=True)
+class SearchReport:
+    gamma: float
+    tau: float
+    tolerance: float
+    warmup_steps: int
+    sampled_weights: int
+    binary_weights: int
+    reference: CandidateResult
+    candidates: tuple[CandidateResult, ...]
+    choice: CandidateResult | None
+
+    @property
+    def memory_saved_bytes(self) -> int:
+        return self.reference.momentum_bytes - self.choice.momentum_bytes if self.choice else 0
+
+    @property
+    def memory_ratio(self) -> float:
+        return self.reference.momentum_bytes / self.choice.momentum_bytes if self.choice else 1.0
+
+    def as_record(self) -> dict:
+        def row(result: CandidateResult) -> dict:
+            return asdict(result) | {"lost_fraction": result.lost_fraction}
+
+        return {
+            "gamma": self.gamma,
+            "tau": self.tau,
+            "tolerance": self.tolerance,
+            "warmup_steps": self.warmup_steps,
+            "sampled_weights": self.sampled_weights,
+            "binary_weights": self.binary_weights,
+            "reference": row(self.reference),
+            "candidates": [row(c) for c in self.candidates],
+            "choice": row(self.choice) if self.choice else None,
+            "momentum_bytes_fp32": self.reference.momentum_bytes,
+            "momentum_bytes_choice": self.choice.momentum_bytes if self.choice else None,
+            "memory_saved_bytes": self.memory_saved_bytes,
+            "memory_ratio": self.memory_ratio,
+        }
+
+
+def flat_gradient(param: torch.Tensor) -> torch.Tensor | None:
+    packed = getattr(param, "packed_grad", None)
+    if param.grad is not None:
+        return param.grad.reshape(-1).float()
+    if isinstance(packed, PackedBits):
+        return unpack_signs(packed).reshape(-1)
+    return None
+
+
+def record_gradient_trace(
+    model: nn.Module,
+    recipe: Recipe,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int = DEFAULT_WARMUP_STEPS,
+    gamma: float = DEFAULT_GAMMA,
+    tau: float = DEFAULT_TAU,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    seed: int = 0,
+) -> GradientTrace:
+    """Train a copy of `model` for `steps` batches with float32-momentum Bop, sampling gradients."""
+    from trainers.bop import build_bop_optimizer
+    from trainers.engine import train_step
+
+    if steps < 1:
+        raise UsageError(f"warm-up steps must be at least 1, got {steps}")
+    work = copy.deepcopy(model)
+    optimizer = build_bop_optimizer(
+        work, replace(recipe, momentum_format=None), gamma=gamma, tau=tau
+    )
+    params = [p for p in binary_weights(work) if p.requires_grad]
+    total = sum(p.numel() for p in params)
+    generator = torch.Generator().manual_seed(seed)
+    picks = []
+    for p in params:
+        count = min(p.numel(), max(16, round(sample_size * p.numel() / total)))
+        picks.append(torch.randperm(p.numel(), generator=generator)[:count].sort().values)
+    weights = torch.cat([sign(p.detach().reshape(-1)[i].float()) for p, i in zip(params, picks)])
+    rows: list[torch.Tensor] = []
+
+    def record(*_args) -> None:
+        grads = [flat_gradient(p) for p in params]
+        rows.append(torch.cat([
+            g[i] if g is not None else torch.zeros(len(i)) for g, i in zip(grads, picks)
+        ]))
+
+    handle = optimizer.register_step_pre_hook(record)
+    try:
+        for index, (x, y) in enumerate(batches):
+            if index >= steps:
+                break
+            train_step(work, optimizer, x, y)
+    finally:
+        handle.remove()
+    if not rows:
+        raise UsageError("the warm-up got no batches; the data set is empty")
+    return GradientTrace(torch.stack(rows), weights, tuple(p.numel() for p in params))
+
+
+def replay(
+    trace: GradientTrace, formats: list[FloatFormat | None], start: torch.Tensor, gamma: float,
+    tau: float,
+) -> list[tuple[int, int, int]]:
+    """(attempted, lost, flips) of Bop over the trace from momentum `start`, per format.
+
+    All formats replay at once, one row each (None = float32).
+    """
+    low_bit = [f for f in formats if f is not None]
+
+    def store(values: torch.Tensor) -> torch.Tensor:
+        rows = [None if f is None else i for i, f in enumerate(formats)]
+        out = values.clone()
+        if low_bit:
+            index = torch.tensor([i for i in rows if i is not None])
+            out[index] = quantize_many(values[index], low_bit)
+        return out
+
+    count = len(formats)
+    momentum = store(start.expand(count, -1))
+    weight = trace.weights.expand(count, -1).clone()
+    attempted = torch.zeros(count, dtype=torch.int64)
+    lost = torch.zeros_like(attempted)
+    flips = torch.zeros_like(attempted)
+    for grad in trace.grads:
+        step = gamma * (grad - momentum)
+        stored = store(momentum + step)
+        nonzero = step != 0
+        attempted += nonzero.sum(1)
+        lost += (nonzero & (stored == momentum)).sum(1)
+        flipped = weight * stored > tau
+        flips += flipped.sum(1)
+        weight = torch.where(flipped, -weight, weight)
+        momentum = stored
+    return list(zip(attempted.tolist(), lost.tolist(), flips.tolist()))
+
+
+def evaluate_candidates(
+    trace: GradientTrace, formats: list[FloatFormat | None], gamma: float, tau: float,
+    tolerance: float,
+) -> list[CandidateResult]:
+    """Replay each format from m = 0 and from the steady-state stand-in; judge eligibility."""
+    results = []
+    for first in range(0, len(formats), CANDIDATES_PER_PASS):
+        batch = formats[first:first + CANDIDATES_PER_PASS]
+        warmup = replay(trace, batch, torch.zeros_like(trace.weights), gamma, tau)
+        steady = replay(trace, batch, trace.grads.mean(0), gamma, tau)
+        for fmt, (attempted, lost, flips), (steady_attempted, steady_lost, _) in zip(
+            batch, warmup, steady
+        ):
+            fraction = lost / attempted if attempted else 0.0
+            represents = fmt.represents(tau) if fmt and tau > 0 else True
+            results.append(CandidateResult(
+                spec=fmt.spec if fmt else "fp32",
+                bits=fmt.bits if fmt else 32,
+                represents_tau=represents,
+                attempted=attempted,
+                lost=lost,
+                lost_fraction_start=fraction,
+                lost_fraction_steady=steady_lost / steady_attempted if steady_attempted else 0.0,
+                flips=flips,
+                momentum_bytes=sum(
+                    fmt.storage_bytes(n) if fmt else FLOAT32_BYTES * n for n in trace.layer_numels
+                ),
+                eligible=represents and fraction <= tolerance,
+            ))
+    return results
+
+
+def candidate_formats(max_abs: float, widths: Sequence[int] = DEFAULT_WIDTHS) -> list[FloatFormat]:
+    """Every (E, M) of each total width, with biases that place the range at the gradients' top.
+
+    For each (E, M): the bias whose largest finite value just covers `max_abs` (momentum never
+    exceeds the largest gradient), that bias +1 (one binade finer, the largest values saturate),
+    -2 (headroom), and the IEEE bias.
+    """
+    top = math.floor(math.log2(max_abs)) if max_abs > 0 else 0
+    formats = []
+    for width in widths:
+        if not 3 <= width <= 32:
+            raise UsageError(f"candidate widths must be in 3..32 bits, got {width}")
+        for e_bits in range(2, min(8, width - 1) + 1):
+            m_bits = width - 1 - e_bits
+            if m_bits > 23:
+                continue
+            fit = 2**e_bits - 2 - top
+            if (2.0 - 2.0**-m_bits) * 2.0**top < max_abs:
+                fit -= 1  # one more binade so that the largest finite value covers max_abs
+            for bias in dict.fromkeys((fit + 1, fit, fit - 2, 2 ** (e_bits - 1) - 1)):
+                try:
+                    formats.append(FloatFormat(e_bits, m_bits, bias))
+                except UsageError:
+                    continue  # range outside float32's
+    return formats
+
+
+def search_momentum_format(
+    trace: GradientTrace,
+    *,
+    gamma: float = DEFAULT_GAMMA,
+    tau: float = DEFAULT_TAU,
+    tolerance: float = DEFAULT_TOLERANCE,
+    widths: Sequence[int] = DEFAULT_WIDTHS,
+) -> SearchReport:
+    """Evaluate every candidate on the trace and choose the narrowest eligible one."""
+    if not 0.0 <= tolerance < 1.0:
+        raise UsageError(f"tolerance must be in [0, 1), got {tolerance}")
+    max_abs = float(trace.grads.abs().max())
+    reference, *candidates = evaluate_candidates(
+        trace, [None, *candidate_formats(max_abs, widths)], gamma, tau, tolerance
+    )
+    eligible = [c for c in candidates if c.eligible]
+    choice = min(eligible, key=lambda c: (c.bits, c.lost_fraction, c.spec)) if eligible else None
+    return SearchReport(
+        gamma=gamma,
+        tau=tau,
+        tolerance=tolerance,
+        warmup_steps=trace.grads.shape[0],
+        sampled_weights=trace.grads.shape[1],
+        binary_weights=sum(trace.layer_numels),
+        reference=reference,
+        candidates=tuple(candidates),
+        choice=choice,
+    )
+
+
+def search_model_momentum_format(
+    model: nn.Module,
+    recipe: Recipe,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
+    gamma: float = DEFAULT_GAMMA,
+    tau: float = DEFAULT_TAU,
+    tolerance: float = DEFAULT_TOLERANCE,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    widths: Sequence[int] = DEFAULT_WIDTHS,
+    seed: int = 0,
+) -> SearchReport:
+    """Warm up on `batches`, then search (the model itself is not changed)."""
+    trace = record_gradient_trace(
+        model, recipe, batches, steps=warmup_steps, gamma=gamma, tau=tau,
+        sample_size=sample_size, seed=seed,
+    )
+    return search_momentum_format(trace, gamma=gamma, tau=tau, tolerance=tolerance, widths=widths)

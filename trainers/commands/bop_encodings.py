@@ -1,0 +1,127 @@
+"""`python -m trainers bop-encodings`: search the cheapest low-bit momentum format for Bop.
+
+Warms a model up on real batches, replays the sampled gradients through every candidate
+(sign, E, M, bias) of 4..16 bits, and lists each candidate's lost-update fraction, whether it
+represents tau, and the memory it saves; the narrowest one under the tolerance is chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+
+import torch
+
+from trainers.bop.optimizer import DEFAULT_GAMMA, DEFAULT_TAU
+from trainers.bop.search import (
+    DEFAULT_SAMPLE_SIZE,
+    DEFAULT_TOLERANCE,
+    DEFAULT_WARMUP_STEPS,
+    SearchReport,
+    search_model_momentum_format,
+)
+from trainers.errors import UsageError
+from trainers.methods import make_recipe
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bop-encodings",
+        help="search the low-bit momentum format for Bop (Yayla & Chen)",
+        description=__doc__,
+    )
+    parser.add_argument("--model", required=True, help="mlp, cnv, binarynet, resnete18")
+    parser.add_argument("--dataset", required=True, help="mnist, cifar10, svhn, digits, synthetic")
+    parser.add_argument("--data-dir", help="raw files or a prepared .npz of the data set")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS)
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help=f"largest lost-update fraction accepted (default {DEFAULT_TOLERANCE})")
+    parser.add_argument("--tau", type=float, default=DEFAULT_TAU)
+    parser.add_argument("--gamma", type=float, default=DEFAULT_GAMMA)
+    parser.add_argument("--sample-size", type=int, default=DEFAULT_SAMPLE_SIZE,
+                        help="binary weights whose gradients the warm-up records")
+    parser.add_argument("--enable", action="append", default=[], metavar="SWITCH",
+                        help="lowmem switch for the warm-up model (repeatable)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.set_defaults(handler=run)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "warmup_steps", "sample_size"):
+        value = getattr(args, name)
+        if value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not 0.0 <= args.tolerance < 1.0:
+        raise UsageError(f"--tolerance must be in [0, 1), got {args.tolerance}")
+    if not 0.0 < args.gamma <= 1.0:
+        raise UsageError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if not 0.0 <= args.tau < float("inf"):
+        raise UsageError(f"--tau must be finite and >= 0, got {args.tau}")
+
+
+def training_batches(dataset, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Shuffled training batches as model input (what the training loop feeds)."""
+    from trainers.data import to_model_input
+
+    if dataset.train_size < batch_size:
+        raise UsageError(
+            f"--batch-size {batch_size} exceeds the {dataset.train_size} training samples"
+        )
+    order = torch.randperm(dataset.train_size, generator=torch.Generator().manual_seed(seed))
+    for start in range(0, dataset.train_size - batch_size + 1, batch_size):
+        index = order[start:start + batch_size].numpy()
+        yield (to_model_input(torch.from_numpy(dataset.train_images[index])),
+               torch.from_numpy(dataset.train_labels[index]))
+
+
+def describe(report: SearchReport) -> str:
+    lines = [
+        f"{'format':>10} {'bits':>4} {'tau?':>4} {'lost(warm-up)':>13} {'lost(steady)':>12}"
+        f" {'flips':>6} {'bytes':>9}"
+    ]
+    for c in (report.reference, *report.candidates):
+        mark = " <- chosen" if c is report.choice else ""
+        lines.append(
+            f"{c.spec:>10} {c.bits:>4} {'yes' if c.represents_tau else 'no':>4}"
+            f" {c.lost_fraction_start:>13.4f} {c.lost_fraction_steady:>12.4f} {c.flips:>6}"
+            f" {c.momentum_bytes:>9}{mark}"
+        )
+    if report.choice:
+        lines.append(
+            f"chosen {report.choice.spec} ({report.choice.bits} bits): momentum"
+            f" {report.choice.momentum_bytes} B instead of {report.reference.momentum_bytes} B,"
+            f" {report.memory_ratio:.2f}x smaller"
+        )
+    else:
+        lines.append(f"no format loses at most {report.tolerance} of the updates; keep fp32")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainers.data import load_dataset
+    from trainers.models import build_model
+
+    check_arguments(args)
+    recipe = make_recipe("bop", enable=tuple(args.enable))
+    dataset = load_dataset(args.dataset, args.data_dir)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, recipe, in_shape=dataset.in_shape,
+                        num_classes=dataset.num_classes)
+    print(f"warming up {args.model} on {args.dataset} for {args.warmup_steps} steps",
+          file=sys.stderr)
+    report = search_model_momentum_format(
+        model, recipe, training_batches(dataset, args.batch_size, args.seed),
+        warmup_steps=args.warmup_steps, gamma=args.gamma, tau=args.tau,
+        tolerance=args.tolerance, sample_size=args.sample_size, seed=args.seed,
+    )
+    record = report.as_record() | {"model": args.model, "dataset": args.dataset,
+                                   "batch_size": args.batch_size}
+    if args.format == "json":
+        print(json.dumps(record))
+    else:
+        print(describe(report))
+    return 0
