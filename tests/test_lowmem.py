@@ -91,7 +91,8 @@ def test_running_statistics_match_standard():
 
 
 def bn_sign_trick_reference(z, beta, dy_out, mask_grad=True):
-    """METHODS.md: g = dY / sigma1; dX = g - mean(g) - sgn(y) * mean(g * sgn(y) * mean|y|)."""
+    """METHODS.md's sign trick, g = dY / sigma1, xhat ~ sgn(y) mean|y|, in the exact L1 form:
+    dX = g - mean(g) - (sgn(y) - mean(sgn(y))) * mean(g * sgn(y) * mean|y|)."""
     dims = (0,) if z.dim() == 2 else (0, 2, 3)
     shape = (1, -1) if z.dim() == 2 else (1, -1, 1, 1)
     mu = z.mean(dims)
@@ -101,8 +102,9 @@ def bn_sign_trick_reference(z, beta, dy_out, mask_grad=True):
     g = dy / sigma1.view(shape)
     sy = sign(y)
     mean_abs_y = y.abs().mean(dims)
-    dz = g - g.mean(dims).view(shape) - sy * (g * sy * mean_abs_y.view(shape)).mean(dims).view(
-        shape)
+    centred_sign = sy - sy.mean(dims).view(shape)
+    dz = g - g.mean(dims).view(shape) - centred_sign * (g * sy * mean_abs_y.view(shape)).mean(
+        dims).view(shape)
     return y, dz
 
 
@@ -128,6 +130,7 @@ def test_bn_sign_trick_matches_formula(conv):
     else:
         dw_ref = dz.t() @ xd
     assert close(dw.double(), dw_ref)
+    assert dz.sum(dim=(0,) if not conv else (0, 2, 3)).abs().max() < 1e-9
 
 
 def test_binary_dw_is_sign_over_sqrt_n_packed():

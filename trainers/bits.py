@@ -7,11 +7,19 @@ pieces concatenate to the same result.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
+# Packing 8 bools at once: read them as one little-endian int64 (byte j = bool j) and
+# multiply so that byte j's low bit lands on bit 56 + j; the products never overlap.
+_GATHER_MAGIC = 0x0102040810204080
+_FAST_PACK = sys.byteorder == "little"
+# Unpacking by table look-up: row b holds the 8 bits of byte value b, lowest first.
+_BIT_TABLE = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.bool)
+_SIGN_TABLES: dict[tuple[torch.dtype, float], torch.Tensor] = {}
 
 
 @dataclass
@@ -42,9 +50,15 @@ def pack_rows(mask: torch.Tensor) -> torch.Tensor:
     pad = (-features) % 8
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
-    groups = flat.reshape(rows, -1, 8).to(torch.uint8)
-    groups <<= _SHIFTS
-    return groups.sum(dim=2, dtype=torch.uint8)
+    if not _FAST_PACK:
+        groups = flat.reshape(rows, -1, 8).to(torch.uint8)
+        groups <<= _SHIFTS
+        return groups.sum(dim=2, dtype=torch.uint8)
+    flat = flat.to(torch.bool).contiguous()
+    if flat.storage_offset() % 8:
+        flat = flat.clone()
+    words = flat.view(torch.uint8).view(torch.int64)
+    return ((words * _GATHER_MAGIC) >> 56).bitwise_and_(0xFF).to(torch.uint8)
 
 
 def pack_bits(mask: torch.Tensor, scale: float = 1.0) -> PackedBits:
@@ -60,10 +74,26 @@ def pack_bits(mask: torch.Tensor, scale: float = 1.0) -> PackedBits:
 
 def unpack_rows(data: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Inverse of `pack_rows` for the rows in `data`; `shape[1:]` is the per-row shape."""
+    return _look_up(_BIT_TABLE, data, shape)
+
+
+def _look_up(table: torch.Tensor, data: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     rows = data.shape[0]
-    bits = (data.unsqueeze(2) >> _SHIFTS) & 1
-    bits = bits.reshape(rows, -1)[:, : _features(shape)]
-    return bits.to(torch.bool).reshape(rows, *shape[1:])
+    values = table.index_select(0, data.reshape(-1).to(torch.int32)).reshape(rows, -1)
+    features = _features(shape)
+    if values.shape[1] != features:
+        values = values[:, :features]
+    return values.reshape(rows, *shape[1:])
+
+
+def unpack_sign_rows(data: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
+                     scale: float = 1.0) -> torch.Tensor:
+    """`unpack_rows` straight to +-scale values of `dtype` (e.g. int8 or bfloat16 +-1),
+    without a bool or fp32 intermediate."""
+    key = (dtype, scale)
+    if key not in _SIGN_TABLES:
+        _SIGN_TABLES[key] = signs_from_bits(_BIT_TABLE, torch.float32, scale).to(dtype)
+    return _look_up(_SIGN_TABLES[key], data, shape)
 
 
 def unpack_bits(packed: PackedBits) -> torch.Tensor:
@@ -81,4 +111,7 @@ def signs_from_bits(bits: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) 
 
 def unpack_signs(packed: PackedBits, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The packed bits as +-scale values (bit set = positive)."""
-    return signs_from_bits(unpack_bits(packed), dtype, packed.scale)
+    if len(packed.shape) == 1:
+        shape = torch.Size([1, *packed.shape])
+        return unpack_sign_rows(packed.data, shape, dtype, packed.scale).reshape(packed.shape)
+    return unpack_sign_rows(packed.data, packed.shape, dtype, packed.scale)

@@ -14,6 +14,12 @@ Activations between blocks are +-1, held as bfloat16 when `fp16_grads` is on, so
 hands each block 16-bit output gradients and expects 16-bit input gradients back.
 Large tensors are processed in chunks of samples, so that fp32 temporaries stay small
 beside what the standard method keeps.
+
+Speed (`trainers.kernels`): on +-1 inputs the layer runs in int8 with int32 accumulation,
+exactly; with 16-bit gradients (`fp16_grads`) the backward's products run in
+`kernels.grad_dtype()` (bfloat16), with the saved sign bits unpacked straight into that
+dtype, and a dense layer's 1-bit dW is packed block by block of output rows without a
+full-size dW. `record_function` ranges name each phase for `trainers.profiling`.
 """
 
 from __future__ import annotations
@@ -23,12 +29,21 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
-from trainers.bits import PackedBits, pack_rows, signs_from_bits, unpack_rows
+from trainers import kernels
+from trainers.bits import PackedBits, pack_rows, unpack_rows, unpack_sign_rows
 from trainers.layers import BinaryBlock, channel_dims, per_channel, sign
 
 # Elements per chunk of fp32 temporaries (4 MiB).
 CHUNK_ELEMENTS = 1 << 20
+# int8 im2col columns may take this many bytes per fp32 chunk element (8 MiB per chunk):
+# fewer, larger products, still below the layer output the forward pass holds anyway.
+UNFOLD_BYTES_PER_CHUNK_ELEMENT = 8
+# Elements per block of a dense layer's dW (or first-layer sgn(W)) before it is packed to
+# 1 bit (64 KiB fp32); at least DW_BLOCK_MIN_ROWS output rows per block.
+DW_BLOCK_ELEMENTS = 1 << 14
+DW_BLOCK_MIN_ROWS = 8
 # Power-of-two gradients: 4-bit exponent below the tensor's largest (5 bits with the sign).
 PO2_LEVELS = 16
 
@@ -40,8 +55,9 @@ def chunks(rows: int, per_row: int) -> list[tuple[int, int]]:
 
 def pool_positions(indices: torch.Tensor, in_width: int) -> torch.Tensor:
     """max_pool2d(2) flat argmax indices -> position inside the 2x2 window (uint8 0..3)."""
-    row, col = indices // in_width, indices % in_width
-    return ((row % 2) * 2 + (col % 2)).to(torch.uint8)
+    row = torch.div(indices, in_width, rounding_mode="floor")
+    col = indices.sub_(row * in_width)  # the indices are not needed any more
+    return row.remainder_(2).mul_(2).add_(col.remainder_(2)).to(torch.uint8)
 
 
 def unpool(grad: torch.Tensor, positions: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -56,9 +72,10 @@ def unpool(grad: torch.Tensor, positions: torch.Tensor, size: tuple[int, int]) -
 
 def po2_quantize(grad: torch.Tensor, exp_max: float) -> torch.Tensor:
     """Round to sign * 2^e with e in [exp_max - 15, exp_max]; smaller magnitudes become 0."""
-    exponent = torch.round(torch.log2(grad.abs())).clamp_(max=exp_max)
-    keep = exponent >= exp_max - (PO2_LEVELS - 1)
-    return torch.where(keep, torch.sign(grad) * torch.exp2(exponent), 0.0)
+    exponent = torch.empty(grad.shape, dtype=torch.float32).copy_(grad)
+    exponent.abs_().log2_().round_().clamp_(max=exp_max)
+    drop = exponent < exp_max - (PO2_LEVELS - 1)
+    return exponent.exp2_().copysign_(grad).masked_fill_(drop, 0.0)
 
 
 def max_exponent(grad: torch.Tensor) -> float:
@@ -66,113 +83,186 @@ def max_exponent(grad: torch.Tensor) -> float:
     return math.floor(math.log2(peak) + 0.5) if peak > 0 else 0.0
 
 
-def layer_forward(layer: nn.Module, x: torch.Tensor, w_sign: torch.Tensor) -> torch.Tensor:
+def sign_as(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sgn(W) made in place in a floating dtype wide enough for W (no bool or other copy)."""
+    return torch.empty(weight.shape, dtype=dtype).copy_(weight).ge_(0).mul_(2).sub_(1)
+
+
+def layer_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The binary layer in fp32 on (real or +-1) input x. A dense layer's sgn(W) is made
+    block by block of output rows, so no full-size fp32 copy of W exists."""
+    if not isinstance(layer, nn.Linear):
+        return F.conv2d(x, sign_as(weight, torch.float32), None, layer.stride, layer.padding)
+    rows = max(DW_BLOCK_MIN_ROWS, DW_BLOCK_ELEMENTS // weight.shape[1])
+    if rows >= weight.shape[0]:
+        return F.linear(x, sign_as(weight, torch.float32))
+    z = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+    for o in range(0, weight.shape[0], rows):
+        z[:, o:o + rows] = F.linear(x, sign_as(weight[o:o + rows], torch.float32))
+    return z
+
+
+def int8_layer_forward(layer: nn.Module, x_int8: torch.Tensor, w_mat: torch.Tensor
+                       ) -> torch.Tensor:
+    """The binary layer on int8 +-1 input, exact, as int32."""
     if isinstance(layer, nn.Linear):
-        return F.linear(x, w_sign)
-    return F.conv2d(x, w_sign, None, layer.stride, layer.padding)
+        return kernels.linear_int8(x_int8, w_mat)
+    return kernels.conv2d_int8(x_int8, w_mat, layer.kernel_size, layer.stride, layer.padding)
+
+
+def signs_of(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """True -> +1, False -> -1 in dtype."""
+    return mask.to(dtype).mul_(2).sub_(1)
+
+
+def packed_rows_like(n: int, t: torch.Tensor) -> torch.Tensor:
+    """Uninitialised packed-bit storage for n rows shaped like t's rows."""
+    return torch.empty((n, math.ceil(t[0].numel() / 8)), dtype=torch.uint8)
+
+
+def layer_pass(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, fast: bool,
+               pack_input: bool):
+    """Pass 1: the layer (and a max-pool before batch norm), kept as float16, with the
+    per-channel sums; packs the input's sign bits on the way when the int8 path runs."""
+    spec, layer = block.spec, block.layer
+    n = x.shape[0]
+    per_row = x[0].numel()
+    if fast:
+        w_mat = kernels.weight_matrix_int8(weight)
+        if not isinstance(layer, nn.Linear):
+            per_row = max(per_row, kernels.unfold_bytes_per_sample(
+                tuple(x.shape[1:]), layer.kernel_size, layer.stride, layer.padding)
+                // UNFOLD_BYTES_PER_CHUNK_ELEMENT)
+    x_bits = packed_rows_like(n, x) if fast and pack_input else None
+    z16 = pool_bn = sums = dims = None
+    for s, e in chunks(n, per_row):
+        if fast:
+            positive = x[s:e] >= 0
+            if x_bits is not None:
+                x_bits[s:e] = pack_rows(positive)
+            zc = int8_layer_forward(layer, signs_of(positive, torch.int8), w_mat)
+        else:
+            xc = x[s:e].float()
+            zc = layer_forward(layer, sign(xc) if spec.sign_input else xc, weight)
+        if spec.pool == "before_bn":
+            ctx.bn_pre_size = (zc.shape[2], zc.shape[3])
+            zc, idx = F.max_pool2d(zc.float(), 2, return_indices=True)
+            if pool_bn is None:
+                pool_bn = torch.empty((n, *zc.shape[1:]), dtype=torch.uint8)
+            pool_bn[s:e] = pool_positions(idx, ctx.bn_pre_size[1])
+        if z16 is None:
+            z16 = torch.empty((n, *zc.shape[1:]), dtype=torch.float16)
+            dims = channel_dims(zc)
+            sums = torch.zeros(zc.shape[1], dtype=torch.float64)
+        z16[s:e] = zc
+        sums += zc.sum(dim=dims, dtype=torch.float64)
+    return z16, pool_bn, sums, x_bits
 
 
 class LowMemBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor,
                 block: BinaryBlock) -> torch.Tensor:
-        spec, sw, layer, bn = block.spec, block.switches, block.layer, block.bn
+        with kernels.elementwise_threads():
+            return LowMemBlockFunction.run_forward(ctx, x, weight, beta, block)
+
+    @staticmethod
+    def run_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor,
+                    block: BinaryBlock) -> torch.Tensor:
+        spec, sw, bn = block.spec, block.switches, block.bn
         save = any(ctx.needs_input_grad)
         n = x.shape[0]
-        w_sign = sign(weight).float()
         out_dtype = torch.bfloat16 if sw.fp16_grads and spec.sign_output else torch.float32
-        x_rows = chunks(n, x[0].numel())
-
-        # Pass 1: the layer (and a max-pool before batch norm), kept as float16.
-        z16 = pool_bn = None
-        sums = None
-        for s, e in x_rows:
-            xc = x[s:e].float()
-            if spec.sign_input:
-                xc = sign(xc)
-            zc = layer_forward(layer, xc, w_sign)
-            if spec.pool == "before_bn":
-                ctx.bn_pre_size = (zc.shape[2], zc.shape[3])
-                zc, idx = F.max_pool2d(zc, 2, return_indices=True)
-                if pool_bn is None:
-                    pool_bn = torch.empty((n, *zc.shape[1:]), dtype=torch.uint8)
-                pool_bn[s:e] = pool_positions(idx, ctx.bn_pre_size[1])
-            if z16 is None:
-                z16 = torch.empty((n, *zc.shape[1:]), dtype=torch.float16)
-                dims = channel_dims(zc)
-                sums = torch.zeros(zc.shape[1], dtype=torch.float64)
-            z16[s:e] = zc
-            sums += zc.sum(dim=dims, dtype=torch.float64)
+        fast = kernels.int8_enabled() and not spec.first
+        pack_input = save and not spec.first and (sw.binary_inputs or spec.sign_input)
+        with record_function("lowmem.forward.layer"):
+            z16, pool_bn, sums, x_bits = layer_pass(ctx, x, weight, block, fast, pack_input)
         count = z16.numel() // z16.shape[1]
+        dims = channel_dims(z16)
         z_rows = chunks(n, z16[0].numel())
 
         # Pass 2: per-channel statistics (training) or the running ones (evaluation).
-        if block.training:
-            mu = (sums / count).float()
-            dev = torch.zeros_like(sums)
-            for s, e in z_rows:
-                dev += (z16[s:e].float() - per_channel(mu, z16)).abs().sum(dim=dims,
-                                                                             dtype=torch.float64)
-            sigma1 = (dev / count).float() + bn.eps
-            bn.update_running(mu, sigma1)
-        else:
-            mu, sigma1 = bn.running_mean.float(), bn.running_sigma1.float()
+        with record_function("lowmem.forward.bn_stats"):
+            if block.training:
+                mu = (sums / count).float()
+                dev = torch.zeros_like(sums)
+                for s, e in z_rows:
+                    dev += (z16[s:e].float() - per_channel(mu, z16)).abs().sum(
+                        dim=dims, dtype=torch.float64)
+                sigma1 = (dev / count).float() + bn.eps
+                bn.update_running(mu, sigma1)
+            else:
+                mu, sigma1 = bn.running_mean.float(), bn.running_sigma1.float()
 
         # Pass 3: normalise, sign, pool; keep the low-bit state.
         beta32 = beta.float()
         y_bits = xhat = mask = pool_act = None
         abs_y = torch.zeros_like(sums)
         out = None
-        for s, e in z_rows:
-            yc = (z16[s:e].float() - per_channel(mu, z16)) / per_channel(sigma1, z16)
-            yc += per_channel(beta32, yc)
-            if save and sw.bn_sign_trick:
-                if y_bits is None:
-                    y_bits = torch.empty((n, math.ceil(yc[0].numel() / 8)), dtype=torch.uint8)
-                y_bits[s:e] = pack_rows(yc >= 0)
-                abs_y += yc.abs().sum(dim=dims, dtype=torch.float64)
-            elif save:
-                if xhat is None:
-                    xhat = torch.empty((n, *yc.shape[1:]), dtype=torch.float32)
-                xhat[s:e] = yc - per_channel(beta32, yc)
-            a = yc
-            if spec.sign_output:
-                inside = yc.abs() <= 1
-                if save:
-                    if mask is None:
-                        mask = (torch.empty((n, math.ceil(yc[0].numel() / 8)), dtype=torch.uint8)
-                                if sw.packed_masks else torch.empty((n, *yc.shape[1:])))
-                    mask[s:e] = pack_rows(inside) if sw.packed_masks else inside.float()
-                a = sign(yc)
-            if spec.pool == "after_act":
-                act_width = a.shape[3]
-                a, idx = F.max_pool2d(a, 2, return_indices=True)
-                if save:
-                    if pool_act is None:
-                        pool_act = torch.empty((n, *a.shape[1:]), dtype=torch.uint8)
-                    pool_act[s:e] = pool_positions(idx, act_width)
-                ctx.act_size = (yc.shape[2], act_width)
-            if out is None:
-                out = torch.empty((n, *a.shape[1:]), dtype=out_dtype)
-            out[s:e] = a
+        with record_function("lowmem.forward.bn_apply"):
+            for s, e in z_rows:
+                yc = z16[s:e].float().sub_(per_channel(mu, z16)).div_(per_channel(sigma1, z16))
+                yc += per_channel(beta32, yc)
+                positive = yc >= 0
+                if save and sw.bn_sign_trick:
+                    if y_bits is None:
+                        y_bits = packed_rows_like(n, yc)
+                    y_bits[s:e] = pack_rows(positive)
+                elif save:
+                    if xhat is None:
+                        xhat = torch.empty((n, *yc.shape[1:]), dtype=torch.float32)
+                    xhat[s:e] = yc - per_channel(beta32, yc)
+                a = None
+                if spec.sign_output:
+                    magnitude = yc.abs_()  # y itself is not needed any more
+                    if save and sw.bn_sign_trick:
+                        abs_y += magnitude.sum(dim=dims, dtype=torch.float64)
+                    if save:
+                        inside = magnitude <= 1
+                        if mask is None:
+                            mask = (packed_rows_like(n, yc) if sw.packed_masks
+                                    else torch.empty((n, *yc.shape[1:])))
+                        mask[s:e] = pack_rows(inside) if sw.packed_masks else inside.float()
+                    if spec.pool != "after_act":  # the signs go straight into the output
+                        if out is None:
+                            out = torch.empty((n, *yc.shape[1:]), dtype=out_dtype)
+                        out[s:e].copy_(positive).mul_(2).sub_(1)
+                        continue
+                    a = signs_of(positive, out_dtype)
+                else:
+                    if save and sw.bn_sign_trick:
+                        abs_y += yc.abs().sum(dim=dims, dtype=torch.float64)
+                    a = yc
+                if spec.pool == "after_act":
+                    act_width = a.shape[3]
+                    a, idx = F.max_pool2d(a, 2, return_indices=True)
+                    if save:
+                        if pool_act is None:
+                            pool_act = torch.empty((n, *a.shape[1:]), dtype=torch.uint8)
+                        pool_act[s:e] = pool_positions(idx, act_width)
+                    ctx.act_size = (yc.shape[2], act_width)
+                if out is None:
+                    out = torch.empty((n, *a.shape[1:]), dtype=out_dtype)
+                out[s:e] = a
         if not save:
             return out
 
         # What dW needs from the input: the real input (first layer), its packed signs,
         # or the input itself (ablation).
         in_mask = None
-        if spec.first:
-            x_saved = x
-        elif sw.binary_inputs or spec.sign_input:
-            x_saved = torch.empty((n, math.ceil(x[0].numel() / 8)), dtype=torch.uint8)
-            for s, e in x_rows:
-                x_saved[s:e] = pack_rows(x[s:e] >= 0)
-        else:
-            x_saved = x
-        if spec.sign_input:
-            in_mask = torch.empty((n, math.ceil(x[0].numel() / 8)), dtype=torch.uint8)
-            for s, e in x_rows:
-                in_mask[s:e] = pack_rows(x[s:e].abs() <= 1)
+        with record_function("lowmem.forward.pack_input"):
+            if spec.first or not pack_input:
+                x_saved = x
+            elif x_bits is not None:
+                x_saved = x_bits
+            else:
+                x_saved = packed_rows_like(n, x)
+                for s, e in chunks(n, x[0].numel()):
+                    x_saved[s:e] = pack_rows(x[s:e] >= 0)
+            if spec.sign_input:
+                in_mask = packed_rows_like(n, x)
+                for s, e in chunks(n, x[0].numel()):
+                    in_mask[s:e] = pack_rows(x[s:e].abs() <= 1)
 
         stats = torch.stack([sigma1, (abs_y / count).float()]).to(torch.float16)
         empty = torch.empty(0)
@@ -191,6 +281,11 @@ class LowMemBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        with kernels.elementwise_threads():
+            return LowMemBlockFunction.run_backward(ctx, grad_out)
+
+    @staticmethod
+    def run_backward(ctx, grad_out: torch.Tensor):
         (x_saved, weight, y_bits, xhat, mask, pool_bn, pool_act, in_mask,
          stats) = ctx.saved_tensors
         block = ctx.block
@@ -203,88 +298,133 @@ class LowMemBlockFunction(torch.autograd.Function):
         count = math.prod(y_shape) // y_shape[1]
         exp_max = max_exponent(grad_out) if sw.po2_grads else 0.0
         y_rows = chunks(n, math.prod(y_shape[1:]))
+        # Products of the backward: 16-bit when the gradients are 16-bit anyway; dW of the
+        # first layer (real input) stays fp32.
+        fast = kernels.int8_enabled() and sw.fp16_grads
+        cd = kernels.grad_dtype() if fast else torch.float32
+        wd = torch.float32 if spec.first else cd
 
         def grad_y(s: int, e: int) -> torch.Tensor:
             """dL/dy for samples s:e (through po2 rounding, un-pooling and the STE mask)."""
-            g = grad_out[s:e].float()
-            if sw.po2_grads:
-                g = po2_quantize(g, exp_max)
+            g = grad_out[s:e]
+            g = po2_quantize(g, exp_max) if sw.po2_grads else g.to(torch.float32,
+                                                                           copy=True)
             if spec.pool == "after_act":
                 g = unpool(g, pool_act[s:e], ctx.act_size)
             if spec.sign_output:
                 m = unpack_rows(mask[s:e], y_shape) if sw.packed_masks else mask[s:e]
-                g = g * m
+                g.mul_(m)
             return g
 
         def y_sign(s: int, e: int) -> torch.Tensor:
-            return signs_from_bits(unpack_rows(y_bits[s:e], y_shape), torch.float32)
+            return unpack_sign_rows(y_bits[s:e], y_shape, torch.float32)
 
         # Pass A: per-channel sums the batch-norm backward needs.
         d_beta = torch.zeros(y_shape[1], dtype=torch.float64)
         sum_g = torch.zeros_like(d_beta)
         sum_gy = torch.zeros_like(d_beta)
         sum_sgn = torch.zeros_like(d_beta)
-        for s, e in y_rows:
-            dy = grad_y(s, e)
-            d_beta += dy.sum(dim=dims, dtype=torch.float64)
-            g = dy / per_channel(sigma1, dy)
-            sum_g += g.sum(dim=dims, dtype=torch.float64)
-            if sw.bn_sign_trick:
-                sum_gy += (g * y_sign(s, e)).sum(dim=dims, dtype=torch.float64)
-            else:
-                sum_gy += (g * xhat[s:e]).sum(dim=dims, dtype=torch.float64)
-                sum_sgn += sign(xhat[s:e]).sum(dim=dims, dtype=torch.float64)
+        with record_function("lowmem.backward.bn_sums"):
+            for s, e in y_rows:
+                g = grad_y(s, e)
+                d_beta += g.sum(dim=dims, dtype=torch.float64)
+                g.div_(per_channel(sigma1, g))
+                sum_g += g.sum(dim=dims, dtype=torch.float64)
+                if sw.bn_sign_trick:
+                    signs = y_sign(s, e)
+                    sum_sgn += signs.sum(dim=dims, dtype=torch.float64)
+                    sum_gy += signs.mul_(g).sum(dim=dims, dtype=torch.float64)
+                else:
+                    sum_gy += (g * xhat[s:e]).sum(dim=dims, dtype=torch.float64)
+                    sum_sgn += sign(xhat[s:e]).sum(dim=dims, dtype=torch.float64)
+        del g  # the last chunk's temporaries must not outlive the pass
         mean_g = (sum_g / count).float()
         mean_gy = (sum_gy / count).float()
         mean_sgn = (sum_sgn / count).float()
 
-        # Pass B: dz per chunk, then dX and dW of the binary layer.
-        w_sign = sign(weight).float()
-        need_x = ctx.needs_input_grad[0] and not spec.first
-        grad_x = torch.empty(ctx.x_shape, dtype=ctx.x_dtype) if need_x else None
-        linear = isinstance(layer, nn.Linear)
-        d_w = torch.zeros(weight.shape, dtype=torch.float32)
-        rows = [(0, n)] if linear else y_rows
-        for s, e in rows:
-            dy = grad_y(s, e)
-            g = dy / per_channel(sigma1, dy)
+        def grad_z(s: int, e: int) -> torch.Tensor:
+            """dL/dz (the binary layer's output) for samples s:e."""
+            g = grad_y(s, e)
+            g.div_(per_channel(sigma1, g))
             if sw.bn_sign_trick:
-                dz = g - per_channel(mean_g, g) - y_sign(s, e) * per_channel(
-                    mean_abs_y * mean_gy, g)
+                # xhat ~ sgn(y) mean|y| in the exact L1 gradient; the mean(sgn) term keeps
+                # sum(dz) = 0 per channel, as the exact gradient has it (see docs/methods-notes.md).
+                scale = mean_abs_y * mean_gy
+                dz = g.sub_(per_channel(mean_g - mean_sgn * scale, g)).sub_(
+                    y_sign(s, e).mul_(per_channel(scale, g)))
             else:
                 dz = g - per_channel(mean_g, g) - (sign(xhat[s:e]) - per_channel(mean_sgn, g)) * (
                     per_channel(mean_gy, g))
             if spec.pool == "before_bn":
                 dz = unpool(dz, pool_bn[s:e], ctx.bn_pre_size)
-            x_in = input_chunk(ctx, x_saved, s, e)
-            if linear:
-                torch.mm(dz.t(), x_in, out=d_w)
-            else:
-                d_w += torch.nn.grad.conv2d_weight(x_in, weight.shape, dz, layer.stride,
-                                                   layer.padding)
-            if need_x:
-                if linear:
-                    dx = dz @ w_sign
+            return dz
+
+        # Pass B: dz per chunk, then dX and dW of the binary layer.
+        need_x = ctx.needs_input_grad[0] and not spec.first
+        grad_x = torch.empty(ctx.x_shape, dtype=ctx.x_dtype) if need_x else None
+        packed_dw = d_w = None
+        if isinstance(layer, nn.Linear):
+            with record_function("lowmem.backward.bn_grad"):
+                dz = grad_z(0, n)
+            with record_function("lowmem.backward.dw"):
+                x_in = input_chunk(ctx, x_saved, 0, n, wd)
+                dz_w = dz.to(wd)
+                dz = dz_w if wd == cd else dz.to(cd)
+                if sw.binary_dw:
+                    packed_dw = dense_sign_dw(dz_w, x_in)
                 else:
-                    dx = torch.nn.grad.conv2d_input((e - s, *ctx.x_shape[1:]), w_sign, dz,
-                                                    layer.stride, layer.padding)
-                if spec.sign_input:
-                    dx = dx * unpack_rows(in_mask[s:e], ctx.x_shape)
-                grad_x[s:e] = dx
+                    d_w = kernels.matmul(dz_w.t(), x_in).float()
+                del dz_w, x_in
+            if need_x:
+                with record_function("lowmem.backward.dx"):
+                    grad_x.copy_(kernels.matmul(dz, sign_as(weight, cd)))
+        else:
+            d_w = torch.zeros(weight.shape, dtype=torch.float32)
+            w_sign = sign_as(weight, cd) if need_x else None
+            for s, e in y_rows:
+                with record_function("lowmem.backward.bn_grad"):
+                    dz = grad_z(s, e)
+                with record_function("lowmem.backward.dw"):
+                    x_in = input_chunk(ctx, x_saved, s, e, wd)
+                    d_w += kernels.conv2d_weight(x_in, weight.shape, dz.to(wd),
+                                                 layer.stride, layer.padding)
+                if need_x:
+                    with record_function("lowmem.backward.dx"):
+                        dx = kernels.conv2d_input((e - s, *ctx.x_shape[1:]), w_sign,
+                                                  dz.to(cd), layer.stride, layer.padding)
+                        if spec.sign_input:
+                            dx = dx * unpack_rows(in_mask[s:e], ctx.x_shape)
+                        grad_x[s:e] = dx
+            if sw.binary_dw:
+                packed_dw = pack_rows(d_w >= 0)
         if sw.binary_dw:
             scale = 1.0 / math.sqrt(weight.numel())
-            weight.packed_grad = PackedBits(pack_rows(d_w >= 0), weight.shape, scale)
+            weight.packed_grad = PackedBits(packed_dw, weight.shape, scale)
             grad_w = None
         else:
             grad_w = d_w.to(weight.dtype)
         return grad_x, grad_w, d_beta.to(block.bn.beta.dtype), None
 
 
-def input_chunk(ctx, x_saved: torch.Tensor, s: int, e: int) -> torch.Tensor:
-    """The layer's input for samples s:e, as fp32 (unpacked from sign bits where packed)."""
+def dense_sign_dw(dz: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+    """Packed sgn(dz^T x) computed block by block of output rows: no full-size dW exists.
+    The blocks are small products, run with the elementwise thread count (one fork/join
+    per block would cost more than it saves)."""
+    out_features = dz.shape[1]
+    packed = torch.empty((out_features, math.ceil(x_in.shape[1] / 8)), dtype=torch.uint8)
+    rows = max(DW_BLOCK_MIN_ROWS, DW_BLOCK_ELEMENTS // x_in.shape[1])
+    for o in range(0, out_features, rows):
+        o2 = min(out_features, o + rows)
+        packed[o:o2] = pack_rows(dz[:, o:o2].t().mm(x_in) >= 0)
+    return packed
+
+
+def input_chunk(ctx, x_saved: torch.Tensor, s: int, e: int,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The layer's input for samples s:e in dtype (unpacked from sign bits where packed)."""
     if ctx.x_packed:
-        return signs_from_bits(unpack_rows(x_saved[s:e], ctx.x_shape), torch.float32)
-    return x_saved[s:e].float()
+        return unpack_sign_rows(x_saved[s:e], ctx.x_shape, dtype)
+    return x_saved[s:e].to(dtype)
 
 
 def low_memory_block(block: BinaryBlock, x: torch.Tensor) -> torch.Tensor:

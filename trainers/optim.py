@@ -19,10 +19,11 @@ import math
 import torch
 from torch import nn
 
-from trainers.bits import PackedBits, signs_from_bits, unpack_rows
+from trainers.bits import PackedBits, unpack_sign_rows
+from trainers.kernels import elementwise_threads
 from trainers.methods import Recipe
 
-CHUNK = 1 << 16
+CHUNK = 1 << 14  # elements per update chunk: fp32 temporaries of 64 KiB each
 
 
 def gradient_chunks(p: torch.Tensor, unit_signs: bool):
@@ -35,15 +36,38 @@ def gradient_chunks(p: torch.Tensor, unit_signs: bool):
         scale = 1.0 if unit_signs else packed.scale
         for r in range(0, rows, step):
             r2 = min(rows, r + step)
-            bits = unpack_rows(packed.data[r:r2], packed.shape)
-            yield slice(r * per_row, r2 * per_row), signs_from_bits(bits, torch.float32,
-                                                                  scale).reshape(-1)
+            signs = unpack_sign_rows(packed.data[r:r2], packed.shape, torch.float32, scale)
+            yield slice(r * per_row, r2 * per_row), signs.reshape(-1)
         return
     if p.grad is None:
         return
     flat = p.grad.reshape(-1)
     for s in range(0, flat.numel(), CHUNK):
         yield slice(s, min(flat.numel(), s + CHUNK)), flat[s:s + CHUNK].float()
+
+
+def gradient_scale(p: torch.Tensor, state: dict) -> float:
+    """A per-tensor power of two that the 16-bit moments are kept in units of.
+
+    1-bit gradients are +-1 already (scale 1). Real gradients (the `binary_dw` ablation,
+    batch-norm betas) can be far below float16's range, where (1 - beta2) * g^2 underflows;
+    Adam's update is invariant to the scale, so the moments are held for g / scale, and
+    rescaled (exactly, by a power of two) when the gradient's magnitude drifts by 16x.
+    """
+    if getattr(p, "packed_grad", None) is not None:
+        return 1.0
+    peak = max(p.grad.max().item(), -p.grad.min().item())
+    old = state["grad_scale"].item()
+    if peak <= 0 or not math.isfinite(peak):
+        return old or 1.0
+    if old and 1 / 16 <= peak / old <= 16:
+        return old
+    new = 2.0 ** round(math.log2(peak))
+    if old:
+        state["exp_avg"].mul_(old / new)
+        state["exp_avg_sq"].mul_((old / new) ** 2)
+    state["grad_scale"].fill_(new)
+    return new
 
 
 class LowMemAdam(torch.optim.Optimizer):
@@ -60,6 +84,11 @@ class LowMemAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        with elementwise_threads():  # short chunked passes: see trainers.kernels
+            self._update()
+        return loss
+
+    def _update(self) -> None:
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
@@ -70,6 +99,8 @@ class LowMemAdam(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros(p.shape, dtype=group["state_dtype"])
                     state["exp_avg_sq"] = torch.zeros(p.shape, dtype=group["state_dtype"])
+                    state["grad_scale"] = torch.tensor(0.0)
+                scale = gradient_scale(p, state)
                 state["step"] += 1
                 t = state["step"].item()
                 step_size = group["lr"] / (1 - b1**t)
@@ -77,14 +108,15 @@ class LowMemAdam(torch.optim.Optimizer):
                 flat_p = p.view(-1)
                 m_flat, v_flat = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
                 for sl, g in gradient_chunks(p, unit_signs=True):
+                    if scale != 1.0:
+                        g = g.div_(scale)
                     m = m_flat[sl].float().mul_(b1).add_(g, alpha=1 - b1)
                     v = v_flat[sl].float().mul_(b2).addcmul_(g, g, value=1 - b2)
                     m_flat[sl] = m
                     v_flat[sl] = v
-                    update = m.div_(v.sqrt_().div_(root_bc2).add_(group["eps"]))
+                    update = m.div_(v.sqrt_().div_(root_bc2).add_(group["eps"] / scale))
                     flat_p[sl] = flat_p[sl].float().sub_(update, alpha=step_size)
                 p.packed_grad = None
-        return loss
 
 
 class LowMemSGD(torch.optim.Optimizer):

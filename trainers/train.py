@@ -164,6 +164,14 @@ class _Plateau:
         self.scheduler.step(test_loss)
 
 
+def _warmup_batches(data: Dataset, config: TrainConfig, count: int = 20):
+    """The first training batches, for Bop's momentum-format search."""
+    for start in range(0, min(data.train_size, count * config.batch_size), config.batch_size):
+        end = start + config.batch_size
+        yield (to_model_input(_as_tensor(data.train_images[start:end])),
+               _as_tensor(data.train_labels[start:end]))
+
+
 def _as_tensor(array) -> torch.Tensor:
     """A tensor sharing the array's memory; loaders hand out read-only arrays, never written."""
     with warnings.catch_warnings():
@@ -199,7 +207,12 @@ def train(
     model = build_model(
         config.model, config.recipe, in_shape=data.in_shape, num_classes=data.num_classes
     )
-    optimizer = build_optimizer(model, config.recipe)
+    recipe = config.recipe
+    if recipe.momentum_format == "auto":  # Bop: search the momentum format on real gradients
+        from trainers.bop import resolve_momentum_format
+
+        recipe = resolve_momentum_format(recipe, model, _warmup_batches(data, config))
+    optimizer = build_optimizer(model, recipe)
     plateau = _Plateau(optimizer, config.plateau_patience) if config.lr_plateau else None
     train_eval = torch.randperm(
         data.train_size, generator=torch.Generator().manual_seed(config.seed)

@@ -53,6 +53,11 @@ def measure_report(args: argparse.Namespace) -> dict:
     from trainers.engine import train_step
     from trainers.optim import build_optimizer
 
+    if recipe.momentum_format == "auto":  # Bop: search the format on synthetic gradients
+        from trainers.bop import resolve_momentum_format
+
+        batches = synthetic_batches(model.in_shape, args.batch_size)
+        recipe = resolve_momentum_format(recipe, model, (batches(i) for i in range(10)))
     optimizer = build_optimizer(model, recipe)
     result = measure_training(
         model, optimizer, lambda x, y: train_step(model, optimizer, x, y),
@@ -66,6 +71,18 @@ def measure_report(args: argparse.Namespace) -> dict:
     for estimate in report["modeled"].values():
         estimate.pop("layers", None)
     report["comparison"] = [asdict(row) for row in comparison]
+    from trainers.kernels import describe
+
+    report["kernels"] = describe()
+    if args.profile:
+        from trainers.profiling import format_profile, profile_training
+
+        batches = synthetic_batches(model.in_shape, args.batch_size)
+        profile = profile_training(
+            model, optimizer, lambda x, y: train_step(model, optimizer, x, y),
+            [batches(i) for i in range(max(3, args.steps))])
+        report["profile"] = profile.to_dict()
+        report["profile_table"] = format_profile(profile)
     return report
 
 
@@ -97,12 +114,20 @@ def format_text(report: dict) -> str:
                      f" {item['phase']:<14} {item['origin']} {item['dtype']}{item['shape']}")
     lines.append("published: METHODS.md's model as stated; extended: what the engine really keeps;"
                  " measured categories at their own maxima")
+    kernels = report["kernels"]
+    lines.append("kernels: " + ", ".join(f"{k} {v}" for k, v in kernels.items()))
+    if "profile_table" in report:
+        lines += ["", report["profile_table"]]
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     report = measure_report(args)
-    print(json.dumps(report) if args.format == "json" else format_text(report))
+    if args.format == "json":
+        report.pop("profile_table", None)
+        print(json.dumps(report))
+    else:
+        print(format_text(report))
     return 0
 
 
@@ -115,4 +140,6 @@ def register(subparsers) -> None:
     parser.add_argument("--tensor-steps", type=int, default=2,
                         help="further steps run under the tensor ledger (default 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true",
+                        help="add a per-layer forward/backward timing breakdown")
     parser.set_defaults(handler=run)

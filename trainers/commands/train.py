@@ -134,6 +134,11 @@ def register(subparsers) -> None:
         action="store_true",
         help="show the progress line even when stderr is not a terminal",
     )
+    parser.add_argument(
+        "--momentum-format",
+        metavar="E,M[,BIAS]|auto",
+        help="Bop: store the momentum in this float format, or search it first (auto)",
+    )
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.set_defaults(handler=run)
 
@@ -145,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         enable=tuple(args.enable),
         disable=tuple(args.disable),
         lr=args.lr,
+        momentum_format=args.momentum_format,
     )
     config = TrainConfig(
         model=args.model,

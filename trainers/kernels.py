@@ -1,0 +1,220 @@
+"""Exact fast kernels for binary layers: +-1 products in int8 with int32 accumulation.
+
+A product of +-1 operands summed over K terms is an integer of magnitude <= K, so the
+int8 matrix product (`torch._int_mm`, int32 accumulation) gives exactly the value the
+fp32 product gives (fp32 sums integers exactly below 2^24). Convolutions run as an
+im2col unfold in int8 (channels-last windows, so one strided copy builds the columns)
+followed by the same product.
+
+Which path runs is a process-wide switch: `set_compute("int8" | "fp32")`, default from
+the environment variable `BNN_COMPUTE` (else "int8"). The backward pass of the low-memory
+block computes its activation and weight gradients in `grad_dtype()` (bfloat16 by
+default, `BNN_GRAD_DTYPE` = bf16 | fp16 | fp32) when the recipe's gradients are 16-bit
+anyway; see `trainers.lowmem`.
+
+Threads: the low-memory block's many short, memory-bound passes over chunks (batch-norm
+statistics, packing, masks) gain little from a second thread and lose much to OpenMP's
+fork/join when cores are busy (about 24 ms per op against 0.1 ms single-threaded, on this
+shared 2-core host). They run with `BNN_ELEMENTWISE_THREADS` threads (default 1; 0 = all)
+inside `elementwise_threads()`, while the products (`linear_int8`, `conv2d_int8`,
+`matmul`, `conv2d_input`, `conv2d_weight`) always use all of torch's threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+COMPUTE_CHOICES = ("int8", "fp32")
+GRAD_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+_compute = os.environ.get("BNN_COMPUTE", "int8")
+_grad_dtype = os.environ.get("BNN_GRAD_DTYPE", "bf16")
+_elementwise_threads = int(os.environ.get("BNN_ELEMENTWISE_THREADS", "1"))
+# torch's thread count outside `elementwise_threads()` (None when not inside one).
+_full_threads: int | None = None
+
+
+def set_elementwise_threads(count: int) -> None:
+    """Threads for the low-memory block's elementwise passes (0 = all of torch's)."""
+    global _elementwise_threads
+    if count < 0:
+        raise ValueError(f"elementwise threads must be >= 0, got {count}")
+    _elementwise_threads = count
+
+
+@contextlib.contextmanager
+def elementwise_threads() -> Iterator[None]:
+    """Run the enclosed elementwise passes with the elementwise thread count."""
+    global _full_threads
+    full = torch.get_num_threads()
+    want = _elementwise_threads or full
+    if _full_threads is not None or want >= full:
+        yield
+        return
+    _full_threads = full
+    torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(full)
+        _full_threads = None
+
+
+@contextlib.contextmanager
+def all_threads() -> Iterator[None]:
+    """Inside `elementwise_threads()`, give a product all of torch's threads back."""
+    if _full_threads is None:
+        yield
+        return
+    torch.set_num_threads(_full_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(_elementwise_threads)
+
+
+def set_compute(name: str) -> None:
+    """Select the forward kernels of binary layers: "int8" (exact, fast) or "fp32"."""
+    global _compute
+    if name not in COMPUTE_CHOICES:
+        raise ValueError(f"compute must be one of {COMPUTE_CHOICES}, got {name!r}")
+    _compute = name
+
+
+def get_compute() -> str:
+    if _compute not in COMPUTE_CHOICES:
+        raise ValueError(f"BNN_COMPUTE must be one of {COMPUTE_CHOICES}, got {_compute!r}")
+    return _compute
+
+
+def set_grad_dtype(name: str) -> None:
+    """Select the dtype of the fast backward's products: "bf16", "fp16" or "fp32"."""
+    global _grad_dtype
+    if name not in GRAD_DTYPES:
+        raise ValueError(f"grad dtype must be one of {tuple(GRAD_DTYPES)}, got {name!r}")
+    _grad_dtype = name
+
+
+def grad_dtype() -> torch.dtype:
+    if _grad_dtype not in GRAD_DTYPES:
+        raise ValueError(f"BNN_GRAD_DTYPE must be one of {tuple(GRAD_DTYPES)}, "
+                         f"got {_grad_dtype!r}")
+    return GRAD_DTYPES[_grad_dtype]
+
+
+def int8_enabled() -> bool:
+    return get_compute() == "int8"
+
+
+def sign_int8(x: torch.Tensor) -> torch.Tensor:
+    """sgn(x) as int8 +-1 (sgn(0) = +1)."""
+    out = (x >= 0).to(torch.int8)
+    return out.mul_(2).sub_(1)
+
+
+def weight_matrix_int8(w_sign: torch.Tensor) -> torch.Tensor:
+    """sgn(W) as the (K, out) int8 right operand: K = in (dense) or kh*kw*C_in (conv,
+    channels-last order, matching `unfold_int8`)."""
+    w = w_sign if w_sign.dim() == 2 else w_sign.permute(0, 2, 3, 1)
+    return sign_int8(w.reshape(w.shape[0], -1)).t()
+
+
+def linear_int8(x: torch.Tensor, w_mat: torch.Tensor) -> torch.Tensor:
+    """(n, K) int8 @ (K, out) int8 -> (n, out) int32, exact."""
+    with all_threads():
+        return torch._int_mm(x, w_mat)
+
+
+def conv_geometry(in_hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
+                  padding: tuple[int, int]) -> tuple[int, int]:
+    """Output height and width of a convolution."""
+    return tuple((size + 2 * p - k) // s + 1
+                 for size, k, s, p in zip(in_hw, kernel, stride, padding))
+
+
+def unfold_int8(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                padding: tuple[int, int]) -> torch.Tensor:
+    """im2col of an int8 NCHW tensor: (n * ho * wo, kh * kw * C), window-major, channel-minor."""
+    n, c, h, w = x.shape
+    xl = x.permute(0, 2, 3, 1)  # channels last
+    if padding[0] or padding[1]:
+        xl = F.pad(xl, (0, 0, padding[1], padding[1], padding[0], padding[0]))
+    xl = xl.contiguous()
+    ho, wo = conv_geometry((h, w), kernel, stride, padding)
+    sn, sh, sw, sc = xl.stride()
+    windows = xl.as_strided((n, ho, wo, kernel[0], kernel[1], c),
+                            (sn, sh * stride[0], sw * stride[1], sh, sw, sc))
+    return windows.reshape(n * ho * wo, kernel[0] * kernel[1] * c)
+
+
+def conv2d_int8(x: torch.Tensor, w_mat: torch.Tensor, kernel: tuple[int, int],
+                stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+    """Exact conv of int8 +-1 NCHW input with the (K, out) int8 weight matrix -> int32 NCHW
+    (a channels-last view; no copy)."""
+    n, _, h, w = x.shape
+    ho, wo = conv_geometry((h, w), kernel, stride, padding)
+    with all_threads():
+        out = torch._int_mm(unfold_int8(x, kernel, stride, padding), w_mat)
+    return out.view(n, ho, wo, -1).permute(0, 3, 1, 2)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with all threads (the backward's 16-bit products)."""
+    with all_threads():
+        return a.mm(b)
+
+
+def conv2d_input(in_shape: tuple[int, ...], weight: torch.Tensor, grad: torch.Tensor,
+                 stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+    """Gradient of a convolution's input, with all threads."""
+    with all_threads():
+        return torch.nn.grad.conv2d_input(in_shape, weight, grad, stride, padding)
+
+
+def conv2d_weight(x: torch.Tensor, weight_shape: tuple[int, ...], grad: torch.Tensor,
+                  stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+    """Gradient of a convolution's weight, with all threads."""
+    with all_threads():
+        return torch.nn.grad.conv2d_weight(x, weight_shape, grad, stride, padding)
+
+
+def unfold_bytes_per_sample(in_shape: tuple[int, ...], kernel: tuple[int, int],
+                            stride: tuple[int, int], padding: tuple[int, int]) -> int:
+    """Bytes of one sample's int8 im2col columns."""
+    c, h, w = in_shape
+    ho, wo = conv_geometry((h, w), kernel, stride, padding)
+    return ho * wo * kernel[0] * kernel[1] * c
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("flags", "features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def describe() -> dict:
+    """What runs where: kernel choice, threads, CPU capability (for `measure` and benchmarks)."""
+    flags = _cpu_flags()
+    return {
+        "compute": get_compute(),
+        "forward_kernel": ("int8 _int_mm (im2col for conv), int32 accumulation"
+                           if int8_enabled() else "fp32 F.linear / F.conv2d"),
+        "backward_dtype": str(grad_dtype()).removeprefix("torch.") if int8_enabled()
+        else "float32",
+        "torch_threads": _full_threads or torch.get_num_threads(),
+        "elementwise_threads": _elementwise_threads or torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_int8_dot": bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}),
+        "cpu_bf16": bool(flags & {"avx512_bf16", "amx_bf16", "bf16"}),
+        "torch_version": torch.__version__,
+    }
