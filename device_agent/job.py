@@ -229,6 +229,9 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
             address_space_limit_bytes=limit,
             power_source="pmic" if power else None,
         )
+        sampler.begin()
+        if power:
+            power.begin()
         if spec.method.name == "idle":
             result = _run_idle(spec, writer)
         else:

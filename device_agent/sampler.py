@@ -63,17 +63,27 @@ class PeriodicSampler:
     def __init__(self, hz: float) -> None:
         self._period_s = 1.0 / hz
         self._stop = threading.Event()
+        self._go = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
 
     def start(self) -> None:
+        """Create the thread now (before memory limits apply); it samples after `begin()`."""
         self._thread.start()
+
+    def begin(self) -> None:
+        """Start sampling (after `job_start`, so that no sample precedes it)."""
+        self._go.set()
 
     def stop(self, timeout_s: float = 2.0) -> None:
         self._stop.set()
+        self._go.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
     def _loop(self) -> None:
+        self._go.wait()
+        if self._stop.is_set():
+            return
         self.sample()  # one reading at the start, so even a short job has one
         while not self._stop.wait(self._period_s):
             self.sample()
