@@ -13,8 +13,8 @@ import importlib
 import sys
 import traceback
 
-from harness.exit_codes import ExitStatus
 from harness.errors import HarnessError, HarnessUsageError
+from harness.exit_codes import ExitStatus
 
 # Command modules under harness.commands, in the order --help lists them.
 COMMAND_MODULES = (
