@@ -37,6 +37,8 @@ from trainers.layers import BinaryBlock, channel_dims, per_channel, sign
 
 # Elements per chunk of fp32 temporaries (4 MiB).
 CHUNK_ELEMENTS = 1 << 20
+# The backward keeps several chunk temporaries at once beside the 16-bit dX: smaller chunks.
+BACKWARD_CHUNK_ELEMENTS = 1 << 17
 # int8 im2col columns may take this many bytes per fp32 chunk element (8 MiB per chunk):
 # fewer, larger products, still below the layer output the forward pass holds anyway.
 UNFOLD_BYTES_PER_CHUNK_ELEMENT = 8
@@ -48,8 +50,8 @@ DW_BLOCK_MIN_ROWS = 8
 PO2_LEVELS = 16
 
 
-def chunks(rows: int, per_row: int) -> list[tuple[int, int]]:
-    size = max(1, CHUNK_ELEMENTS // max(1, per_row))
+def chunks(rows: int, per_row: int, elements: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
+    size = max(1, elements // max(1, per_row))
     return [(s, min(rows, s + size)) for s in range(0, rows, size)]
 
 
@@ -297,7 +299,10 @@ class LowMemBlockFunction(torch.autograd.Function):
         dims = (0,) if len(y_shape) == 2 else (0, 2, 3)
         count = math.prod(y_shape) // y_shape[1]
         exp_max = max_exponent(grad_out) if sw.po2_grads else 0.0
-        y_rows = chunks(n, math.prod(y_shape[1:]))
+        # Chunks sized by the largest per-sample tensor a chunk makes: the batch-norm output,
+        # its un-pooled gradient (4x when pooling precedes batch norm), or the layer's input.
+        unpooled = math.prod(y_shape[1:]) * (4 if spec.pool == "before_bn" else 1)
+        y_rows = chunks(n, max(unpooled, math.prod(ctx.x_shape[1:])), BACKWARD_CHUNK_ELEMENTS)
         # Products of the backward: 16-bit when the gradients are 16-bit anyway; dW of the
         # first layer (real input) stays fp32.
         fast = kernels.int8_enabled() and sw.fp16_grads
