@@ -11,22 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+from runs import table_ready
+
 from harness.exit_codes import ExitStatus
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def table_ready(db_path: Path) -> bool:
-    """True once the harness has created the schema (the file exists a moment before)."""
-    db = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True)
-    try:
-        return (
-            db.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone() is not None
-        )
-    except sqlite3.OperationalError:
-        return False
-    finally:
-        db.close()
 
 
 PLAN = """\

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from runs import table_ready
 
 from device_agent.protocol import MAX_EVENT_LINE_BYTES, Event
 from harness.clock import ClockEstimate
@@ -21,19 +22,6 @@ from harness.runner import Progress, StreamRecorder, classify
 from harness.store import PlannedJob, RunStore
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def table_ready(db_path: Path) -> bool:
-    """True once the harness has created the schema (the file exists a moment before)."""
-    db = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True)
-    try:
-        return (
-            db.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone() is not None
-        )
-    except sqlite3.OperationalError:
-        return False
-    finally:
-        db.close()
 
 
 def harness(*args: str, cwd: Path) -> subprocess.Popen:

@@ -6,6 +6,7 @@ here at the driver boundary, so everything downstream speaks watts, volts, amps,
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -69,3 +70,11 @@ class Meter(Protocol):
 
     @property
     def rejected_records(self) -> int: ...
+
+
+def close_serial(port) -> None:
+    """Close a pyserial port, ignoring the errors of a port that has already gone away."""
+    import serial
+
+    with contextlib.suppress(serial.SerialException, OSError):
+        port.close()

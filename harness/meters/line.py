@@ -10,7 +10,6 @@ this module is a reference firmware sketch that speaks the default format.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections import deque
@@ -19,7 +18,13 @@ from dataclasses import dataclass
 
 import serial
 
-from harness.meters.base import CorruptFrame, MeterDisconnected, PowerSample, host_now
+from harness.meters.base import (
+    CorruptFrame,
+    MeterDisconnected,
+    PowerSample,
+    close_serial,
+    host_now,
+)
 
 DEFAULT_COLUMNS = ("t_us", "bus_mV", "current_uA")
 # quantity -> unit -> factor to SI (seconds, volts, amps, watts)
@@ -188,8 +193,7 @@ class LineMeter:
 
     def close(self) -> None:
         if self._serial is not None:
-            with contextlib.suppress(serial.SerialException, OSError):
-                self._serial.close()
+            close_serial(self._serial)
             self._serial = None
 
     def read(self) -> list[PowerSample]:

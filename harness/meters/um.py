@@ -7,14 +7,19 @@ parser, drops repeats of the same display refresh and stamps the host clocks.
 
 from __future__ import annotations
 
-import contextlib
 import struct
 import time
 from dataclasses import dataclass
 
 import serial
 
-from harness.meters.base import CorruptFrame, MeterDisconnected, PowerSample, host_now
+from harness.meters.base import (
+    CorruptFrame,
+    MeterDisconnected,
+    PowerSample,
+    close_serial,
+    host_now,
+)
 
 RECORD_BYTES = 130
 POLL = b"\xf0"
@@ -270,8 +275,7 @@ class UmMeter:
 
     def close(self) -> None:
         if self._serial is not None:
-            with contextlib.suppress(serial.SerialException, OSError):
-                self._serial.close()
+            close_serial(self._serial)
             self._serial = None
 
     def read(self) -> list[PowerSample]:
