@@ -29,6 +29,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from trainers import native
+
 COMPUTE_CHOICES = ("int8", "fp32")
 GRAD_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -207,6 +209,7 @@ def describe() -> dict:
     flags = _cpu_flags()
     return {
         "compute": get_compute(),
+        "lowmem_block": native.status(),
         "forward_kernel": ("int8 _int_mm (im2col for conv), int32 accumulation"
                            if int8_enabled() else "fp32 F.linear / F.conv2d"),
         "backward_dtype": str(grad_dtype()).removeprefix("torch.") if int8_enabled()

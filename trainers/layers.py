@@ -186,7 +186,7 @@ class BinaryBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.switches.any:
-            from trainers.lowmem import low_memory_block
+            from trainers.lowmem_fused import low_memory_block
 
             return low_memory_block(self, x)
         return self.standard_forward(x)

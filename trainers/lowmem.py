@@ -38,7 +38,7 @@ from trainers.layers import BinaryBlock, channel_dims, per_channel, sign
 # Elements per chunk of fp32 temporaries (4 MiB).
 CHUNK_ELEMENTS = 1 << 20
 # The backward keeps several chunk temporaries at once beside the 16-bit dX: smaller chunks.
-BACKWARD_CHUNK_ELEMENTS = 1 << 17
+BACKWARD_CHUNK_ELEMENTS = 1 << 18
 # int8 im2col columns may take this many bytes per fp32 chunk element (8 MiB per chunk):
 # fewer, larger products, still below the layer output the forward pass holds anyway.
 UNFOLD_BYTES_PER_CHUNK_ELEMENT = 8
@@ -48,6 +48,8 @@ DW_BLOCK_ELEMENTS = 1 << 14
 DW_BLOCK_MIN_ROWS = 8
 # Power-of-two gradients: 4-bit exponent below the tensor's largest (5 bits with the sign).
 PO2_LEVELS = 16
+# 0.5 * (1 + m / 2^23) for the smallest float32 mantissa m with 1 + m / 2^23 >= sqrt(2).
+SQRT_HALF_UP = 0.5 + 3474676 / 2**24
 
 
 def chunks(rows: int, per_row: int, elements: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
@@ -73,11 +75,15 @@ def unpool(grad: torch.Tensor, positions: torch.Tensor, size: tuple[int, int]) -
 
 
 def po2_quantize(grad: torch.Tensor, exp_max: float) -> torch.Tensor:
-    """Round to sign * 2^e with e in [exp_max - 15, exp_max]; smaller magnitudes become 0."""
-    exponent = torch.empty(grad.shape, dtype=torch.float32).copy_(grad)
-    exponent.abs_().log2_().round_().clamp_(max=exp_max)
-    drop = exponent < exp_max - (PO2_LEVELS - 1)
-    return exponent.exp2_().copysign_(grad).masked_fill_(drop, 0.0)
+    """Round to sign * 2^e with e = round(log2|g|) in [exp_max - 15, exp_max]; smaller
+    magnitudes become 0. Exact: |g| = f * 2^k with f in [0.5, 1) has round(log2|g|) = k when
+    f >= sqrt(1/2), else k - 1 (`SQRT_HALF_UP` is the smallest float32 f >= sqrt(1/2))."""
+    g = grad.float()
+    mantissa, exponent = torch.frexp(g)
+    exponent = exponent.sub_((mantissa.abs_() < SQRT_HALF_UP).to(exponent.dtype)).float()
+    exponent.clamp_(max=exp_max).masked_fill_(g.isinf(), exp_max)
+    drop = (exponent < exp_max - (PO2_LEVELS - 1)).logical_or_(g == 0)
+    return exponent.exp2_().copysign_(g).masked_fill_(drop, 0.0)
 
 
 def max_exponent(grad: torch.Tensor) -> float:
@@ -431,6 +437,3 @@ def input_chunk(ctx, x_saved: torch.Tensor, s: int, e: int,
         return unpack_sign_rows(x_saved[s:e], ctx.x_shape, dtype)
     return x_saved[s:e].to(dtype)
 
-
-def low_memory_block(block: BinaryBlock, x: torch.Tensor) -> torch.Tensor:
-    return LowMemBlockFunction.apply(x, block.layer.weight, block.bn.beta, block)

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from trainers import native
 from trainers.bits import PackedBits, unpack_sign_rows
 from trainers.kernels import elementwise_threads
 from trainers.methods import Recipe
@@ -105,6 +106,8 @@ class LowMemAdam(torch.optim.Optimizer):
                 t = state["step"].item()
                 step_size = group["lr"] / (1 - b1**t)
                 root_bc2 = math.sqrt(1 - b2**t)
+                if fused_update(p, state, scale, b1, b2, step_size, root_bc2, group["eps"]):
+                    continue
                 flat_p = p.view(-1)
                 m_flat, v_flat = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
                 for sl, g in gradient_chunks(p, unit_signs=True):
@@ -117,6 +120,25 @@ class LowMemAdam(torch.optim.Optimizer):
                     update = m.div_(v.sqrt_().div_(root_bc2).add_(group["eps"] / scale))
                     flat_p[sl] = flat_p[sl].float().sub_(update, alpha=step_size)
                 p.packed_grad = None
+
+
+def fused_update(p: torch.Tensor, state: dict, scale: float, b1: float, b2: float,
+                 step_size: float, root_bc2: float, eps: float) -> bool:
+    """LowMemAdam's update of one parameter in one C++ pass (`trainers.native`), the same
+    arithmetic as the chunked loop; False when the kernels are unavailable."""
+    ext = native.kernels()
+    if ext is None or not p.is_contiguous():
+        return False
+    packed: PackedBits | None = getattr(p, "packed_grad", None)
+    empty = torch.empty(0)
+    if packed is not None:
+        bits, per_row, grad = packed.data, p[0].numel() if p.dim() > 1 else p.numel(), empty
+    else:
+        bits, per_row, grad = empty.to(torch.uint8), 1, p.grad.contiguous()
+    ext.adam_update(p.data, state["exp_avg"], state["exp_avg_sq"], bits, per_row, grad, scale,
+                    b1, b2, step_size, root_bc2, eps / scale)
+    p.packed_grad = None
+    return True
 
 
 class LowMemSGD(torch.optim.Optimizer):

@@ -1,0 +1,192 @@
+"""The fused C++ low-memory block and LowMemAdam against the reference PyTorch path.
+
+Same state, same arithmetic: outputs, input gradients and batch-norm gradients must be
+identical, the 1-bit weight gradients identical (up to sign flips of near-zero sums that
+a different product chunking may round differently), running statistics identical.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainers import native
+from trainers.layers import BinaryBlock, BinaryConv2d, BinaryLinear, BlockSpec
+from trainers.lowmem import LowMemBlockFunction, po2_quantize
+from trainers.lowmem_fused import FusedBlockFunction, applies
+from trainers.methods import LowMemSwitches, make_recipe
+from trainers.models import build_model
+from trainers.optim import LowMemAdam
+
+
+@pytest.fixture(autouse=True)
+def fused_kernels():
+    if native.load() is None:
+        pytest.skip(f"fused kernels cannot be built here: {native.status()}")
+    yield
+    native.set_fused(True)
+
+
+FP16_EPS = torch.finfo(torch.float16).eps
+
+BLOCKS = {
+    "dense": (lambda: BinaryLinear(40, 24), BlockSpec(), (5, 40)),
+    "dense-odd-width": (lambda: BinaryLinear(13, 11), BlockSpec(), (3, 13)),
+    "dense-last": (lambda: BinaryLinear(24, 10), BlockSpec(sign_output=False), (6, 24)),
+    "dense-first": (lambda: BinaryLinear(30, 16), BlockSpec(first=True), (4, 30)),
+    "conv": (lambda: BinaryConv2d(16, 32, 3, padding=1), BlockSpec(), (4, 16, 8, 8)),
+    "conv-first": (lambda: BinaryConv2d(3, 16, 3), BlockSpec(first=True), (4, 3, 9, 9)),
+    "conv-pool-before-bn": (lambda: BinaryConv2d(8, 16, 3, padding=1),
+                            BlockSpec(pool="before_bn"), (3, 8, 8, 8)),
+    "conv-pool-after-act": (lambda: BinaryConv2d(8, 16, 3), BlockSpec(pool="after_act"),
+                            (3, 8, 10, 10)),
+    "conv-odd-pool": (lambda: BinaryConv2d(8, 16, 3), BlockSpec(pool="after_act"),
+                      (2, 8, 9, 11)),
+    "conv-sign-input-stride-2": (lambda: BinaryConv2d(16, 24, 3, stride=2, padding=1),
+                                 BlockSpec(sign_input=True, sign_output=False), (4, 16, 8, 8)),
+    "conv-batch-1": (lambda: BinaryConv2d(5, 8, 3, padding=1), BlockSpec(), (1, 5, 5, 9)),
+}
+
+
+def run_block(function, block: BinaryBlock, x: torch.Tensor, grad_seed: int = 1):
+    x = x.clone().requires_grad_(True)
+    out = function.apply(x, block.layer.weight, block.bn.beta, block)
+    torch.manual_seed(grad_seed)
+    out.backward(torch.randn(out.shape).to(out.dtype))
+    packed = block.layer.weight.packed_grad
+    result = (out.detach().float(), None if x.grad is None else x.grad.float(),
+              block.bn.beta.grad.clone(), packed.data.clone(),
+              block.bn.running_mean.clone(), block.bn.running_sigma1.clone())
+    block.bn.beta.grad = None
+    block.layer.weight.packed_grad = None
+    return result
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_fused_block_equals_reference(name):
+    make, spec, shape = BLOCKS[name]
+    torch.manual_seed(3)
+    block = BinaryBlock(make(), spec, LowMemSwitches.all_on())
+    block.layer.weight.data = block.layer.weight.data.half()
+    block.bn.beta.data = (torch.randn(block.bn.beta.shape) * 0.2).half()
+    x = torch.randn(*shape)
+    if not (spec.first or spec.sign_input):
+        x = x.sign().to(torch.bfloat16)
+    ref_block, fused_block = block, copy.deepcopy(block)
+    ref = run_block(LowMemBlockFunction, ref_block, x)
+    fused = run_block(FusedBlockFunction, fused_block, x)
+    out, grad_x, d_beta, dw, running_mean, running_sigma1 = fused
+    assert torch.equal(ref[0], out)
+    assert (ref[1] is None) == (grad_x is None)
+    if grad_x is not None:
+        assert torch.equal(ref[1], grad_x)
+    torch.testing.assert_close(ref[2], d_beta, rtol=1e-6, atol=0)
+    assert torch.equal(ref[3], dw)
+    assert torch.equal(ref[4], running_mean) and torch.equal(ref[5], running_sigma1)
+
+
+def test_fused_block_in_evaluation_mode_uses_running_statistics():
+    make, spec, shape = BLOCKS["conv-pool-after-act"]
+    torch.manual_seed(4)
+    block = BinaryBlock(make(), spec, LowMemSwitches.all_on())
+    x = torch.randn(*shape).sign().to(torch.bfloat16)
+    run_block(FusedBlockFunction, block, x)  # one training step moves the running stats
+    block.eval()
+    with torch.no_grad():
+        ref = LowMemBlockFunction.apply(x, block.layer.weight, block.bn.beta, block)
+        fused = FusedBlockFunction.apply(x, block.layer.weight, block.bn.beta, block)
+    assert torch.equal(ref.float(), fused.float())
+
+
+def test_fused_path_applies_only_where_its_state_is_kept():
+    block = BinaryBlock(BinaryLinear(8, 8), BlockSpec(), LowMemSwitches.all_on())
+    assert applies(block)
+    for switch in ("bn_sign_trick", "packed_masks"):
+        sw = LowMemSwitches.all_on().with_changes(disable=[switch])
+        assert not applies(BinaryBlock(BinaryLinear(8, 8), BlockSpec(), sw))
+    native.set_fused(False)
+    assert not applies(block)
+    assert native.status() == "reference (BNN_FUSED=0)"
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnv"])
+def test_fused_model_step_matches_reference(name):
+    """A whole model: same logits, same batch-norm gradients, 1-bit dW equal but for
+    near-zero sums that the bf16 products may round across zero (< 0.2 %)."""
+    torch.manual_seed(0)
+    base = build_model(name, make_recipe("lowmem"))
+    x = torch.rand(8, *base.in_shape) * 2 - 1
+    y = torch.randint(0, 10, (8,))
+    runs = []
+    for fused in (False, True):
+        native.set_fused(fused)
+        model = copy.deepcopy(base)
+        logits = model(x).float()
+        F.cross_entropy(logits, y).backward()
+        blocks = [m for m in model.modules() if isinstance(m, BinaryBlock)]
+        runs.append((logits.detach(), [b.bn.beta.grad for b in blocks],
+                     [b.layer.weight.packed_grad.data for b in blocks]))
+    (logits_ref, beta_ref, dw_ref), (logits, beta, dw) = runs
+    assert torch.equal(logits_ref, logits)
+    for a, b in zip(beta_ref, beta):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-6)
+    flipped = sum(bit_count(a ^ b) for a, b in zip(dw_ref, dw))
+    total = sum(a.numel() * 8 for a in dw_ref)
+    assert flipped / total < 2e-3
+
+
+def bit_count(t: torch.Tensor) -> int:
+    bits = (t.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return int(bits.sum())
+
+
+@pytest.mark.parametrize("shape,grad_scale", [((512,), 1e-4), ((64, 32), 1.0), ((7, 3), 5.0)])
+def test_fused_adam_matches_reference_within_float16_rounding(shape, grad_scale):
+    """Two steps (the second with non-zero moments); over more, an ulp of difference in a
+    tiny float16 moment can compound into a visibly different update."""
+    results = []
+    for fused in (False, True):
+        native.set_fused(fused)
+        torch.manual_seed(1)
+        p = torch.nn.Parameter(torch.randn(shape).half())
+        optimizer = LowMemAdam([p])
+        for _ in range(2):
+            g = torch.randn(shape)
+            p.grad = (g.sign() * g.abs().clamp(min=0.5) * grad_scale).half()
+            optimizer.step()
+        state = optimizer.state[p]
+        results.append([p.detach().float(), state["exp_avg"].float(), state["exp_avg_sq"].float()])
+    for ref, fused in zip(*results):
+        torch.testing.assert_close(ref, fused, rtol=2 * FP16_EPS, atol=2**-24)
+
+
+def test_fused_adam_consumes_packed_one_bit_gradients():
+    from trainers.bits import pack_bits
+
+    results = []
+    for fused in (False, True):
+        native.set_fused(fused)
+        torch.manual_seed(2)
+        p = torch.nn.Parameter(torch.randn(16, 12).half())
+        optimizer = LowMemAdam([p])
+        for _ in range(2):
+            p.packed_grad = pack_bits(torch.randn(16, 12) >= 0, 1 / 12)
+            optimizer.step()
+            assert p.packed_grad is None
+        results.append(p.detach().float())
+    torch.testing.assert_close(results[0], results[1], rtol=2 * FP16_EPS, atol=2**-24)
+
+
+def test_po2_rounding_is_exact_in_the_log_domain():
+    """Python's po2_quantize against float64 log2; the C++ kernels share its definition
+    (the block tests run with po2 gradients on)."""
+    g = torch.cat([torch.randn(20000) * 10.0 ** torch.randint(-6, 2, (20000,)),
+                   torch.tensor([0.0, 2**-0.5, -(2**0.5), 1.0, -3.0, 1e-30])])
+    exp_max = 1.0
+    q = po2_quantize(g, exp_max).double()
+    e = torch.log2(g.abs().double()).round().clamp(max=exp_max)
+    expected = torch.where((g == 0) | (e < exp_max - 15), 0.0, torch.exp2(e) * g.sign())
+    assert torch.equal(q, expected)

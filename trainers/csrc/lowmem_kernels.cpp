@@ -1,0 +1,608 @@
+// Fused passes of the low-memory block (trainers/lowmem_fused.py) and of LowMemAdam.
+//
+// Each function replaces a chain of PyTorch element-wise ops with one loop that reads its
+// inputs once and writes only what is kept: packed sign and mask bits, 16-bit outputs and
+// per-channel float64 sums. Tensors are "rows x channels": a dense layer's (N, C), a conv
+// layer's channels-last (N*H*W, C). Bits are packed per row, lowest bit first, each row
+// padded to a whole byte, as trainers.bits.pack_rows does.
+//
+// The arithmetic is the reference path's (trainers/lowmem.py), float32 element-wise with
+// float64 sums, in the same order; compiled with -ffp-contract=off so that no fused
+// multiply-add changes a rounding.
+
+#include <torch/extension.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using torch::Tensor;
+
+inline int64_t packed_width(int64_t features) { return (features + 7) / 8; }
+
+static_assert(std::endian::native == std::endian::little, "bit packing assumes little endian");
+
+// Row scratch of `c` values, padded to whole bytes of bits (padding stays zero).
+inline int64_t padded(int64_t c) { return packed_width(c) * 8; }
+
+// byte value -> its 8 bits as 0/1 bytes, lowest first.
+struct BitTable {
+  uint8_t bits[256][8];
+  BitTable() {
+    for (int v = 0; v < 256; ++v)
+      for (int j = 0; j < 8; ++j) bits[v][j] = (v >> j) & 1;
+  }
+};
+const BitTable kBitTable;
+
+// Packed bits of a row -> one 0/1 byte per value (flags has padded(c) bytes).
+inline void expand_bits(const uint8_t* row, int64_t c, uint8_t* flags) {
+  const int64_t width = packed_width(c);
+  for (int64_t b = 0; b < width; ++b) std::memcpy(flags + 8 * b, kBitTable.bits[row[b]], 8);
+}
+
+// 0/1 bytes -> packed bits: eight flags read as one little-endian word; the multiply moves
+// flag j to bit 56 + j without overlaps. Flags past c must be 0.
+inline void pack_flags(const uint8_t* flags, int64_t c, uint8_t* row) {
+  const int64_t width = packed_width(c);
+  for (int64_t b = 0; b < width; ++b) {
+    uint64_t word;
+    std::memcpy(&word, flags + 8 * b, 8);
+    row[b] = static_cast<uint8_t>((word * 0x0102040810204080ull) >> 56);
+  }
+}
+
+void check_rows(const Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.is_contiguous(),
+              name, ": expected a contiguous (", rows, ", ", cols, ") tensor, got ", t.sizes());
+}
+
+template <typename T>
+inline float as_float(T v) { return static_cast<float>(v); }
+
+template <typename T>
+inline T from_float(float v) { return static_cast<T>(v); }
+
+// out[i] = flags[i] ? plus : minus, on the values' bits so that 16-bit types vectorise too.
+template <typename T>
+inline void select_signs(const uint8_t* __restrict__ flags, int64_t n, T plus, T minus,
+                         T* __restrict__ out) {
+  if constexpr (sizeof(T) == 2) {
+    const uint16_t p = std::bit_cast<uint16_t>(plus), m = std::bit_cast<uint16_t>(minus);
+    auto* o = reinterpret_cast<uint16_t*>(out);
+#pragma GCC ivdep
+    for (int64_t i = 0; i < n; ++i) o[i] = flags[i] ? p : m;
+  } else {
+#pragma GCC ivdep
+    for (int64_t i = 0; i < n; ++i) out[i] = flags[i] ? plus : minus;
+  }
+}
+
+// Power-of-two rounding in the log domain: sign * 2^e with e = round(log2|g|), clamped to
+// exp_max, and 0 below exp_max - (levels - 1). With |g| = 1.m * 2^E, round(log2|g|) is
+// E + 1 when 1.m >= sqrt(2), else E: exact, on the float's bits.
+constexpr uint32_t kSqrt2Mantissa = 3474676;  // smallest m with 1 + m / 2^23 >= sqrt(2)
+
+// Branch-free, so that loops over a row vectorise. Zero and subnormals (far below any
+// exp_min in practice) give 0; infinities saturate to 2^exp_max.
+inline float po2_round(float g, int exp_max, int exp_min) {
+  const uint32_t bits = std::bit_cast<uint32_t>(g);
+  const int biased = static_cast<int>((bits >> 23) & 0xFF);
+  int e = biased - 127 + ((bits & 0x7FFFFF) >= kSqrt2Mantissa ? 1 : 0);
+  e = e > exp_max ? exp_max : e;
+  const uint32_t out = (bits & 0x80000000u) | (static_cast<uint32_t>(e + 127) << 23);
+  return (biased == 0 || e < exp_min) ? 0.0f : std::bit_cast<float>(out);
+}
+
+// ---------------------------------------------------------------- forward
+
+// sgn(x) as int8 +-1 (sgn(0) = +1), and optionally the packed sign bits (x >= 0) and the
+// packed STE mask (|x| <= 1) of a (rows, K) float tensor.
+template <typename T>
+void sign_pack_impl(const T* x, int64_t rows, int64_t k, int8_t* out, uint8_t* bits,
+                    uint8_t* mask) {
+  const int64_t width = packed_width(k);
+  std::vector<uint8_t> pos(padded(k), 0), inside(padded(k), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * k;
+    int8_t* orow = out + r * k;
+    #pragma GCC ivdep
+    for (int64_t j = 0; j < k; ++j) pos[j] = as_float(xr[j]) >= 0.0f;
+    #pragma GCC ivdep
+    for (int64_t j = 0; j < k; ++j) orow[j] = static_cast<int8_t>(2 * pos[j] - 1);
+    if (bits) pack_flags(pos.data(), k, bits + r * width);
+    if (mask) {
+      #pragma GCC ivdep
+      for (int64_t j = 0; j < k; ++j) inside[j] = std::fabs(as_float(xr[j])) <= 1.0f;
+      pack_flags(inside.data(), k, mask + r * width);
+    }
+  }
+}
+
+std::vector<Tensor> sign_pack(const Tensor& x, bool want_bits, bool want_mask) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "sign_pack: expected a contiguous 2-d tensor");
+  const int64_t rows = x.size(0), k = x.size(1);
+  auto out = torch::empty({rows, k}, x.options().dtype(torch::kInt8));
+  auto u8 = x.options().dtype(torch::kUInt8);
+  Tensor bits = want_bits ? torch::empty({rows, packed_width(k)}, u8) : torch::empty({0}, u8);
+  Tensor mask = want_mask ? torch::empty({rows, packed_width(k)}, u8) : torch::empty({0}, u8);
+  uint8_t* bp = want_bits ? bits.data_ptr<uint8_t>() : nullptr;
+  uint8_t* mp = want_mask ? mask.data_ptr<uint8_t>() : nullptr;
+  if (x.scalar_type() == torch::kFloat) {
+    sign_pack_impl(x.data_ptr<float>(), rows, k, out.data_ptr<int8_t>(), bp, mp);
+  } else if (x.scalar_type() == torch::kBFloat16) {
+    sign_pack_impl(x.data_ptr<at::BFloat16>(), rows, k, out.data_ptr<int8_t>(), bp, mp);
+  } else if (x.scalar_type() == torch::kHalf) {
+    sign_pack_impl(x.data_ptr<at::Half>(), rows, k, out.data_ptr<int8_t>(), bp, mp);
+  } else {
+    TORCH_CHECK(false, "sign_pack: unsupported dtype ", x.scalar_type());
+  }
+  return {out, bits, mask};
+}
+
+// Packed bits (rows, ceil(K/8)) -> +-1 values (rows, K) of dtype.
+template <typename T>
+void unpack_signs_impl(const uint8_t* bits, int64_t rows, int64_t k, T* out) {
+  const int64_t width = packed_width(k);
+  const T plus = from_float<T>(1.0f), minus = from_float<T>(-1.0f);
+  std::vector<uint8_t> flags(padded(k));
+  for (int64_t r = 0; r < rows; ++r) {
+    expand_bits(bits + r * width, k, flags.data());
+    select_signs(flags.data(), k, plus, minus, out + r * k);
+  }
+}
+
+Tensor unpack_signs(const Tensor& bits, int64_t k, torch::ScalarType dtype) {
+  const int64_t rows = bits.size(0);
+  check_rows(bits, "unpack_signs bits", rows, packed_width(k));
+  auto out = torch::empty({rows, k}, bits.options().dtype(dtype));
+  const uint8_t* bp = bits.data_ptr<uint8_t>();
+  switch (dtype) {
+    case torch::kFloat: unpack_signs_impl(bp, rows, k, out.data_ptr<float>()); break;
+    case torch::kBFloat16: unpack_signs_impl(bp, rows, k, out.data_ptr<at::BFloat16>()); break;
+    case torch::kHalf: unpack_signs_impl(bp, rows, k, out.data_ptr<at::Half>()); break;
+    case torch::kInt8: unpack_signs_impl(bp, rows, k, out.data_ptr<int8_t>()); break;
+    default: TORCH_CHECK(false, "unpack_signs: unsupported dtype ", dtype);
+  }
+  return out;
+}
+
+// sum over rows of |z - mu| per channel (the L1 batch norm's sigma1 before / count).
+Tensor abs_deviation(const Tensor& z, const Tensor& mu) {
+  TORCH_CHECK(z.scalar_type() == torch::kHalf, "abs_deviation: z must be float16");
+  const int64_t rows = z.size(0), c = z.size(1);
+  check_rows(z, "abs_deviation z", rows, c);
+  const at::Half* zp = z.data_ptr<at::Half>();
+  const float* mp = mu.data_ptr<float>();
+  std::vector<double> acc(c, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const at::Half* zr = zp + r * c;
+    #pragma GCC ivdep
+    for (int64_t j = 0; j < c; ++j) acc[j] += std::fabs(static_cast<float>(zr[j]) - mp[j]);
+  }
+  auto out = torch::empty({c}, z.options().dtype(torch::kDouble));
+  std::copy(acc.begin(), acc.end(), out.data_ptr<double>());
+  return out;
+}
+
+// y = (z - mu) / sigma1 + beta; keeps the packed sign bits of y (when y_bits is given) and,
+// with sign_output, the packed STE mask |y| <= 1 and writes +-1 to out; without, writes y.
+// Returns sum |y| per channel.
+template <typename O>
+void bn_forward_impl(const at::Half* z, int64_t rows, int64_t c, const float* mu,
+                     const float* sigma1, const float* beta, O* out, uint8_t* y_bits,
+                     uint8_t* mask, bool sign_output, double* abs_y) {
+  const int64_t width = packed_width(c);
+  const O plus = from_float<O>(1.0f), minus = from_float<O>(-1.0f);
+  std::vector<float> y(c);
+  std::vector<uint8_t> pos(padded(c), 0), inside(padded(c), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const at::Half* zr = z + r * c;
+    O* orow = out + r * c;
+    #pragma GCC ivdep
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float v = (static_cast<float>(zr[ch]) - mu[ch]) / sigma1[ch];
+      y[ch] = v + beta[ch];
+    }
+    #pragma GCC ivdep
+    for (int64_t ch = 0; ch < c; ++ch) abs_y[ch] += std::fabs(y[ch]);
+    #pragma GCC ivdep
+    for (int64_t ch = 0; ch < c; ++ch) pos[ch] = y[ch] >= 0.0f;
+    if (y_bits) pack_flags(pos.data(), c, y_bits + r * width);
+    if (sign_output) {
+            select_signs(pos.data(), c, plus, minus, orow);
+      if (mask) {
+        #pragma GCC ivdep
+        for (int64_t ch = 0; ch < c; ++ch) inside[ch] = std::fabs(y[ch]) <= 1.0f;
+        pack_flags(inside.data(), c, mask + r * width);
+      }
+    } else {
+      #pragma GCC ivdep
+      for (int64_t ch = 0; ch < c; ++ch) orow[ch] = from_float<O>(y[ch]);
+    }
+  }
+}
+
+Tensor bn_forward(const Tensor& z, const Tensor& mu, const Tensor& sigma1, const Tensor& beta,
+                  Tensor& out, const Tensor& y_bits, const Tensor& mask, bool sign_output) {
+  TORCH_CHECK(z.scalar_type() == torch::kHalf, "bn_forward: z must be float16");
+  const int64_t rows = z.size(0), c = z.size(1);
+  check_rows(z, "bn_forward z", rows, c);
+  check_rows(out, "bn_forward out", rows, c);
+  uint8_t* yp = nullptr;
+  uint8_t* mp = nullptr;
+  if (y_bits.numel()) {
+    check_rows(y_bits, "bn_forward y_bits", rows, packed_width(c));
+    yp = y_bits.data_ptr<uint8_t>();
+  }
+  if (mask.numel()) {
+    check_rows(mask, "bn_forward mask", rows, packed_width(c));
+    mp = mask.data_ptr<uint8_t>();
+  }
+  std::vector<double> acc(c, 0.0);
+  const auto* zp = z.data_ptr<at::Half>();
+  const float* m = mu.data_ptr<float>();
+  const float* s = sigma1.data_ptr<float>();
+  const float* b = beta.data_ptr<float>();
+  if (out.scalar_type() == torch::kBFloat16) {
+    bn_forward_impl(zp, rows, c, m, s, b, out.data_ptr<at::BFloat16>(), yp, mp, sign_output,
+                    acc.data());
+  } else if (out.scalar_type() == torch::kFloat) {
+    bn_forward_impl(zp, rows, c, m, s, b, out.data_ptr<float>(), yp, mp, sign_output,
+                    acc.data());
+  } else {
+    TORCH_CHECK(false, "bn_forward: out must be bfloat16 or float32");
+  }
+  auto sums = torch::empty({c}, z.options().dtype(torch::kDouble));
+  std::copy(acc.begin(), acc.end(), sums.data_ptr<double>());
+  return sums;
+}
+
+// ---------------------------------------------------------------- backward
+
+// Where the gradient of the batch norm's output y comes from: the block's output gradient,
+// optionally pooled after the activation (2x2 windows, argmax position 0..3 per window),
+// rounded to a power of two, and masked by the STE.
+template <typename G>
+struct GradSource {
+  const G* grad;        // rows of the output gradient (pooled rows when pooled), c wide
+  int64_t c;            // channels
+  int64_t h, w;         // y's spatial size per sample (1 x 1 for dense)
+  int64_t ho, wo;       // the pooled size when pooled after the activation
+  const uint8_t* pool;  // argmax positions (pooled rows, c), or null
+  const uint8_t* mask;  // packed STE mask rows of y, or null (no sign at the output)
+  bool po2;
+  int exp_max, exp_min;
+
+  // dL/dy for y's row `r` (sample-major, then h, w), all channels, into g[0..c);
+  // flags is padded(c) bytes of scratch.
+  inline void row(int64_t r, float* g, uint8_t* flags) const {
+    const G* src = grad + r * c;
+    const uint8_t* prow = nullptr;
+    uint8_t code = 0;
+    if (pool) {
+      const int64_t hw = h * w, n = r / hw, yh = (r % hw) / w, yw = (r % hw) % w;
+      const int64_t ph = yh >> 1, pw = yw >> 1;
+      if (ph >= ho || pw >= wo) {
+        std::fill(g, g + c, 0.0f);
+        return;
+      }
+      const int64_t pooled = (n * ho + ph) * wo + pw;
+      src = grad + pooled * c;
+      prow = pool + pooled * c;
+      code = static_cast<uint8_t>((yh & 1) << 1 | (yw & 1));
+    }
+    #pragma GCC ivdep
+    for (int64_t ch = 0; ch < c; ++ch) g[ch] = static_cast<float>(src[ch]);
+    if (prow) {
+      #pragma GCC ivdep
+      for (int64_t ch = 0; ch < c; ++ch) g[ch] = prow[ch] == code ? g[ch] : 0.0f;
+    }
+    if (po2) {
+      #pragma GCC ivdep
+      for (int64_t ch = 0; ch < c; ++ch) g[ch] = po2_round(g[ch], exp_max, exp_min);
+    }
+    if (mask) {
+      expand_bits(mask + r * packed_width(c), c, flags);
+      #pragma GCC ivdep
+      for (int64_t ch = 0; ch < c; ++ch) g[ch] = flags[ch] ? g[ch] : 0.0f;
+    }
+  }
+};
+
+template <typename G>
+GradSource<G> grad_source(const Tensor& grad, const Tensor& pool, const Tensor& mask,
+                          int64_t rows, int64_t c, int64_t h, int64_t w, bool po2,
+                          double exp_max, int64_t levels) {
+  GradSource<G> src{grad.data_ptr<G>(), c, h, w, h / 2, w / 2, nullptr, nullptr, po2,
+                    static_cast<int>(exp_max), static_cast<int>(exp_max - (levels - 1))};
+  if (pool.numel()) {
+    const int64_t pooled_rows = rows / (h * w) * src.ho * src.wo;
+    check_rows(pool, "pool positions", pooled_rows, c);
+    check_rows(grad, "grad_out", pooled_rows, c);
+    src.pool = pool.data_ptr<uint8_t>();
+  } else {
+    check_rows(grad, "grad_out", rows, c);
+  }
+  if (mask.numel()) {
+    check_rows(mask, "mask", rows, packed_width(c));
+    src.mask = mask.data_ptr<uint8_t>();
+  }
+  return src;
+}
+
+template <typename G>
+void bn_backward_sums_impl(const GradSource<G>& src, const uint8_t* y_bits, int64_t rows,
+                           const float* sigma1, double* out) {
+  const int64_t c = src.c, width = packed_width(c);
+  double* d_beta = out;
+  double* sum_g = out + c;
+  double* sum_gy = out + 2 * c;
+  double* sum_sgn = out + 3 * c;
+  std::vector<float> g(c);
+  std::vector<uint8_t> flags(padded(c)), pos(padded(c));
+  std::vector<float> sgn(c);
+  for (int64_t r = 0; r < rows; ++r) {
+    src.row(r, g.data(), flags.data());
+    expand_bits(y_bits + r * width, c, pos.data());
+#pragma GCC ivdep
+    for (int64_t ch = 0; ch < c; ++ch) sgn[ch] = pos[ch] ? 1.0f : -1.0f;
+#pragma GCC ivdep
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float scaled = g[ch] / sigma1[ch];
+      d_beta[ch] += g[ch];
+      sum_g[ch] += scaled;
+      sum_gy[ch] += sgn[ch] * scaled;
+      sum_sgn[ch] += sgn[ch];
+    }
+  }
+}
+
+// Per-channel sums the batch norm's backward needs: (d_beta, sum g/sigma1,
+// sum sgn(y) g/sigma1, sum sgn(y)) as a (4, C) float64 tensor.
+Tensor bn_backward_sums(const Tensor& grad, const Tensor& pool, const Tensor& mask,
+                        const Tensor& y_bits, const Tensor& sigma1, int64_t h, int64_t w,
+                        bool po2, double exp_max, int64_t levels) {
+  const int64_t rows = y_bits.size(0), c = sigma1.size(0);
+  check_rows(y_bits, "y_bits", rows, packed_width(c));
+  auto out = torch::zeros({4, c}, sigma1.options().dtype(torch::kDouble));
+  const uint8_t* yp = y_bits.data_ptr<uint8_t>();
+  const float* sp = sigma1.data_ptr<float>();
+  if (grad.scalar_type() == torch::kBFloat16) {
+    bn_backward_sums_impl(grad_source<at::BFloat16>(grad, pool, mask, rows, c, h, w, po2,
+                                                    exp_max, levels),
+                          yp, rows, sp, out.data_ptr<double>());
+  } else if (grad.scalar_type() == torch::kFloat) {
+    bn_backward_sums_impl(grad_source<float>(grad, pool, mask, rows, c, h, w, po2, exp_max,
+                                             levels),
+                          yp, rows, sp, out.data_ptr<double>());
+  } else {
+    TORCH_CHECK(false, "bn_backward_sums: grad must be bfloat16 or float32");
+  }
+  return out;
+}
+
+template <typename G, typename D>
+void bn_backward_dz_impl(const GradSource<G>& src, const uint8_t* y_bits, int64_t first,
+                         int64_t last, const float* sigma1, const float* shift,
+                         const float* slope, const uint8_t* pool_bn, int64_t h2, int64_t w2,
+                         D* dz) {
+  const int64_t c = src.c, width = packed_width(c), hw = src.h * src.w;
+  std::vector<float> g(c);
+  std::vector<uint8_t> flags(padded(c)), pos(padded(c));
+  for (int64_t r = first; r < last; ++r) {
+    src.row(r, g.data(), flags.data());
+    expand_bits(y_bits + r * width, c, pos.data());
+    #pragma GCC ivdep
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float signed_slope = pos[ch] ? slope[ch] : -slope[ch];
+      g[ch] = (g[ch] / sigma1[ch] - shift[ch]) - signed_slope;
+    }
+    if (!pool_bn) {
+      D* out = dz + (r - first) * c;
+      #pragma GCC ivdep
+      for (int64_t ch = 0; ch < c; ++ch) out[ch] = static_cast<D>(g[ch]);
+      continue;
+    }
+    const int64_t n = r / hw - first / hw, yh = (r % hw) / src.w, yw = (r % hw) % src.w;
+    const uint8_t* prow = pool_bn + r * c;
+    #pragma GCC ivdep
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const int64_t zh = 2 * yh + (prow[ch] >> 1), zw = 2 * yw + (prow[ch] & 1);
+      dz[((n * h2 + zh) * w2 + zw) * c + ch] = static_cast<D>(g[ch]);
+    }
+  }
+}
+
+template <typename G>
+void bn_backward_dz_out(const GradSource<G>& src, const uint8_t* y_bits, int64_t first,
+                        int64_t last, const float* sigma1, const float* shift,
+                        const float* slope, const uint8_t* pool_bn, int64_t h2, int64_t w2,
+                        Tensor& dz) {
+  if (dz.scalar_type() == torch::kBFloat16) {
+    bn_backward_dz_impl(src, y_bits, first, last, sigma1, shift, slope, pool_bn, h2, w2,
+                        dz.data_ptr<at::BFloat16>());
+  } else if (dz.scalar_type() == torch::kFloat) {
+    bn_backward_dz_impl(src, y_bits, first, last, sigma1, shift, slope, pool_bn, h2, w2,
+                        dz.data_ptr<float>());
+  } else {
+    TORCH_CHECK(false, "bn_backward_dz: dz must be bfloat16 or float32");
+  }
+}
+
+// dL/dz for y's rows [first, last): g / sigma1 - shift - sgn(y) slope, per channel, written
+// to dz (rows of z; un-pooled to (h2, w2) through pool_bn's argmax positions when the block
+// pools before its batch norm, zeros elsewhere).
+void bn_backward_dz(const Tensor& grad, const Tensor& pool, const Tensor& mask,
+                    const Tensor& y_bits, const Tensor& sigma1, const Tensor& shift,
+                    const Tensor& slope, int64_t h, int64_t w, bool po2, double exp_max,
+                    int64_t levels, int64_t first, int64_t last, const Tensor& pool_bn,
+                    int64_t h2, int64_t w2, Tensor& dz) {
+  const int64_t rows = y_bits.size(0), c = sigma1.size(0);
+  check_rows(y_bits, "y_bits", rows, packed_width(c));
+  TORCH_CHECK(0 <= first && first <= last && last <= rows && first % (h * w) == 0 &&
+              last % (h * w) == 0, "bn_backward_dz: rows must cover whole samples");
+  const uint8_t* pbn = nullptr;
+  if (pool_bn.numel()) {
+    check_rows(pool_bn, "pool_bn", rows, c);
+    pbn = pool_bn.data_ptr<uint8_t>();
+    check_rows(dz, "dz", (last - first) / (h * w) * h2 * w2, c);
+    dz.zero_();
+  } else {
+    check_rows(dz, "dz", last - first, c);
+  }
+  const uint8_t* yp = y_bits.data_ptr<uint8_t>();
+  const float* sp = sigma1.data_ptr<float>();
+  const float* sh = shift.data_ptr<float>();
+  const float* sl = slope.data_ptr<float>();
+  if (grad.scalar_type() == torch::kBFloat16) {
+    bn_backward_dz_out(grad_source<at::BFloat16>(grad, pool, mask, rows, c, h, w, po2, exp_max,
+                                                 levels),
+                       yp, first, last, sp, sh, sl, pbn, h2, w2, dz);
+  } else if (grad.scalar_type() == torch::kFloat) {
+    bn_backward_dz_out(grad_source<float>(grad, pool, mask, rows, c, h, w, po2, exp_max,
+                                          levels),
+                       yp, first, last, sp, sh, sl, pbn, h2, w2, dz);
+  } else {
+    TORCH_CHECK(false, "bn_backward_dz: grad must be bfloat16 or float32");
+  }
+}
+
+// Packed sgn(dz^T x), block by block of `block_rows` output rows: no full-size dW exists.
+Tensor dense_sign_dw(const Tensor& dz, const Tensor& x, int64_t block_rows) {
+  const int64_t out_features = dz.size(1), k = x.size(1), width = packed_width(k);
+  auto packed = torch::empty({out_features, width}, dz.options().dtype(torch::kUInt8));
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  for (int64_t o = 0; o < out_features; o += block_rows) {
+    const int64_t o2 = std::min(out_features, o + block_rows);
+    Tensor block = dz.slice(1, o, o2).t().mm(x).to(torch::kFloat).contiguous();
+    const float* bp = block.data_ptr<float>();
+    for (int64_t r = 0; r < o2 - o; ++r) {
+      uint8_t* prow = pp + (o + r) * width;
+      const float* brow = bp + r * k;
+      for (int64_t b = 0; b < width; ++b) {
+        uint8_t byte = 0;
+        const int64_t end = std::min<int64_t>(8, k - b * 8);
+        for (int64_t j = 0; j < end; ++j) byte |= static_cast<uint8_t>(brow[b * 8 + j] >= 0.0f) << j;
+        prow[b] = byte;
+      }
+    }
+  }
+  return packed;
+}
+
+// ---------------------------------------------------------------- optimizer
+
+// One LowMemAdam update of a parameter with 16-bit moments, from either its packed 1-bit
+// gradient (unit signs) or its real gradient divided by `scale`.
+template <typename P, typename S, typename G>
+void adam_impl(P* p, S* m, S* v, int64_t numel, const uint8_t* bits, int64_t per_row,
+               const G* grad, float scale, float b1, float b2, float step_size, float root_bc2,
+               float eps) {
+  const int64_t width = packed_width(per_row);
+  std::vector<float> g(per_row);
+  std::vector<uint8_t> flags(padded(per_row));
+  for (int64_t start = 0; start < numel; start += per_row) {
+    const int64_t count = std::min(per_row, numel - start);
+    if (bits) {
+      expand_bits(bits + (start / per_row) * width, per_row, flags.data());
+      #pragma GCC ivdep
+      for (int64_t i = 0; i < count; ++i) g[i] = flags[i] ? 1.0f : -1.0f;
+    } else {
+      #pragma GCC ivdep
+      for (int64_t i = 0; i < count; ++i) g[i] = static_cast<float>(grad[start + i]);
+      if (scale != 1.0f) {
+        #pragma GCC ivdep
+        for (int64_t i = 0; i < count; ++i) g[i] = g[i] / scale;
+      }
+    }
+    P* pr = p + start;
+    S* mr = m + start;
+    S* vr = v + start;
+    #pragma GCC ivdep
+    for (int64_t i = 0; i < count; ++i) {
+      const float mi = static_cast<float>(mr[i]) * b1 + (1.0f - b1) * g[i];
+      const float vi = static_cast<float>(vr[i]) * b2 + (1.0f - b2) * (g[i] * g[i]);
+      mr[i] = static_cast<S>(mi);
+      vr[i] = static_cast<S>(vi);
+      const float update = mi / (std::sqrt(vi) / root_bc2 + eps);
+      pr[i] = static_cast<P>(static_cast<float>(pr[i]) - step_size * update);
+    }
+  }
+}
+
+constexpr int64_t kAdamRow = 4096;  // elements per pass over a real gradient
+
+template <typename P, typename S>
+void adam_grad_dispatch(Tensor& p, Tensor& m, Tensor& v, const Tensor& bits, int64_t per_row,
+                        const Tensor& grad, float scale, float b1, float b2, float step_size,
+                        float root_bc2, float eps) {
+  P* pp = p.data_ptr<P>();
+  S* mp = m.data_ptr<S>();
+  S* vp = v.data_ptr<S>();
+  const int64_t numel = p.numel();
+  if (bits.numel()) {
+    adam_impl<P, S, float>(pp, mp, vp, numel, bits.data_ptr<uint8_t>(), per_row, nullptr, scale,
+                           b1, b2, step_size, root_bc2, eps);
+  } else if (grad.scalar_type() == torch::kFloat) {
+    adam_impl(pp, mp, vp, numel, nullptr, kAdamRow, grad.data_ptr<float>(), scale, b1, b2, step_size,
+              root_bc2, eps);
+  } else if (grad.scalar_type() == torch::kHalf) {
+    adam_impl(pp, mp, vp, numel, nullptr, kAdamRow, grad.data_ptr<at::Half>(), scale, b1, b2,
+              step_size, root_bc2, eps);
+  } else if (grad.scalar_type() == torch::kBFloat16) {
+    adam_impl(pp, mp, vp, numel, nullptr, kAdamRow, grad.data_ptr<at::BFloat16>(), scale, b1, b2,
+              step_size, root_bc2, eps);
+  } else {
+    TORCH_CHECK(false, "adam_update: unsupported gradient dtype ", grad.scalar_type());
+  }
+}
+
+void adam_update(Tensor& p, Tensor& m, Tensor& v, const Tensor& bits, int64_t per_row,
+                 const Tensor& grad, double scale, double b1, double b2, double step_size,
+                 double root_bc2, double eps) {
+  TORCH_CHECK(p.is_contiguous() && m.is_contiguous() && v.is_contiguous() &&
+              m.numel() == p.numel() && v.numel() == p.numel() &&
+              m.scalar_type() == v.scalar_type(), "adam_update: bad parameter or state");
+  TORCH_CHECK(bits.numel() || (grad.is_contiguous() && grad.numel() == p.numel()),
+              "adam_update: bad gradient");
+  const auto args = std::make_tuple(static_cast<float>(scale), static_cast<float>(b1),
+                                    static_cast<float>(b2), static_cast<float>(step_size),
+                                    static_cast<float>(root_bc2), static_cast<float>(eps));
+  auto run = [&](auto p_tag, auto s_tag) {
+    using P = decltype(p_tag);
+    using S = decltype(s_tag);
+    adam_grad_dispatch<P, S>(p, m, v, bits, per_row, grad, std::get<0>(args), std::get<1>(args),
+                             std::get<2>(args), std::get<3>(args), std::get<4>(args),
+                             std::get<5>(args));
+  };
+  const bool half_state = m.scalar_type() == torch::kHalf;
+  TORCH_CHECK(half_state || m.scalar_type() == torch::kFloat,
+              "adam_update: state must be float16 or float32");
+  if (p.scalar_type() == torch::kHalf) {
+    half_state ? run(at::Half{}, at::Half{}) : run(at::Half{}, float{});
+  } else if (p.scalar_type() == torch::kFloat) {
+    half_state ? run(float{}, at::Half{}) : run(float{}, float{});
+  } else if (p.scalar_type() == torch::kBFloat16) {
+    half_state ? run(at::BFloat16{}, at::Half{}) : run(at::BFloat16{}, float{});
+  } else {
+    TORCH_CHECK(false, "adam_update: unsupported parameter dtype ", p.scalar_type());
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sign_pack", &sign_pack, "int8 signs (+ packed sign bits and |x| <= 1 mask) of rows");
+  m.def("unpack_signs", &unpack_signs, "packed bits -> +-1 rows of a dtype");
+  m.def("abs_deviation", &abs_deviation, "per-channel sum |z - mu| of float16 rows");
+  m.def("bn_forward", &bn_forward, "L1 batch norm apply + sign + packed bits, fused");
+  m.def("bn_backward_sums", &bn_backward_sums, "per-channel sums of the batch-norm backward");
+  m.def("bn_backward_dz", &bn_backward_dz, "dL/dz of a low-memory block, rows [first, last)");
+  m.def("dense_sign_dw", &dense_sign_dw, "packed sgn(dz^T x), block by block");
+  m.def("adam_update", &adam_update, "one LowMemAdam update of one parameter");
+}

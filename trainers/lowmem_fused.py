@@ -1,0 +1,326 @@
+"""The low-memory block on fused C++ kernels (`trainers.native`): same state, fewer passes.
+
+`trainers.lowmem.LowMemBlockFunction` is the reference: readable PyTorch, chunk by chunk,
+three element-wise passes per batch-norm forward and two per backward, each a chain of
+ops that write full-size temporaries. This Function keeps exactly the same low-bit state
+(packed input signs, packed batch-norm signs and STE masks, uint8 pool positions, 16-bit
+sigma1 and mean|y|, 1-bit dW) and the same arithmetic, but each pass is one loop in C++
+that writes only what is kept. The products are the reference's (`trainers.kernels`).
+
+Layout: inside the block a tensor is "rows x channels" - a dense layer's (N, C) or a conv
+layer's channels-last (N*H*W, C) - so a channel's statistics run along contiguous rows and
+the packed bits of a row are that position's channels. A conv block's output is an NCHW
+view of channels-last memory, which the next block's int8 im2col reads without a copy.
+
+It runs when the recipe keeps batch-norm signs and packed masks (`bn_sign_trick`,
+`packed_masks`, the defaults) and the kernels are built; other ablations use the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import record_function
+
+from trainers import kernels, native
+from trainers.bits import PackedBits, pack_rows
+from trainers.layers import BinaryBlock, sign
+from trainers.lowmem import (
+    BACKWARD_CHUNK_ELEMENTS,
+    DW_BLOCK_ELEMENTS,
+    DW_BLOCK_MIN_ROWS,
+    PO2_LEVELS,
+    UNFOLD_BYTES_PER_CHUNK_ELEMENT,
+    LowMemBlockFunction,
+    chunks,
+    int8_layer_forward,
+    layer_forward,
+    max_exponent,
+    pool_positions,
+    sign_as,
+)
+
+EMPTY = torch.empty(0, dtype=torch.uint8)
+
+
+def applies(block: BinaryBlock) -> bool:
+    sw = block.switches
+    return sw.bn_sign_trick and sw.packed_masks and native.kernels() is not None
+
+
+def low_memory_block(block: BinaryBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's low-memory forward: fused where it applies, else the reference."""
+    function = FusedBlockFunction if applies(block) else LowMemBlockFunction
+    return function.apply(x, block.layer.weight, block.bn.beta, block)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, C) or (N, C, H, W) -> contiguous (rows, C), channels-last for 4-d (a view when the
+    tensor is channels-last already)."""
+    if t.dim() == 2:
+        return t.contiguous()
+    return t.permute(0, 2, 3, 1).contiguous().view(-1, t.shape[1])
+
+
+def nchw(rows: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """(n*h*w, C) rows -> the (n, C, h, w) view of the same channels-last memory."""
+    return rows.view(n, h, w, rows.shape[1]).permute(0, 3, 1, 2)
+
+
+def empty_like_map(n: int, c: int, hw: tuple[int, int] | None, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows storage for an (n, c[, h, w]) map and its (n, c[, h, w]) view."""
+    if hw is None:
+        rows = torch.empty((n, c), dtype=dtype)
+        return rows, rows
+    rows = torch.empty((n * hw[0] * hw[1], c), dtype=dtype)
+    return rows, nchw(rows, n, *hw)
+
+
+def packed_rows(rows: int, features: int) -> torch.Tensor:
+    return torch.empty((rows, math.ceil(features / 8)), dtype=torch.uint8)
+
+
+class FusedBlockFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor,
+                block: BinaryBlock) -> torch.Tensor:
+        with kernels.elementwise_threads():
+            return fused_forward(ctx, x, weight, beta, block)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        with kernels.elementwise_threads():
+            return fused_backward(ctx, grad_out)
+
+
+def layer_rows(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, save: bool):
+    """The binary layer (and a max-pool before batch norm) into float16 rows, with the
+    per-channel sums; packs the input's sign bits (and STE mask) on the way."""
+    ext = native.kernels()
+    spec, sw, layer = block.spec, block.switches, block.layer
+    conv = not isinstance(layer, nn.Linear)
+    n = x.shape[0]
+    fast = kernels.int8_enabled() and not spec.first
+    pack_input = save and not spec.first and (sw.binary_inputs or spec.sign_input)
+    want_mask = save and spec.sign_input
+    x_rows = as_rows(x) if fast or want_mask else None
+    in_rows_per_sample = x_rows.shape[0] // n if x_rows is not None else 1
+    per_sample = x[0].numel()
+    if fast:
+        w_mat = kernels.weight_matrix_int8(weight)
+        if conv:
+            per_sample = max(per_sample, kernels.unfold_bytes_per_sample(
+                tuple(x.shape[1:]), layer.kernel_size, layer.stride, layer.padding)
+                // UNFOLD_BYTES_PER_CHUNK_ELEMENT)
+    x_bits = packed_rows(x_rows.shape[0], x_rows.shape[1]) if pack_input and fast else None
+    in_mask = packed_rows(x_rows.shape[0], x_rows.shape[1]) if want_mask else None
+    z_rows = z_map = pool_bn = pool_map = sums = None
+    for s, e in chunks(n, per_sample):
+        r0, r1 = s * in_rows_per_sample, e * in_rows_per_sample
+        if fast or want_mask:
+            x8, bits, mask = ext.sign_pack(x_rows[r0:r1], x_bits is not None, want_mask)
+            if x_bits is not None:
+                x_bits[r0:r1] = bits
+            if in_mask is not None:
+                in_mask[r0:r1] = mask
+        if fast:
+            x8 = nchw(x8, e - s, *x.shape[2:]) if conv else x8
+            zc = int8_layer_forward(layer, x8, w_mat)
+        else:
+            xc = x[s:e].float()
+            zc = layer_forward(layer, sign(xc) if spec.sign_input else xc, weight)
+        if spec.pool == "before_bn":
+            ctx.pre_pool_hw = tuple(zc.shape[2:])
+            zc, idx = F.max_pool2d(zc.float(), 2, return_indices=True)
+            if pool_bn is None:
+                pool_bn, pool_map = empty_like_map(n, zc.shape[1], zc.shape[2:], torch.uint8)
+            pool_map[s:e] = pool_positions(idx, ctx.pre_pool_hw[1])
+        if z_rows is None:
+            hw = tuple(zc.shape[2:]) if conv else None
+            z_rows, z_map = empty_like_map(n, zc.shape[1], hw, torch.float16)
+            sums = torch.zeros(zc.shape[1], dtype=torch.float64)
+        z_map[s:e] = zc
+        sums += zc.sum(dim=(0,) if zc.dim() == 2 else (0, 2, 3), dtype=torch.float64)
+    if pack_input and not fast:  # first layer never packs; the fp32 ablation does
+        x_rows = as_rows(x)
+        _, x_bits, _ = ext.sign_pack(x_rows, True, False)
+    return z_rows, z_map, sums, x_bits, in_mask, pool_bn
+
+
+def fused_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor,
+                  block: BinaryBlock) -> torch.Tensor:
+    ext = native.kernels()
+    spec, sw, bn = block.spec, block.switches, block.bn
+    save = any(ctx.needs_input_grad)
+    n = x.shape[0]
+    out_dtype = torch.bfloat16 if sw.fp16_grads and spec.sign_output else torch.float32
+    with record_function("lowmem.forward.layer"):
+        z_rows, z_map, sums, x_bits, in_mask, pool_bn = layer_rows(ctx, x, weight, block, save)
+    rows, channels = z_rows.shape
+    hw = tuple(z_map.shape[2:]) if z_map.dim() == 4 else None
+
+    with record_function("lowmem.forward.bn_stats"):
+        if block.training:
+            mu = (sums / rows).float()
+            sigma1 = (ext.abs_deviation(z_rows, mu) / rows).float() + bn.eps
+            bn.update_running(mu, sigma1)
+        else:
+            mu, sigma1 = bn.running_mean.float(), bn.running_sigma1.float()
+
+    with record_function("lowmem.forward.bn_apply"):
+        y_bits = packed_rows(rows, channels) if save else EMPTY
+        mask = packed_rows(rows, channels) if save and spec.sign_output else EMPTY
+        stats = (mu.contiguous(), sigma1.contiguous(), beta.float().contiguous())
+        if spec.pool == "after_act":
+            out, pool_act, abs_y = apply_and_pool(z_rows, stats, n, hw, out_dtype, y_bits, mask,
+                                                  save)
+        else:
+            out_rows, out = empty_like_map(n, channels, hw, out_dtype)
+            abs_y = ext.bn_forward(z_rows, *stats, out_rows, y_bits, mask, spec.sign_output)
+            pool_act = EMPTY
+        del z_rows, z_map
+    if not save:
+        return out
+
+    if spec.first or not (sw.binary_inputs or spec.sign_input):
+        x_saved = x
+    else:
+        x_saved = x_bits
+    stats = torch.stack([sigma1, (abs_y / rows).float()]).to(torch.float16)
+    ctx.save_for_backward(x_saved, weight, y_bits, mask,
+                          pool_bn if pool_bn is not None else EMPTY, pool_act,
+                          in_mask if in_mask is not None else EMPTY, stats)
+    ctx.block = block
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ctx.y_hw = hw or (1, 1)
+    ctx.x_packed = x_saved is x_bits
+    return out
+
+
+def apply_and_pool(z_rows: torch.Tensor, stats: tuple[torch.Tensor, ...], n: int,
+                   hw: tuple[int, int], out_dtype: torch.dtype, y_bits: torch.Tensor,
+                   mask: torch.Tensor, save: bool):
+    """Batch norm, sign and 2x2 max-pool, chunk by chunk of samples, so that the un-pooled
+    activations and the pool's int64 indices exist for one chunk at a time. Returns the
+    pooled output, the argmax positions (rows of the pooled map) and sum |y| per channel."""
+    ext = native.kernels()
+    channels = z_rows.shape[1]
+    per_sample = hw[0] * hw[1]
+    abs_y = torch.zeros(channels, dtype=torch.float64)
+    out = pool_act = pool_map = None
+    for s, e in chunks(n, per_sample * channels):
+        r0, r1 = s * per_sample, e * per_sample
+        chunk_rows, chunk = empty_like_map(e - s, channels, hw, out_dtype)
+        abs_y += ext.bn_forward(z_rows[r0:r1], *stats, chunk_rows, y_bits[r0:r1],
+                                mask[r0:r1], True)
+        pooled, idx = F.max_pool2d(chunk, 2, return_indices=True)
+        if out is None:
+            pooled_hw = tuple(pooled.shape[2:])
+            out = nchw(torch.empty((n * pooled_hw[0] * pooled_hw[1], channels), dtype=out_dtype),
+                       n, *pooled_hw)
+            if save:
+                pool_act, pool_map = empty_like_map(n, channels, pooled_hw, torch.uint8)
+        out[s:e] = pooled
+        if save:
+            pool_map[s:e] = pool_positions(idx, hw[1])
+    return out, pool_act if save else EMPTY, abs_y
+
+
+def input_chunk(ctx, x_saved: torch.Tensor, s: int, e: int, dtype: torch.dtype
+                ) -> torch.Tensor:
+    """The layer's input for samples s:e in dtype, unpacked from sign-bit rows if packed."""
+    if not ctx.x_packed:
+        return x_saved[s:e].to(dtype)
+    if len(ctx.x_shape) == 2:
+        return native.kernels().unpack_signs(x_saved[s:e], ctx.x_shape[1], dtype)
+    _, c, h, w = ctx.x_shape
+    rows = native.kernels().unpack_signs(x_saved[s * h * w:e * h * w], c, dtype)
+    return nchw(rows, e - s, h, w)
+
+
+def fused_backward(ctx, grad_out: torch.Tensor):
+    ext = native.kernels()
+    x_saved, weight, y_bits, mask, pool_bn, pool_act, in_mask, stats = ctx.saved_tensors
+    block = ctx.block
+    spec, sw, layer = block.spec, block.switches, block.layer
+    sigma1 = stats[0].float().contiguous()
+    mean_abs_y = stats[1].float()
+    n = grad_out.shape[0]
+    rows, channels = y_bits.shape[0], sigma1.shape[0]
+    h, w = ctx.y_hw
+    po2 = sw.po2_grads
+    exp_max = float(max_exponent(grad_out)) if po2 else 0.0
+    g_rows = as_rows(grad_out)
+    if g_rows.dtype not in (torch.bfloat16, torch.float32):
+        g_rows = g_rows.float()
+    fast = kernels.int8_enabled() and sw.fp16_grads
+    cd = kernels.grad_dtype() if fast else torch.float32
+    wd = torch.float32 if spec.first else cd
+
+    with record_function("lowmem.backward.bn_sums"):
+        d_beta, sum_g, sum_gy, sum_sgn = ext.bn_backward_sums(
+            g_rows, pool_act, mask, y_bits, sigma1, h, w, po2, exp_max, PO2_LEVELS)
+        slope = (mean_abs_y * (sum_gy / rows).float()).contiguous()
+        shift = ((sum_g / rows).float() - (sum_sgn / rows).float() * slope).contiguous()
+
+    def grad_z(s: int, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """dL/dz for samples s:e: (e-s, C) rows, or an NCHW view of channels-last rows."""
+        z_hw = ctx.pre_pool_hw if pool_bn.numel() else (h, w)
+        dz_rows = torch.empty(((e - s) * z_hw[0] * z_hw[1], channels), dtype=dtype)
+        ext.bn_backward_dz(g_rows, pool_act, mask, y_bits, sigma1, shift, slope, h, w, po2,
+                           exp_max, PO2_LEVELS, s * h * w, e * h * w, pool_bn, *z_hw, dz_rows)
+        return dz_rows if len(ctx.x_shape) == 2 else nchw(dz_rows, e - s, *z_hw)
+
+    need_x = ctx.needs_input_grad[0] and not spec.first
+    grad_x = None
+    packed_dw = d_w = None
+    if isinstance(layer, nn.Linear):
+        with record_function("lowmem.backward.bn_grad"):
+            dz = grad_z(0, n, wd)
+        with record_function("lowmem.backward.dw"):
+            x_in = input_chunk(ctx, x_saved, 0, n, wd)
+            if sw.binary_dw:
+                block_rows = max(DW_BLOCK_MIN_ROWS, DW_BLOCK_ELEMENTS // x_in.shape[1])
+                packed_dw = ext.dense_sign_dw(dz, x_in, block_rows)
+            else:
+                d_w = kernels.matmul(dz.t(), x_in).float()
+            del x_in
+        if need_x:
+            with record_function("lowmem.backward.dx"):
+                grad_x = kernels.matmul(dz.to(cd), sign_as(weight, cd)).to(ctx.x_dtype)
+    else:
+        _, c_in, h_in, w_in = ctx.x_shape
+        grad_x = (torch.empty(ctx.x_shape, dtype=ctx.x_dtype,
+                              memory_format=torch.channels_last) if need_x else None)
+        d_w = torch.zeros(weight.shape, dtype=torch.float32)
+        w_sign = sign_as(weight, cd) if need_x else None
+        z_elements = math.prod(ctx.pre_pool_hw if pool_bn.numel() else (h, w)) * channels
+        for s, e in chunks(n, max(z_elements, c_in * h_in * w_in), BACKWARD_CHUNK_ELEMENTS):
+            with record_function("lowmem.backward.bn_grad"):
+                dz = grad_z(s, e, wd)
+            with record_function("lowmem.backward.dw"):
+                x_in = input_chunk(ctx, x_saved, s, e, wd)
+                d_w += kernels.conv2d_weight(x_in, weight.shape, dz, layer.stride,
+                                             layer.padding)
+                del x_in
+            if need_x:
+                with record_function("lowmem.backward.dx"):
+                    dx = kernels.conv2d_input((e - s, c_in, h_in, w_in), w_sign, dz.to(cd),
+                                              layer.stride, layer.padding)
+                    if spec.sign_input:
+                        keep = ext.unpack_signs(in_mask[s * h_in * w_in:e * h_in * w_in],
+                                                c_in, torch.int8)
+                        dx = dx.masked_fill(nchw(keep, e - s, h_in, w_in) < 0, 0)
+                    grad_x[s:e] = dx
+        if sw.binary_dw:
+            packed_dw = pack_rows(d_w >= 0)
+    if sw.binary_dw:
+        weight.packed_grad = PackedBits(packed_dw, weight.shape, 1.0 / math.sqrt(weight.numel()))
+        grad_w = None
+    else:
+        grad_w = d_w.to(weight.dtype)
+    return grad_x, grad_w, d_beta.to(block.bn.beta.dtype), None

@@ -1,0 +1,61 @@
+"""The fused C++ kernels of the low-memory block (`trainers/csrc/lowmem_kernels.cpp`).
+
+Built on first use with `torch.utils.cpp_extension.load` (needs a C++ compiler and ninja;
+the build is cached under `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions,
+and rebuilt only when the source changes). Where no compiler is present (a bare device
+image) the engine falls back to the reference path in `trainers.lowmem`, with one warning
+saying why; `BNN_FUSED=0` selects the reference path on purpose. `status()` says which
+runs, for `trainers measure` and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+SOURCE = Path(__file__).parent / "csrc" / "lowmem_kernels.cpp"
+# Built on the machine that runs it, so tuned for its CPU (F16C, AVX, NEON dot products).
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+
+_module: ModuleType | None = None
+_error: str | None = None
+_wanted = os.environ.get("BNN_FUSED", "1") != "0"
+
+
+def set_fused(enabled: bool) -> None:
+    """Use the fused kernels where they apply (True) or the reference path (False)."""
+    global _wanted
+    _wanted = enabled
+
+
+def load() -> ModuleType | None:
+    """The compiled module, building it on the first call; None if it cannot be built."""
+    global _module, _error
+    if _module is not None or _error is not None:
+        return _module
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+
+        _module = load_extension(name="bnn_lowmem_kernels", sources=[str(SOURCE)],
+                                 extra_cflags=CFLAGS, verbose=False)
+    except Exception as exc:  # compiler, ninja or headers missing: fall back, say why
+        _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
+        warnings.warn(f"fused low-memory kernels unavailable, using the reference path "
+                      f"({_error})", RuntimeWarning, stacklevel=2)
+    return _module
+
+
+def kernels() -> ModuleType | None:
+    """The fused kernels if wanted and buildable, else None (use the reference path)."""
+    return load() if _wanted else None
+
+
+def status() -> str:
+    """One phrase for reports: which implementation of the low-memory block runs."""
+    if not _wanted:
+        return "reference (BNN_FUSED=0)"
+    if load() is None:
+        return f"reference (fused kernels unavailable: {_error})"
+    return "fused C++"
