@@ -44,6 +44,7 @@ from trainers.lowmem import (
 )
 
 EMPTY = torch.empty(0, dtype=torch.uint8)
+EMPTY_FLOAT = torch.empty(0)
 
 
 def applies(block: BinaryBlock) -> bool:
@@ -119,6 +120,7 @@ def layer_rows(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, s
     x_bits = packed_rows(x_rows.shape[0], x_rows.shape[1]) if pack_input and fast else None
     in_mask = packed_rows(x_rows.shape[0], x_rows.shape[1]) if want_mask else None
     z_rows = z_map = pool_bn = pool_map = sums = None
+    z_per_sample = 1
     for s, e in chunks(n, per_sample):
         r0, r1 = s * in_rows_per_sample, e * in_rows_per_sample
         if fast or want_mask:
@@ -130,9 +132,13 @@ def layer_rows(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, s
         if fast:
             x8 = nchw(x8, e - s, *x.shape[2:]) if conv else x8
             zc = int8_layer_forward(layer, x8, w_mat)
+        elif conv:  # channels-last in, channels-last out: rows without a transpose
+            xc = x[s:e].float().contiguous(memory_format=torch.channels_last)
+            zc = layer_forward(layer, sign(xc) if spec.sign_input else xc, weight)
         else:
             xc = x[s:e].float()
-            zc = layer_forward(layer, sign(xc) if spec.sign_input else xc, weight)
+            zc = ext.dense_sign_forward(sign(xc) if spec.sign_input else xc, weight.contiguous(),
+                                        max(DW_BLOCK_MIN_ROWS, DW_BLOCK_ELEMENTS // xc.shape[1]))
         if spec.pool == "before_bn":
             ctx.pre_pool_hw = tuple(zc.shape[2:])
             zc, idx = F.max_pool2d(zc.float(), 2, return_indices=True)
@@ -142,9 +148,9 @@ def layer_rows(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, s
         if z_rows is None:
             hw = tuple(zc.shape[2:]) if conv else None
             z_rows, z_map = empty_like_map(n, zc.shape[1], hw, torch.float16)
+            z_per_sample = z_rows.shape[0] // n
             sums = torch.zeros(zc.shape[1], dtype=torch.float64)
-        z_map[s:e] = zc
-        sums += zc.sum(dim=(0,) if zc.dim() == 2 else (0, 2, 3), dtype=torch.float64)
+        ext.store_rows(as_rows(zc), z_rows[s * z_per_sample:e * z_per_sample], sums)
     if pack_input and not fast:  # first layer never packs; the fp32 ablation does
         x_rows = as_rows(x)
         _, x_bits, _ = ext.sign_pack(x_rows, True, False)
@@ -175,9 +181,15 @@ def fused_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
         y_bits = packed_rows(rows, channels) if save else EMPTY
         mask = packed_rows(rows, channels) if save and spec.sign_output else EMPTY
         stats = (mu.contiguous(), sigma1.contiguous(), beta.float().contiguous())
-        if spec.pool == "after_act":
-            out, pool_act, abs_y = apply_and_pool(z_rows, stats, n, hw, out_dtype, y_bits, mask,
-                                                  save)
+        if spec.pool == "after_act":  # pooled from the kept signs: no un-pooled output
+            y_bits = y_bits if save else packed_rows(rows, channels)
+            abs_y = ext.bn_forward(z_rows, *stats, EMPTY_FLOAT, y_bits, mask, True)
+            pooled_hw = (hw[0] // 2, hw[1] // 2)
+            out_rows, out = empty_like_map(n, channels, pooled_hw, out_dtype)
+            pool_act = EMPTY
+            if save:
+                pool_act, _ = empty_like_map(n, channels, pooled_hw, torch.uint8)
+            ext.pool_signs(y_bits, n, *hw, out_rows, pool_act)
         else:
             out_rows, out = empty_like_map(n, channels, hw, out_dtype)
             abs_y = ext.bn_forward(z_rows, *stats, out_rows, y_bits, mask, spec.sign_output)
@@ -199,35 +211,6 @@ def fused_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
     ctx.y_hw = hw or (1, 1)
     ctx.x_packed = x_saved is x_bits
     return out
-
-
-def apply_and_pool(z_rows: torch.Tensor, stats: tuple[torch.Tensor, ...], n: int,
-                   hw: tuple[int, int], out_dtype: torch.dtype, y_bits: torch.Tensor,
-                   mask: torch.Tensor, save: bool):
-    """Batch norm, sign and 2x2 max-pool, chunk by chunk of samples, so that the un-pooled
-    activations and the pool's int64 indices exist for one chunk at a time. Returns the
-    pooled output, the argmax positions (rows of the pooled map) and sum |y| per channel."""
-    ext = native.kernels()
-    channels = z_rows.shape[1]
-    per_sample = hw[0] * hw[1]
-    abs_y = torch.zeros(channels, dtype=torch.float64)
-    out = pool_act = pool_map = None
-    for s, e in chunks(n, per_sample * channels):
-        r0, r1 = s * per_sample, e * per_sample
-        chunk_rows, chunk = empty_like_map(e - s, channels, hw, out_dtype)
-        abs_y += ext.bn_forward(z_rows[r0:r1], *stats, chunk_rows, y_bits[r0:r1],
-                                mask[r0:r1], True)
-        pooled, idx = F.max_pool2d(chunk, 2, return_indices=True)
-        if out is None:
-            pooled_hw = tuple(pooled.shape[2:])
-            out = nchw(torch.empty((n * pooled_hw[0] * pooled_hw[1], channels), dtype=out_dtype),
-                       n, *pooled_hw)
-            if save:
-                pool_act, pool_map = empty_like_map(n, channels, pooled_hw, torch.uint8)
-        out[s:e] = pooled
-        if save:
-            pool_map[s:e] = pool_positions(idx, hw[1])
-    return out, pool_act if save else EMPTY, abs_y
 
 
 def input_chunk(ctx, x_saved: torch.Tensor, s: int, e: int, dtype: torch.dtype

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -66,6 +67,52 @@ inline float as_float(T v) { return static_cast<float>(v); }
 
 template <typename T>
 inline T from_float(float v) { return static_cast<T>(v); }
+
+// Row conversions to and from float32 that the compiler vectorises (float16 through its
+// _Float16 type where it has one: F16C on x86, native on ARM; both round to nearest even).
+inline void load_floats(const float* src, int64_t n, float* dst) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+inline void load_floats(const at::Half* src, int64_t n, float* __restrict__ dst) {
+#ifdef __FLT16_MAX__
+  const auto* h = reinterpret_cast<const _Float16*>(src);
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(h[i]);
+#else
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+#endif
+}
+
+inline void load_floats(const at::BFloat16* src, int64_t n, float* __restrict__ dst) {
+  const auto* b = reinterpret_cast<const uint16_t*>(src);
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) dst[i] = std::bit_cast<float>(static_cast<uint32_t>(b[i]) << 16);
+}
+
+inline void store_floats(const float* src, int64_t n, float* dst) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+inline void store_floats(const float* __restrict__ src, int64_t n, at::Half* dst) {
+#ifdef __FLT16_MAX__
+  auto* h = reinterpret_cast<_Float16*>(dst);
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) h[i] = static_cast<_Float16>(src[i]);
+#else
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
+#endif
+}
+
+inline void store_floats(const float* __restrict__ src, int64_t n, at::BFloat16* dst) {
+  auto* b = reinterpret_cast<uint16_t*>(dst);  // round to nearest even, as c10 does
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = std::bit_cast<uint32_t>(src[i]);
+    const uint32_t rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+    b[i] = std::isnan(src[i]) ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+  }
+}
 
 // out[i] = flags[i] ? plus : minus, on the values' bits so that 16-bit types vectorise too.
 template <typename T>
@@ -179,10 +226,11 @@ Tensor abs_deviation(const Tensor& z, const Tensor& mu) {
   const at::Half* zp = z.data_ptr<at::Half>();
   const float* mp = mu.data_ptr<float>();
   std::vector<double> acc(c, 0.0);
+  std::vector<float> zf(c);
   for (int64_t r = 0; r < rows; ++r) {
-    const at::Half* zr = zp + r * c;
-    #pragma GCC ivdep
-    for (int64_t j = 0; j < c; ++j) acc[j] += std::fabs(static_cast<float>(zr[j]) - mp[j]);
+    load_floats(zp + r * c, c, zf.data());
+#pragma GCC ivdep
+    for (int64_t j = 0; j < c; ++j) acc[j] += std::fabs(zf[j] - mp[j]);
   }
   auto out = torch::empty({c}, z.options().dtype(torch::kDouble));
   std::copy(acc.begin(), acc.end(), out.data_ptr<double>());
@@ -201,11 +249,11 @@ void bn_forward_impl(const at::Half* z, int64_t rows, int64_t c, const float* mu
   std::vector<float> y(c);
   std::vector<uint8_t> pos(padded(c), 0), inside(padded(c), 0);
   for (int64_t r = 0; r < rows; ++r) {
-    const at::Half* zr = z + r * c;
-    O* orow = out + r * c;
+    O* orow = out ? out + r * c : nullptr;
+    load_floats(z + r * c, c, y.data());
     #pragma GCC ivdep
     for (int64_t ch = 0; ch < c; ++ch) {
-      const float v = (static_cast<float>(zr[ch]) - mu[ch]) / sigma1[ch];
+      const float v = (y[ch] - mu[ch]) / sigma1[ch];
       y[ch] = v + beta[ch];
     }
     #pragma GCC ivdep
@@ -214,7 +262,7 @@ void bn_forward_impl(const at::Half* z, int64_t rows, int64_t c, const float* mu
     for (int64_t ch = 0; ch < c; ++ch) pos[ch] = y[ch] >= 0.0f;
     if (y_bits) pack_flags(pos.data(), c, y_bits + r * width);
     if (sign_output) {
-            select_signs(pos.data(), c, plus, minus, orow);
+      if (orow) select_signs(pos.data(), c, plus, minus, orow);
       if (mask) {
         #pragma GCC ivdep
         for (int64_t ch = 0; ch < c; ++ch) inside[ch] = std::fabs(y[ch]) <= 1.0f;
@@ -232,7 +280,8 @@ Tensor bn_forward(const Tensor& z, const Tensor& mu, const Tensor& sigma1, const
   TORCH_CHECK(z.scalar_type() == torch::kHalf, "bn_forward: z must be float16");
   const int64_t rows = z.size(0), c = z.size(1);
   check_rows(z, "bn_forward z", rows, c);
-  check_rows(out, "bn_forward out", rows, c);
+  const bool write_out = out.numel() > 0;  // a pooled block pools from y_bits instead
+  if (write_out) check_rows(out, "bn_forward out", rows, c);
   uint8_t* yp = nullptr;
   uint8_t* mp = nullptr;
   if (y_bits.numel()) {
@@ -248,7 +297,10 @@ Tensor bn_forward(const Tensor& z, const Tensor& mu, const Tensor& sigma1, const
   const float* m = mu.data_ptr<float>();
   const float* s = sigma1.data_ptr<float>();
   const float* b = beta.data_ptr<float>();
-  if (out.scalar_type() == torch::kBFloat16) {
+  if (!write_out) {
+    TORCH_CHECK(yp && sign_output, "bn_forward: without an output, y_bits must be kept");
+    bn_forward_impl<float>(zp, rows, c, m, s, b, nullptr, yp, mp, sign_output, acc.data());
+  } else if (out.scalar_type() == torch::kBFloat16) {
     bn_forward_impl(zp, rows, c, m, s, b, out.data_ptr<at::BFloat16>(), yp, mp, sign_output,
                     acc.data());
   } else if (out.scalar_type() == torch::kFloat) {
@@ -260,6 +312,133 @@ Tensor bn_forward(const Tensor& z, const Tensor& mu, const Tensor& sigma1, const
   auto sums = torch::empty({c}, z.options().dtype(torch::kDouble));
   std::copy(acc.begin(), acc.end(), sums.data_ptr<double>());
   return sums;
+}
+
+// 2x2 max-pool of the signs sgn(y) held as y_bits (rows of an (n, h, w) map): +1 where any
+// of the window's four values is positive, else -1; the argmax is the first maximum in
+// the window's row-major order (0..3), as torch's max_pool2d reports it. Windows past an
+// odd edge are dropped (floor mode).
+template <typename O>
+void pool_signs_impl(const uint8_t* y_bits, int64_t n, int64_t h, int64_t w, int64_t c,
+                     O* out, uint8_t* positions) {
+  const int64_t width = packed_width(c), ho = h / 2, wo = w / 2;
+  const O plus = from_float<O>(1.0f), minus = from_float<O>(-1.0f);
+  std::vector<uint8_t> window[4];
+  for (auto& flags : window) flags.resize(padded(c));
+  std::vector<uint8_t> any(padded(c)), first(padded(c));
+  for (int64_t s = 0; s < n; ++s) {
+    for (int64_t ph = 0; ph < ho; ++ph) {
+      for (int64_t pw = 0; pw < wo; ++pw) {
+        for (int k = 0; k < 4; ++k) {
+          const int64_t row = (s * h + 2 * ph + (k >> 1)) * w + 2 * pw + (k & 1);
+          expand_bits(y_bits + row * width, c, window[k].data());
+        }
+#pragma GCC ivdep
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const uint8_t a = window[0][ch], b = window[1][ch], d = window[2][ch],
+                        e = window[3][ch];
+          any[ch] = a | b | d | e;
+          first[ch] = a ? 0 : b ? 1 : d ? 2 : e ? 3 : 0;
+        }
+        const int64_t prow = (s * ho + ph) * wo + pw;
+        select_signs(any.data(), c, plus, minus, out + prow * c);
+        if (positions) std::memcpy(positions + prow * c, first.data(), c);
+      }
+    }
+  }
+}
+
+void pool_signs(const Tensor& y_bits, int64_t n, int64_t h, int64_t w, Tensor& out,
+                const Tensor& positions) {
+  const int64_t c = out.size(1), pooled = n * (h / 2) * (w / 2);
+  check_rows(y_bits, "pool_signs y_bits", n * h * w, packed_width(c));
+  check_rows(out, "pool_signs out", pooled, c);
+  uint8_t* pp = nullptr;
+  if (positions.numel()) {
+    check_rows(positions, "pool_signs positions", pooled, c);
+    pp = positions.data_ptr<uint8_t>();
+  }
+  const uint8_t* yp = y_bits.data_ptr<uint8_t>();
+  if (out.scalar_type() == torch::kBFloat16) {
+    pool_signs_impl(yp, n, h, w, c, out.data_ptr<at::BFloat16>(), pp);
+  } else if (out.scalar_type() == torch::kFloat) {
+    pool_signs_impl(yp, n, h, w, c, out.data_ptr<float>(), pp);
+  } else {
+    TORCH_CHECK(false, "pool_signs: out must be bfloat16 or float32");
+  }
+}
+
+// z rows (int32 from the int8 product, or float32) -> float16 rows, adding each channel's
+// sum of the original values (float64) to sums.
+template <typename T>
+void store_rows_impl(const T* z, int64_t rows, int64_t c, at::Half* out, double* sums) {
+  std::vector<float> zf(c);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* zr = z + r * c;
+#pragma GCC ivdep
+    for (int64_t ch = 0; ch < c; ++ch) {
+      sums[ch] += static_cast<double>(zr[ch]);
+      zf[ch] = static_cast<float>(zr[ch]);
+    }
+    store_floats(zf.data(), c, out + r * c);
+  }
+}
+
+void store_rows(const Tensor& z, Tensor& out, Tensor& sums) {
+  const int64_t rows = z.size(0), c = z.size(1);
+  check_rows(z, "store_rows z", rows, c);
+  check_rows(out, "store_rows out", rows, c);
+  TORCH_CHECK(out.scalar_type() == torch::kHalf && sums.scalar_type() == torch::kDouble &&
+              sums.numel() == c, "store_rows: float16 out and float64 (C,) sums expected");
+  double* sp = sums.data_ptr<double>();
+  if (z.scalar_type() == torch::kInt) {
+    store_rows_impl(z.data_ptr<int32_t>(), rows, c, out.data_ptr<at::Half>(), sp);
+  } else if (z.scalar_type() == torch::kFloat) {
+    store_rows_impl(z.data_ptr<float>(), rows, c, out.data_ptr<at::Half>(), sp);
+  } else {
+    TORCH_CHECK(false, "store_rows: z must be int32 or float32");
+  }
+}
+
+// A first (real-input) dense layer, x @ sgn(W)^T in float32, block by block of output
+// rows: sgn(W) exists in float32 for one block at a time, never a full-size copy.
+template <typename W>
+void sign_block(const W* w, int64_t count, float* out) {
+  if constexpr (std::is_same_v<W, at::Half>) {  // on the bits: +0, -0 and w > 0 but not NaN
+    const auto* bits = reinterpret_cast<const uint16_t*>(w);
+#pragma GCC ivdep
+    for (int64_t i = 0; i < count; ++i) {
+      const uint16_t magnitude = bits[i] & 0x7FFF;
+      const bool positive = (!(bits[i] & 0x8000) || magnitude == 0) && magnitude <= 0x7C00;
+      out[i] = positive ? 1.0f : -1.0f;
+    }
+  } else {
+#pragma GCC ivdep
+    for (int64_t i = 0; i < count; ++i) out[i] = w[i] >= 0.0f ? 1.0f : -1.0f;
+  }
+}
+
+Tensor dense_sign_forward(const Tensor& x, const Tensor& weight, int64_t block_rows) {
+  const int64_t out_features = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && weight.is_contiguous(),
+              "dense_sign_forward: shapes do not match");
+  auto z = torch::empty({x.size(0), out_features}, x.options().dtype(torch::kFloat));
+  const Tensor xf = x.to(torch::kFloat).contiguous();
+  Tensor signs = torch::empty({std::min(block_rows, out_features), k}, xf.options());
+  for (int64_t o = 0; o < out_features; o += block_rows) {
+    const int64_t o2 = std::min(out_features, o + block_rows);
+    Tensor block = signs.narrow(0, 0, o2 - o);
+    float* sp = block.data_ptr<float>();
+    if (weight.scalar_type() == torch::kHalf) {
+      sign_block(weight.data_ptr<at::Half>() + o * k, (o2 - o) * k, sp);
+    } else if (weight.scalar_type() == torch::kFloat) {
+      sign_block(weight.data_ptr<float>() + o * k, (o2 - o) * k, sp);
+    } else {
+      TORCH_CHECK(false, "dense_sign_forward: weight must be float16 or float32");
+    }
+    z.slice(1, o, o2).copy_(xf.mm(block.t()));
+  }
+  return z;
 }
 
 // ---------------------------------------------------------------- backward
@@ -296,8 +475,7 @@ struct GradSource {
       prow = pool + pooled * c;
       code = static_cast<uint8_t>((yh & 1) << 1 | (yw & 1));
     }
-    #pragma GCC ivdep
-    for (int64_t ch = 0; ch < c; ++ch) g[ch] = static_cast<float>(src[ch]);
+    load_floats(src, c, g);
     if (prow) {
       #pragma GCC ivdep
       for (int64_t ch = 0; ch < c; ++ch) g[ch] = prow[ch] == code ? g[ch] : 0.0f;
@@ -403,9 +581,7 @@ void bn_backward_dz_impl(const GradSource<G>& src, const uint8_t* y_bits, int64_
       g[ch] = (g[ch] / sigma1[ch] - shift[ch]) - signed_slope;
     }
     if (!pool_bn) {
-      D* out = dz + (r - first) * c;
-      #pragma GCC ivdep
-      for (int64_t ch = 0; ch < c; ++ch) out[ch] = static_cast<D>(g[ch]);
+      store_floats(g.data(), c, dz + (r - first) * c);
       continue;
     }
     const int64_t n = r / hw - first / hw, yh = (r % hw) / src.w, yw = (r % hw) % src.w;
@@ -504,34 +680,37 @@ void adam_impl(P* p, S* m, S* v, int64_t numel, const uint8_t* bits, int64_t per
                const G* grad, float scale, float b1, float b2, float step_size, float root_bc2,
                float eps) {
   const int64_t width = packed_width(per_row);
-  std::vector<float> g(per_row);
+  std::vector<float> g(per_row), pf(per_row), mf(per_row), vf(per_row);
   std::vector<uint8_t> flags(padded(per_row));
+  float* __restrict__ gp = g.data();
+  float* __restrict__ pp = pf.data();
+  float* __restrict__ mp = mf.data();
+  float* __restrict__ vp = vf.data();
   for (int64_t start = 0; start < numel; start += per_row) {
     const int64_t count = std::min(per_row, numel - start);
     if (bits) {
       expand_bits(bits + (start / per_row) * width, per_row, flags.data());
-      #pragma GCC ivdep
-      for (int64_t i = 0; i < count; ++i) g[i] = flags[i] ? 1.0f : -1.0f;
+#pragma GCC ivdep
+      for (int64_t i = 0; i < count; ++i) gp[i] = flags[i] ? 1.0f : -1.0f;
     } else {
-      #pragma GCC ivdep
-      for (int64_t i = 0; i < count; ++i) g[i] = static_cast<float>(grad[start + i]);
+      load_floats(grad + start, count, gp);
       if (scale != 1.0f) {
-        #pragma GCC ivdep
-        for (int64_t i = 0; i < count; ++i) g[i] = g[i] / scale;
+#pragma GCC ivdep
+        for (int64_t i = 0; i < count; ++i) gp[i] = gp[i] / scale;
       }
     }
-    P* pr = p + start;
-    S* mr = m + start;
-    S* vr = v + start;
-    #pragma GCC ivdep
+    load_floats(p + start, count, pp);
+    load_floats(m + start, count, mp);
+    load_floats(v + start, count, vp);
+#pragma GCC ivdep
     for (int64_t i = 0; i < count; ++i) {
-      const float mi = static_cast<float>(mr[i]) * b1 + (1.0f - b1) * g[i];
-      const float vi = static_cast<float>(vr[i]) * b2 + (1.0f - b2) * (g[i] * g[i]);
-      mr[i] = static_cast<S>(mi);
-      vr[i] = static_cast<S>(vi);
-      const float update = mi / (std::sqrt(vi) / root_bc2 + eps);
-      pr[i] = static_cast<P>(static_cast<float>(pr[i]) - step_size * update);
+      mp[i] = mp[i] * b1 + (1.0f - b1) * gp[i];
+      vp[i] = vp[i] * b2 + (1.0f - b2) * (gp[i] * gp[i]);
+      pp[i] = pp[i] - step_size * (mp[i] / (std::sqrt(vp[i]) / root_bc2 + eps));
     }
+    store_floats(mp, count, m + start);
+    store_floats(vp, count, v + start);
+    store_floats(pp, count, p + start);
   }
 }
 
@@ -601,6 +780,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpack_signs", &unpack_signs, "packed bits -> +-1 rows of a dtype");
   m.def("abs_deviation", &abs_deviation, "per-channel sum |z - mu| of float16 rows");
   m.def("bn_forward", &bn_forward, "L1 batch norm apply + sign + packed bits, fused");
+  m.def("pool_signs", &pool_signs, "2x2 max-pool of packed signs, with argmax positions");
+  m.def("store_rows", &store_rows, "z rows -> float16 rows plus per-channel sums");
+  m.def("dense_sign_forward", &dense_sign_forward, "x @ sgn(W)^T block by block, float32");
   m.def("bn_backward_sums", &bn_backward_sums, "per-channel sums of the batch-norm backward");
   m.def("bn_backward_dz", &bn_backward_dz, "dL/dz of a low-memory block, rows [first, last)");
   m.def("dense_sign_dw", &dense_sign_dw, "packed sgn(dz^T x), block by block");
