@@ -19,7 +19,7 @@ Speed (`trainers.kernels`): on +-1 inputs the layer runs in int8 with int32 accu
 exactly; with 16-bit gradients (`fp16_grads`) the backward's products run in
 `kernels.grad_dtype()` (bfloat16), with the saved sign bits unpacked straight into that
 dtype, and a dense layer's 1-bit dW is packed block by block of output rows without a
-full-size dW. `record_function` ranges name each phase for `trainers.profiling`.
+full-size dW. `trainers.profiling.phase` ranges name each phase for `trainers.profiling`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import record_function
 
 from trainers import kernels
 from trainers.bits import PackedBits, pack_rows, unpack_rows, unpack_sign_rows
 from trainers.layers import BinaryBlock, channel_dims, per_channel, sign
+from trainers.profiling import phase
 
 # Elements per chunk of fp32 temporaries (4 MiB).
 CHUNK_ELEMENTS = 1 << 20
@@ -183,14 +183,14 @@ class LowMemBlockFunction(torch.autograd.Function):
         out_dtype = torch.bfloat16 if sw.fp16_grads and spec.sign_output else torch.float32
         fast = kernels.int8_enabled() and not spec.first
         pack_input = save and not spec.first and (sw.binary_inputs or spec.sign_input)
-        with record_function("lowmem.forward.layer"):
+        with phase("lowmem.forward.layer"):
             z16, pool_bn, sums, x_bits = layer_pass(ctx, x, weight, block, fast, pack_input)
         count = z16.numel() // z16.shape[1]
         dims = channel_dims(z16)
         z_rows = chunks(n, z16[0].numel())
 
         # Pass 2: per-channel statistics (training) or the running ones (evaluation).
-        with record_function("lowmem.forward.bn_stats"):
+        with phase("lowmem.forward.bn_stats"):
             if block.training:
                 mu = (sums / count).float()
                 dev = torch.zeros_like(sums)
@@ -207,7 +207,7 @@ class LowMemBlockFunction(torch.autograd.Function):
         y_bits = xhat = mask = pool_act = None
         abs_y = torch.zeros_like(sums)
         out = None
-        with record_function("lowmem.forward.bn_apply"):
+        with phase("lowmem.forward.bn_apply"):
             for s, e in z_rows:
                 yc = z16[s:e].float().sub_(per_channel(mu, z16)).div_(per_channel(sigma1, z16))
                 yc += per_channel(beta32, yc)
@@ -258,7 +258,7 @@ class LowMemBlockFunction(torch.autograd.Function):
         # What dW needs from the input: the real input (first layer), its packed signs,
         # or the input itself (ablation).
         in_mask = None
-        with record_function("lowmem.forward.pack_input"):
+        with phase("lowmem.forward.pack_input"):
             if spec.first or not pack_input:
                 x_saved = x
             elif x_bits is not None:
@@ -335,7 +335,7 @@ class LowMemBlockFunction(torch.autograd.Function):
         sum_g = torch.zeros_like(d_beta)
         sum_gy = torch.zeros_like(d_beta)
         sum_sgn = torch.zeros_like(d_beta)
-        with record_function("lowmem.backward.bn_sums"):
+        with phase("lowmem.backward.bn_sums"):
             for s, e in y_rows:
                 g = grad_y(s, e)
                 d_beta += g.sum(dim=dims, dtype=torch.float64)
@@ -375,9 +375,9 @@ class LowMemBlockFunction(torch.autograd.Function):
         grad_x = torch.empty(ctx.x_shape, dtype=ctx.x_dtype) if need_x else None
         packed_dw = d_w = None
         if isinstance(layer, nn.Linear):
-            with record_function("lowmem.backward.bn_grad"):
+            with phase("lowmem.backward.bn_grad"):
                 dz = grad_z(0, n)
-            with record_function("lowmem.backward.dw"):
+            with phase("lowmem.backward.dw"):
                 x_in = input_chunk(ctx, x_saved, 0, n, wd)
                 dz_w = dz.to(wd)
                 dz = dz_w if wd == cd else dz.to(cd)
@@ -387,20 +387,20 @@ class LowMemBlockFunction(torch.autograd.Function):
                     d_w = kernels.matmul(dz_w.t(), x_in).float()
                 del dz_w, x_in
             if need_x:
-                with record_function("lowmem.backward.dx"):
+                with phase("lowmem.backward.dx"):
                     grad_x.copy_(kernels.matmul(dz, sign_as(weight, cd)))
         else:
             d_w = torch.zeros(weight.shape, dtype=torch.float32)
             w_sign = sign_as(weight, cd) if need_x else None
             for s, e in y_rows:
-                with record_function("lowmem.backward.bn_grad"):
+                with phase("lowmem.backward.bn_grad"):
                     dz = grad_z(s, e)
-                with record_function("lowmem.backward.dw"):
+                with phase("lowmem.backward.dw"):
                     x_in = input_chunk(ctx, x_saved, s, e, wd)
                     d_w += kernels.conv2d_weight(x_in, weight.shape, dz.to(wd),
                                                  layer.stride, layer.padding)
                 if need_x:
-                    with record_function("lowmem.backward.dx"):
+                    with phase("lowmem.backward.dx"):
                         dx = kernels.conv2d_input((e - s, *ctx.x_shape[1:]), w_sign,
                                                   dz.to(cd), layer.stride, layer.padding)
                         if spec.sign_input:

@@ -23,7 +23,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import record_function
 
 from trainers import kernels, native
 from trainers.bits import PackedBits, pack_rows
@@ -42,6 +41,7 @@ from trainers.lowmem import (
     pool_positions,
     sign_as,
 )
+from trainers.profiling import phase
 
 EMPTY = torch.empty(0, dtype=torch.uint8)
 EMPTY_FLOAT = torch.empty(0)
@@ -56,6 +56,11 @@ def low_memory_block(block: BinaryBlock, x: torch.Tensor) -> torch.Tensor:
     """The block's low-memory forward: fused where it applies, else the reference."""
     function = FusedBlockFunction if applies(block) else LowMemBlockFunction
     return function.apply(x, block.layer.weight, block.bn.beta, block)
+
+
+def dw_block_rows(in_features: int) -> int:
+    """Output rows per block of a dense layer's dW or first-layer sgn(W) (see lowmem)."""
+    return max(DW_BLOCK_MIN_ROWS, DW_BLOCK_ELEMENTS // in_features)
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -137,8 +142,9 @@ def layer_rows(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, s
             zc = layer_forward(layer, sign(xc) if spec.sign_input else xc, weight)
         else:
             xc = x[s:e].float()
-            zc = ext.dense_sign_forward(sign(xc) if spec.sign_input else xc, weight.contiguous(),
-                                        max(DW_BLOCK_MIN_ROWS, DW_BLOCK_ELEMENTS // xc.shape[1]))
+            with kernels.all_threads():
+                zc = ext.dense_sign_forward(sign(xc) if spec.sign_input else xc,
+                                            weight.contiguous(), dw_block_rows(xc.shape[1]))
         if spec.pool == "before_bn":
             ctx.pre_pool_hw = tuple(zc.shape[2:])
             zc, idx = F.max_pool2d(zc.float(), 2, return_indices=True)
@@ -164,12 +170,12 @@ def fused_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
     save = any(ctx.needs_input_grad)
     n = x.shape[0]
     out_dtype = torch.bfloat16 if sw.fp16_grads and spec.sign_output else torch.float32
-    with record_function("lowmem.forward.layer"):
+    with phase("lowmem.forward.layer"):
         z_rows, z_map, sums, x_bits, in_mask, pool_bn = layer_rows(ctx, x, weight, block, save)
     rows, channels = z_rows.shape
     hw = tuple(z_map.shape[2:]) if z_map.dim() == 4 else None
 
-    with record_function("lowmem.forward.bn_stats"):
+    with phase("lowmem.forward.bn_stats"):
         if block.training:
             mu = (sums / rows).float()
             sigma1 = (ext.abs_deviation(z_rows, mu) / rows).float() + bn.eps
@@ -177,7 +183,7 @@ def fused_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
         else:
             mu, sigma1 = bn.running_mean.float(), bn.running_sigma1.float()
 
-    with record_function("lowmem.forward.bn_apply"):
+    with phase("lowmem.forward.bn_apply"):
         y_bits = packed_rows(rows, channels) if save else EMPTY
         mask = packed_rows(rows, channels) if save and spec.sign_output else EMPTY
         stats = (mu.contiguous(), sigma1.contiguous(), beta.float().contiguous())
@@ -244,7 +250,7 @@ def fused_backward(ctx, grad_out: torch.Tensor):
     cd = kernels.grad_dtype() if fast else torch.float32
     wd = torch.float32 if spec.first else cd
 
-    with record_function("lowmem.backward.bn_sums"):
+    with phase("lowmem.backward.bn_sums"):
         d_beta, sum_g, sum_gy, sum_sgn = ext.bn_backward_sums(
             g_rows, pool_act, mask, y_bits, sigma1, h, w, po2, exp_max, PO2_LEVELS)
         slope = (mean_abs_y * (sum_gy / rows).float()).contiguous()
@@ -262,18 +268,18 @@ def fused_backward(ctx, grad_out: torch.Tensor):
     grad_x = None
     packed_dw = d_w = None
     if isinstance(layer, nn.Linear):
-        with record_function("lowmem.backward.bn_grad"):
+        with phase("lowmem.backward.bn_grad"):
             dz = grad_z(0, n, wd)
-        with record_function("lowmem.backward.dw"):
+        with phase("lowmem.backward.dw"):
             x_in = input_chunk(ctx, x_saved, 0, n, wd)
             if sw.binary_dw:
-                block_rows = max(DW_BLOCK_MIN_ROWS, DW_BLOCK_ELEMENTS // x_in.shape[1])
-                packed_dw = ext.dense_sign_dw(dz, x_in, block_rows)
+                with kernels.all_threads():
+                    packed_dw = ext.dense_sign_dw(dz, x_in, dw_block_rows(x_in.shape[1]))
             else:
                 d_w = kernels.matmul(dz.t(), x_in).float()
             del x_in
         if need_x:
-            with record_function("lowmem.backward.dx"):
+            with phase("lowmem.backward.dx"):
                 grad_x = kernels.matmul(dz.to(cd), sign_as(weight, cd)).to(ctx.x_dtype)
     else:
         _, c_in, h_in, w_in = ctx.x_shape
@@ -283,15 +289,15 @@ def fused_backward(ctx, grad_out: torch.Tensor):
         w_sign = sign_as(weight, cd) if need_x else None
         z_elements = math.prod(ctx.pre_pool_hw if pool_bn.numel() else (h, w)) * channels
         for s, e in chunks(n, max(z_elements, c_in * h_in * w_in), BACKWARD_CHUNK_ELEMENTS):
-            with record_function("lowmem.backward.bn_grad"):
+            with phase("lowmem.backward.bn_grad"):
                 dz = grad_z(s, e, wd)
-            with record_function("lowmem.backward.dw"):
+            with phase("lowmem.backward.dw"):
                 x_in = input_chunk(ctx, x_saved, s, e, wd)
                 d_w += kernels.conv2d_weight(x_in, weight.shape, dz, layer.stride,
                                              layer.padding)
                 del x_in
             if need_x:
-                with record_function("lowmem.backward.dx"):
+                with phase("lowmem.backward.dx"):
                     dx = kernels.conv2d_input((e - s, c_in, h_in, w_in), w_sign, dz.to(cd),
                                               layer.stride, layer.padding)
                     if spec.sign_input:

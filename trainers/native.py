@@ -17,7 +17,7 @@ from types import ModuleType
 
 SOURCE = Path(__file__).parent / "csrc" / "lowmem_kernels.cpp"
 # Built on the machine that runs it, so tuned for its CPU (F16C, AVX, NEON dot products).
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno"]
 
 _module: ModuleType | None = None
 _error: str | None = None

@@ -19,6 +19,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+
 namespace {
 
 using torch::Tensor;
@@ -68,20 +72,25 @@ inline float as_float(T v) { return static_cast<float>(v); }
 template <typename T>
 inline T from_float(float v) { return static_cast<T>(v); }
 
-// Row conversions to and from float32 that the compiler vectorises (float16 through its
-// _Float16 type where it has one: F16C on x86, native on ARM; both round to nearest even).
+// Row conversions to and from float32, vectorised: float16 through F16C on x86 or the
+// compiler's _Float16 elsewhere (ARM), both rounding to nearest even like c10::Half.
 inline void load_floats(const float* src, int64_t n, float* dst) {
   std::memcpy(dst, src, n * sizeof(float));
 }
 
 inline void load_floats(const at::Half* src, int64_t n, float* __restrict__ dst) {
-#ifdef __FLT16_MAX__
+  int64_t i = 0;
+#ifdef __F16C__
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+#elif defined(__FLT16_MAX__)
   const auto* h = reinterpret_cast<const _Float16*>(src);
 #pragma GCC ivdep
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(h[i]);
-#else
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  for (; i < n; ++i) dst[i] = static_cast<float>(h[i]);
 #endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 inline void load_floats(const at::BFloat16* src, int64_t n, float* __restrict__ dst) {
@@ -95,13 +104,18 @@ inline void store_floats(const float* src, int64_t n, float* dst) {
 }
 
 inline void store_floats(const float* __restrict__ src, int64_t n, at::Half* dst) {
-#ifdef __FLT16_MAX__
+  int64_t i = 0;
+#ifdef __F16C__
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+#elif defined(__FLT16_MAX__)
   auto* h = reinterpret_cast<_Float16*>(dst);
 #pragma GCC ivdep
-  for (int64_t i = 0; i < n; ++i) h[i] = static_cast<_Float16>(src[i]);
-#else
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
+  for (; i < n; ++i) h[i] = static_cast<_Float16>(src[i]);
 #endif
+  for (; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
 }
 
 inline void store_floats(const float* __restrict__ src, int64_t n, at::BFloat16* dst) {
@@ -653,19 +667,16 @@ Tensor dense_sign_dw(const Tensor& dz, const Tensor& x, int64_t block_rows) {
   const int64_t out_features = dz.size(1), k = x.size(1), width = packed_width(k);
   auto packed = torch::empty({out_features, width}, dz.options().dtype(torch::kUInt8));
   uint8_t* pp = packed.data_ptr<uint8_t>();
+  std::vector<uint8_t> flags(padded(k), 0);
   for (int64_t o = 0; o < out_features; o += block_rows) {
     const int64_t o2 = std::min(out_features, o + block_rows);
     Tensor block = dz.slice(1, o, o2).t().mm(x).to(torch::kFloat).contiguous();
     const float* bp = block.data_ptr<float>();
     for (int64_t r = 0; r < o2 - o; ++r) {
-      uint8_t* prow = pp + (o + r) * width;
       const float* brow = bp + r * k;
-      for (int64_t b = 0; b < width; ++b) {
-        uint8_t byte = 0;
-        const int64_t end = std::min<int64_t>(8, k - b * 8);
-        for (int64_t j = 0; j < end; ++j) byte |= static_cast<uint8_t>(brow[b * 8 + j] >= 0.0f) << j;
-        prow[b] = byte;
-      }
+#pragma GCC ivdep
+      for (int64_t j = 0; j < k; ++j) flags[j] = brow[j] >= 0.0f;
+      pack_flags(flags.data(), k, pp + (o + r) * width);
     }
   }
   return packed;
