@@ -2,9 +2,10 @@
 
 Issue 10: at batch 100, `lowmem`'s median step time must be at most 0.67x `standard`'s for
 mlp, cnv and binarynet, while issue 2's tensor-level peak reductions still hold (>= 2.5x
-mlp, 3.5x cnv, 3.3x binarynet). The methods' steps are interleaved (standard, lowmem,
-standard, ...) so that load from other processes hits both alike; the ratio is the median
-of the per-round ratios, and its spread (min..max over rounds) says how noisy the host was.
+mlp, 3.5x cnv, 3.3x binarynet). The methods' rounds are interleaved (standard, lowmem,
+lowmem, standard, ...) so that load from other processes hits both alike; a round times as
+many back-to-back steps as fill half a second; the ratio is the median of the per-round
+ratios, and its spread (min..max over rounds) says how noisy the host was.
 
     python benchmarks/step_time.py [--models mlp cnv binarynet] [--repeats 7] [--with-fp32]
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -31,6 +33,8 @@ from trainers.methods import make_recipe
 from trainers.models import build_model
 from trainers.optim import build_optimizer
 
+ROUND_SECONDS = 0.5  # at least this long per timed round (several steps of a small model)
+WARMUP_STEPS = 3
 TIME_TARGET = 0.67  # lowmem step time / standard step time, at most
 MEMORY_TARGETS = {"mlp": 2.5, "cnv": 3.5, "binarynet": 3.3}  # standard peak / lowmem peak
 
@@ -80,10 +84,12 @@ class Trainer:
         kernels.set_compute(self.variant.compute)
         return train_step(self.model, self.optimizer, x, y)
 
-    def timed_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def timed_steps(self, x: torch.Tensor, y: torch.Tensor, count: int) -> float:
+        """Mean seconds per step over `count` back-to-back steps."""
         start = time.perf_counter()
-        self.step(x, y)
-        return time.perf_counter() - start
+        for _ in range(count):
+            self.step(x, y)
+        return (time.perf_counter() - start) / count
 
 
 def tensor_peak(model_name: str, variant: Variant, batch_size: int, seed: int) -> int:
@@ -97,14 +103,16 @@ def run_model(model_name: str, variants: list[Variant], batch_size: int, repeats
               seed: int, memory: bool, log) -> ModelResult:
     trainers = [Trainer(model_name, v, seed) for v in variants]
     data = batches(trainers[0].model.in_shape, batch_size, 2, seed=seed)
-    for t in trainers:  # warm-up: first-call allocations, optimizer state
-        t.step(*data[0])
+    # Warm-up (first-call allocations, optimizer state), which also sizes the rounds: each
+    # times enough steps to fill ROUND_SECONDS, so that a 10 ms step is not timed alone.
+    slowest = max(t.timed_steps(*data[0], WARMUP_STEPS) for t in trainers)
+    steps = max(1, math.ceil(ROUND_SECONDS / slowest))
     times: dict[str, list[float]] = {v.label: [] for v in variants}
     for r in range(repeats):
         x, y = data[r % len(data)]
         order = trainers if r % 2 == 0 else trainers[::-1]
         for t in order:
-            times[t.variant.label].append(t.timed_step(x, y))
+            times[t.variant.label].append(t.timed_steps(x, y, steps))
         log(f"  {model_name} round {r + 1}/{repeats}: " + "  ".join(
             f"{label} {ts[-1] * 1e3:.0f} ms" for label, ts in times.items()))
     rounds = [low / std for std, low in zip(times["standard"], times["lowmem"])]

@@ -43,6 +43,11 @@ from trainers.lowmem import (
 )
 from trainers.profiling import phase
 
+# A conv block's backward runs in at most this many chunks of samples (and in chunks of at
+# least BACKWARD_CHUNK_ELEMENTS elements): the chunk's dz, unpacked input and dx stay a small
+# fraction of the block's full-batch gradients, while each product still sees several
+# samples (oneDNN is slow on batches of one or two, and small layers need no chunks).
+BACKWARD_CHUNKS = 20
 EMPTY = torch.empty(0, dtype=torch.uint8)
 EMPTY_FLOAT = torch.empty(0)
 
@@ -91,16 +96,17 @@ def packed_rows(rows: int, features: int) -> torch.Tensor:
 
 
 class FusedBlockFunction(torch.autograd.Function):
+    """The fused kernels are single loops, whatever torch's thread count: unlike the reference
+    path, this Function leaves the thread count alone (no `elementwise_threads`)."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor,
                 block: BinaryBlock) -> torch.Tensor:
-        with kernels.elementwise_threads():
-            return fused_forward(ctx, x, weight, beta, block)
+        return fused_forward(ctx, x, weight, beta, block)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        with kernels.elementwise_threads():
-            return fused_backward(ctx, grad_out)
+        return fused_backward(ctx, grad_out)
 
 
 def layer_rows(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, save: bool):
@@ -287,8 +293,10 @@ def fused_backward(ctx, grad_out: torch.Tensor):
                               memory_format=torch.channels_last) if need_x else None)
         d_w = torch.zeros(weight.shape, dtype=torch.float32)
         w_sign = sign_as(weight, cd) if need_x else None
-        z_elements = math.prod(ctx.pre_pool_hw if pool_bn.numel() else (h, w)) * channels
-        for s, e in chunks(n, max(z_elements, c_in * h_in * w_in), BACKWARD_CHUNK_ELEMENTS):
+        per_sample = max(channels * math.prod(ctx.pre_pool_hw if pool_bn.numel() else (h, w)),
+                         c_in * h_in * w_in)
+        samples = max(math.ceil(n / BACKWARD_CHUNKS), BACKWARD_CHUNK_ELEMENTS // per_sample)
+        for s, e in chunks(n, 1, samples):
             with phase("lowmem.backward.bn_grad"):
                 dz = grad_z(s, e, wd)
             with phase("lowmem.backward.dw"):

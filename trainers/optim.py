@@ -85,8 +85,11 @@ class LowMemAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        with elementwise_threads():  # short chunked passes: see trainers.kernels
+        if native.kernels() is not None:  # one C++ pass per parameter (fused_update)
             self._update()
+        else:
+            with elementwise_threads():  # short chunked passes: see trainers.kernels
+                self._update()
         return loss
 
     def _update(self) -> None:

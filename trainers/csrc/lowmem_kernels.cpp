@@ -670,13 +670,17 @@ Tensor dense_sign_dw(const Tensor& dz, const Tensor& x, int64_t block_rows) {
   std::vector<uint8_t> flags(padded(k), 0);
   for (int64_t o = 0; o < out_features; o += block_rows) {
     const int64_t o2 = std::min(out_features, o + block_rows);
-    Tensor block = dz.slice(1, o, o2).t().mm(x).to(torch::kFloat).contiguous();
-    const float* bp = block.data_ptr<float>();
+    // dW >= 0 as 0/1 bytes straight from the product, in its own dtype (no float32 copy)
+    const Tensor positive = dz.slice(1, o, o2).t().mm(x).ge(0).contiguous();
+    const auto* flags_in = reinterpret_cast<const uint8_t*>(positive.data_ptr<bool>());
     for (int64_t r = 0; r < o2 - o; ++r) {
-      const float* brow = bp + r * k;
-#pragma GCC ivdep
-      for (int64_t j = 0; j < k; ++j) flags[j] = brow[j] >= 0.0f;
-      pack_flags(flags.data(), k, pp + (o + r) * width);
+      const uint8_t* row = flags_in + r * k;
+      if (k % 8 == 0) {
+        pack_flags(row, k, pp + (o + r) * width);
+      } else {  // pack_flags reads whole words: pad the row's last byte with zeros
+        std::memcpy(flags.data(), row, k);
+        pack_flags(flags.data(), k, pp + (o + r) * width);
+      }
     }
   }
   return packed;
