@@ -43,8 +43,8 @@ BACKWARD_CHUNK_ELEMENTS = 1 << 18
 # fewer, larger products, still below the layer output the forward pass holds anyway.
 UNFOLD_BYTES_PER_CHUNK_ELEMENT = 8
 # Elements per block of a dense layer's dW (or first-layer sgn(W)) before it is packed to
-# 1 bit (256 KiB fp32); at least DW_BLOCK_MIN_ROWS output rows per block.
-DW_BLOCK_ELEMENTS = 1 << 16
+# 1 bit (64 KiB fp32); at least DW_BLOCK_MIN_ROWS output rows per block.
+DW_BLOCK_ELEMENTS = 1 << 14
 DW_BLOCK_MIN_ROWS = 8
 # Power-of-two gradients: 4-bit exponent below the tensor's largest (5 bits with the sign).
 PO2_LEVELS = 16

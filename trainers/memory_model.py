@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from trainers.layers import BinaryBlock, L1BatchNorm
+from trainers.lowmem import DW_BLOCK_ELEMENTS
 from trainers.methods import LowMemSwitches, Recipe
 from trainers.models import LayerInfo, layer_inventory
 
@@ -275,6 +276,19 @@ def _output_bits(block: BinaryBlock, recipe: Recipe) -> int:
     return 16 if lowmem and recipe.switches.fp16_grads and block.spec.sign_output else 32
 
 
+def _backward_scratch_bits(shape: BlockShape, recipe: Recipe, in_bits: int,
+                           batch_size: int) -> int:
+    """Beside its output gradient, what a block's backward holds: a buffer of its input's
+    size (the input gradient; for a standard first block, autograd's scratch of that size).
+    A low-memory first block computes no input gradient: a conv one works in chunks, a dense
+    one keeps its float32 dz for the real-input dW, plus one block of that dW and its signs."""
+    if not (shape.block.spec.first and recipe.switches.any):
+        return shape.input_elements * in_bits * batch_size
+    if not isinstance(shape.block.layer, nn.Linear):
+        return 0
+    return shape.layer_output_elements * 32 * batch_size + DW_BLOCK_ELEMENTS * (32 + 8)
+
+
 def _dtype_bits(tensor: torch.Tensor) -> int:
     return tensor.element_size() * 8
 
@@ -326,11 +340,11 @@ def extended_model(model: nn.Module, recipe: Recipe, batch_size: int,
             else:
                 terms[name] += bits * batch_size
         out_bits = _output_bits(shape.block, recipe)
-        largest_pair = max(largest_pair,
-                           shape.output_elements * out_bits + shape.input_elements * in_bits)
+        largest_pair = max(largest_pair, shape.output_elements * out_bits * batch_size
+                           + _backward_scratch_bits(shape, recipe, in_bits, batch_size))
         in_bits = out_bits
     terms["real_layers"] = _real_layer_bits(model, in_shape) * batch_size
-    terms["gradient_buffers"] = largest_pair * batch_size
+    terms["gradient_buffers"] = largest_pair
     groups = {
         "model": ("parameters", "buffers"),
         "optimizer": ("gradients", "moments"),
