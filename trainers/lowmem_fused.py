@@ -39,7 +39,6 @@ from trainers.lowmem import (
     layer_forward,
     max_exponent,
     pool_positions,
-    sign_as,
 )
 from trainers.profiling import phase
 
@@ -66,6 +65,13 @@ def low_memory_block(block: BinaryBlock, x: torch.Tensor) -> torch.Tensor:
 def dw_block_rows(in_features: int) -> int:
     """Output rows per block of a dense layer's dW or first-layer sgn(W) (see lowmem)."""
     return max(DW_BLOCK_MIN_ROWS, DW_BLOCK_ELEMENTS // in_features)
+
+
+def weight_matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sgn(W) in dtype as an (out, K) matrix, K in the channels-last order of the block's
+    rows (`kernels.weight_matrix_int8`'s layout, untransposed)."""
+    w = weight if weight.dim() == 2 else weight.permute(0, 2, 3, 1)
+    return native.kernels().signs(w.contiguous(), dtype).view(w.shape[0], -1)
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -123,7 +129,7 @@ def layer_rows(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, s
     in_rows_per_sample = x_rows.shape[0] // n if x_rows is not None else 1
     per_sample = x[0].numel()
     if fast:
-        w_mat = kernels.weight_matrix_int8(weight)
+        w_mat = weight_matrix(weight, torch.int8).t()
         if conv:
             per_sample = max(per_sample, kernels.unfold_bytes_per_sample(
                 tuple(x.shape[1:]), layer.kernel_size, layer.stride, layer.padding)
@@ -183,8 +189,7 @@ def fused_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
 
     with phase("lowmem.forward.bn_stats"):
         if block.training:
-            mu = (sums / rows).float()
-            sigma1 = (ext.abs_deviation(z_rows, mu) / rows).float() + bn.eps
+            mu, sigma1 = ext.bn_statistics(z_rows, sums, bn.eps)
             bn.update_running(mu, sigma1)
         else:
             mu, sigma1 = bn.running_mean.float(), bn.running_sigma1.float()
@@ -286,13 +291,13 @@ def fused_backward(ctx, grad_out: torch.Tensor):
             del x_in
         if need_x:
             with phase("lowmem.backward.dx"):
-                grad_x = kernels.matmul(dz.to(cd), sign_as(weight, cd)).to(ctx.x_dtype)
+                grad_x = kernels.matmul(dz.to(cd), weight_matrix(weight, cd)).to(ctx.x_dtype)
     else:
         _, c_in, h_in, w_in = ctx.x_shape
         grad_x = (torch.empty(ctx.x_shape, dtype=ctx.x_dtype,
                               memory_format=torch.channels_last) if need_x else None)
         d_w = torch.zeros(weight.shape, dtype=torch.float32)
-        w_sign = sign_as(weight, cd) if need_x else None
+        w_sign = native.kernels().signs(weight.contiguous(), cd) if need_x else None
         per_sample = max(channels * math.prod(ctx.pre_pool_hw if pool_bn.numel() else (h, w)),
                          c_in * h_in * w_in)
         samples = max(math.ceil(n / BACKWARD_CHUNKS), BACKWARD_CHUNK_ELEMENTS // per_sample)

@@ -205,6 +205,45 @@ std::vector<Tensor> sign_pack(const Tensor& x, bool want_bits, bool want_mask) {
   return {out, bits, mask};
 }
 
+// sgn(w) (w >= 0 -> +1, else -1, NaN -> -1) as a tensor of dtype (int8 for the int8
+// products, bfloat16/float for the backward's), read from a float16/float32 weight.
+template <typename W, typename T>
+void signs_impl(const W* w, int64_t n, T* out) {
+  const T plus = from_float<T>(1.0f), minus = from_float<T>(-1.0f);
+  std::vector<float> wf(std::min<int64_t>(n, 4096));
+  std::vector<uint8_t> pos(wf.size());
+  for (int64_t start = 0; start < n; start += wf.size()) {
+    const int64_t count = std::min<int64_t>(wf.size(), n - start);
+    load_floats(w + start, count, wf.data());
+#pragma GCC ivdep
+    for (int64_t i = 0; i < count; ++i) pos[i] = wf[i] >= 0.0f;
+    select_signs(pos.data(), count, plus, minus, out + start);
+  }
+}
+
+template <typename W>
+void signs_dispatch(const W* w, int64_t n, Tensor& out) {
+  switch (out.scalar_type()) {
+    case torch::kInt8: signs_impl(w, n, out.data_ptr<int8_t>()); break;
+    case torch::kBFloat16: signs_impl(w, n, out.data_ptr<at::BFloat16>()); break;
+    case torch::kFloat: signs_impl(w, n, out.data_ptr<float>()); break;
+    default: TORCH_CHECK(false, "signs: unsupported dtype ", out.scalar_type());
+  }
+}
+
+Tensor signs(const Tensor& w, torch::ScalarType dtype) {
+  TORCH_CHECK(w.is_contiguous(), "signs: expected a contiguous tensor");
+  auto out = torch::empty(w.sizes(), w.options().dtype(dtype));
+  if (w.scalar_type() == torch::kHalf) {
+    signs_dispatch(w.data_ptr<at::Half>(), w.numel(), out);
+  } else if (w.scalar_type() == torch::kFloat) {
+    signs_dispatch(w.data_ptr<float>(), w.numel(), out);
+  } else {
+    TORCH_CHECK(false, "signs: weight must be float16 or float32");
+  }
+  return out;
+}
+
 // Packed bits (rows, ceil(K/8)) -> +-1 values (rows, K) of dtype.
 template <typename T>
 void unpack_signs_impl(const uint8_t* bits, int64_t rows, int64_t k, T* out) {
@@ -249,6 +288,22 @@ Tensor abs_deviation(const Tensor& z, const Tensor& mu) {
   auto out = torch::empty({c}, z.options().dtype(torch::kDouble));
   std::copy(acc.begin(), acc.end(), out.data_ptr<double>());
   return out;
+}
+
+// The L1 batch norm's training statistics from float16 rows and their per-channel float64
+// sums: mu = sums / rows and sigma1 = mean |z - mu| + eps, as float32 (2, C).
+Tensor bn_statistics(const Tensor& z, const Tensor& sums, double eps) {
+  const int64_t rows = z.size(0), c = z.size(1);
+  auto stats = torch::empty({2, c}, z.options().dtype(torch::kFloat));
+  float* mu = stats.data_ptr<float>();
+  float* sigma1 = mu + c;
+  const double* sp = sums.data_ptr<double>();
+  for (int64_t ch = 0; ch < c; ++ch) mu[ch] = static_cast<float>(sp[ch] / rows);
+  const Tensor dev = abs_deviation(z, stats[0]);
+  const double* dp = dev.data_ptr<double>();
+  for (int64_t ch = 0; ch < c; ++ch)
+    sigma1[ch] = static_cast<float>(dp[ch] / rows) + static_cast<float>(eps);
+  return stats;
 }
 
 // y = (z - mu) / sigma1 + beta; keeps the packed sign bits of y (when y_bits is given) and,
@@ -793,7 +848,8 @@ void adam_update(Tensor& p, Tensor& m, Tensor& v, const Tensor& bits, int64_t pe
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_pack", &sign_pack, "int8 signs (+ packed sign bits and |x| <= 1 mask) of rows");
   m.def("unpack_signs", &unpack_signs, "packed bits -> +-1 rows of a dtype");
-  m.def("abs_deviation", &abs_deviation, "per-channel sum |z - mu| of float16 rows");
+  m.def("signs", &signs, "sgn(w) as +-1 of a dtype");
+  m.def("bn_statistics", &bn_statistics, "mu and sigma1 of float16 rows from their sums");
   m.def("bn_forward", &bn_forward, "L1 batch norm apply + sign + packed bits, fused");
   m.def("pool_signs", &pool_signs, "2x2 max-pool of packed signs, with argmax positions");
   m.def("store_rows", &store_rows, "z rows -> float16 rows plus per-channel sums");
