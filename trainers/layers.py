@@ -145,9 +145,9 @@ class L1BatchNorm(nn.Module):
 
     def update_running(self, mu: torch.Tensor, sigma1: torch.Tensor) -> None:
         with torch.no_grad():
-            m = self.momentum
-            self.running_mean.mul_(m).add_((1 - m) * mu.to(self.running_mean.dtype))
-            self.running_sigma1.mul_(m).add_((1 - m) * sigma1.to(self.running_sigma1.dtype))
+            weight = 1 - self.momentum  # running <- momentum * running + (1 - momentum) * new
+            self.running_mean.lerp_(mu.to(self.running_mean.dtype), weight)
+            self.running_sigma1.lerp_(sigma1.to(self.running_sigma1.dtype), weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:

@@ -43,8 +43,8 @@ BACKWARD_CHUNK_ELEMENTS = 1 << 18
 # fewer, larger products, still below the layer output the forward pass holds anyway.
 UNFOLD_BYTES_PER_CHUNK_ELEMENT = 8
 # Elements per block of a dense layer's dW (or first-layer sgn(W)) before it is packed to
-# 1 bit (64 KiB fp32); at least DW_BLOCK_MIN_ROWS output rows per block.
-DW_BLOCK_ELEMENTS = 1 << 14
+# 1 bit (256 KiB fp32); at least DW_BLOCK_MIN_ROWS output rows per block.
+DW_BLOCK_ELEMENTS = 1 << 16
 DW_BLOCK_MIN_ROWS = 8
 # Power-of-two gradients: 4-bit exponent below the tensor's largest (5 bits with the sign).
 PO2_LEVELS = 16
@@ -87,7 +87,8 @@ def po2_quantize(grad: torch.Tensor, exp_max: float) -> torch.Tensor:
 
 
 def max_exponent(grad: torch.Tensor) -> float:
-    peak = max(grad.max().item(), -grad.min().item())
+    low, high = torch.stack(torch.aminmax(grad)).tolist() if grad.numel() else (0.0, 0.0)
+    peak = max(high, -low)
     return math.floor(math.log2(peak) + 0.5) if peak > 0 else 0.0
 
 
