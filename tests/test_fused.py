@@ -37,6 +37,8 @@ BLOCKS = {
     "dense-odd-width": (lambda: BinaryLinear(13, 11), BlockSpec(), (3, 13)),
     "dense-last": (lambda: BinaryLinear(24, 10), BlockSpec(sign_output=False), (6, 24)),
     "dense-first": (lambda: BinaryLinear(30, 16), BlockSpec(first=True), (4, 30)),
+    # not run whole in C++ (sign_input): the step-by-step fused path's dense route
+    "dense-sign-input": (lambda: BinaryLinear(24, 16), BlockSpec(sign_input=True), (5, 24)),
     "conv": (lambda: BinaryConv2d(16, 32, 3, padding=1), BlockSpec(), (4, 16, 8, 8)),
     "conv-first": (lambda: BinaryConv2d(3, 16, 3), BlockSpec(first=True), (4, 3, 9, 9)),
     "conv-pool-before-bn": (lambda: BinaryConv2d(8, 16, 3, padding=1),

@@ -223,8 +223,9 @@ def test_profiling_times_every_block_and_the_lowmem_phases():
     assert prof.optimizer_s > 0 and prof.steps == 2
     spent = sum(layer.forward_s + layer.backward_s for layer in prof.layers) + prof.optimizer_s
     assert spent <= prof.step_s * 1.05
-    assert {"lowmem.forward.layer", "lowmem.backward.dw"} <= set(prof.phases_s)
+    # dense blocks run whole in one fused call each (trainers.lowmem_fused.dense_forward)
+    assert {"lowmem.forward.dense_block", "lowmem.backward.dense_block"} <= set(prof.phases_s)
     text = format_profile(prof)
-    assert "dense 64->256 (real input)" in text and "lowmem.backward.dx" in text
+    assert "dense 64->256 (real input)" in text and "lowmem.backward.dense_block" in text
     with pytest.raises(ValueError, match="at least 2 batches"):
         profile_training(net, opt, lambda x, y: None, data[:1])

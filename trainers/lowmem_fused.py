@@ -108,11 +108,65 @@ class FusedBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor,
                 block: BinaryBlock) -> torch.Tensor:
+        ctx.whole_dense = isinstance(block.layer, nn.Linear) and not block.spec.sign_input
+        if ctx.whole_dense:
+            return dense_forward(ctx, x, weight, beta, block)
         return fused_forward(ctx, x, weight, beta, block)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if ctx.whole_dense:
+            return dense_backward(ctx, grad_out)
         return fused_backward(ctx, grad_out)
+
+
+def dense_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor,
+                  block: BinaryBlock) -> torch.Tensor:
+    """A dense block in one C++ call (`dense_forward` in the kernels): on a small model the
+    per-op overhead of the step-by-step path below costs more than the arithmetic."""
+    spec, sw, bn = block.spec, block.switches, block.bn
+    save = any(ctx.needs_input_grad)
+    pack_input = save and not spec.first and sw.binary_inputs
+    x = x.reshape(x.shape[0], -1)
+    with phase("lowmem.forward.dense_block"):
+        out, x_bits, y_bits, mask, stats = native.kernels().dense_forward(
+            x, weight, beta, bn.running_mean, bn.running_sigma1, bn.momentum, bn.eps,
+            block.training, save, spec.first, pack_input, spec.sign_output, sw.fp16_grads,
+            kernels.int8_enabled(), dw_block_rows(x.shape[1]))
+    if save:
+        ctx.save_for_backward(x_bits if pack_input else x, weight, y_bits, mask, stats)
+        ctx.block = block
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.x_packed = pack_input
+    return out
+
+
+def dense_backward(ctx, grad_out: torch.Tensor):
+    x_saved, weight, y_bits, mask, stats = ctx.saved_tensors
+    block = ctx.block
+    spec, sw = block.spec, block.switches
+    fast = kernels.int8_enabled() and sw.fp16_grads
+    cd = kernels.grad_dtype() if fast else torch.float32
+    need_x = ctx.needs_input_grad[0] and not spec.first
+    with phase("lowmem.backward.dense_block"), kernels.all_threads():
+        grad_x, dw, d_beta = native.kernels().dense_backward(
+            grad_out, x_saved, ctx.x_packed, ctx.x_shape[1], weight, y_bits, mask, stats,
+            spec.first, need_x, sw.po2_grads, PO2_LEVELS, sw.binary_dw,
+            dw_block_rows(ctx.x_shape[1]), cd)
+    return finish_backward(ctx, weight, grad_x.to(ctx.x_dtype) if need_x else None,
+                           dw if sw.binary_dw else None, None if sw.binary_dw else dw, d_beta)
+
+
+def finish_backward(ctx, weight: torch.Tensor, grad_x: torch.Tensor | None,
+                    packed_dw: torch.Tensor | None, d_w: torch.Tensor | None,
+                    d_beta: torch.Tensor):
+    """Leave the 1-bit dW on the weight for the optimizer (or return the full one)."""
+    if packed_dw is not None:
+        weight.packed_grad = PackedBits(packed_dw, weight.shape, 1.0 / math.sqrt(weight.numel()))
+        grad_w = None
+    else:
+        grad_w = d_w.to(weight.dtype)
+    return grad_x, grad_w, d_beta.to(ctx.block.bn.beta.dtype), None
 
 
 def layer_rows(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, save: bool):
@@ -320,9 +374,4 @@ def fused_backward(ctx, grad_out: torch.Tensor):
                     grad_x[s:e] = dx
         if sw.binary_dw:
             packed_dw = pack_rows(d_w >= 0)
-    if sw.binary_dw:
-        weight.packed_grad = PackedBits(packed_dw, weight.shape, 1.0 / math.sqrt(weight.numel()))
-        grad_w = None
-    else:
-        grad_w = d_w.to(weight.dtype)
-    return grad_x, grad_w, d_beta.to(block.bn.beta.dtype), None
+    return finish_backward(ctx, weight, grad_x, packed_dw, d_w, d_beta)

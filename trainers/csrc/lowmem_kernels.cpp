@@ -843,6 +843,96 @@ void adam_update(Tensor& p, Tensor& m, Tensor& v, const Tensor& bits, int64_t pe
   }
 }
 
+// ---------------------------------------------------------------- whole dense blocks
+
+// A dense block's forward in one call (what trainers.lowmem_fused does step by step for
+// conv blocks): int8 product on +-1 input (float32 on a first layer's real input), float16 z
+// with its sums, batch-norm statistics and running update, then the fused apply. Returns
+// {out, packed input bits (or empty), y_bits, mask, float16 (sigma1, mean|y|)}.
+std::vector<Tensor> dense_forward(const Tensor& x, const Tensor& weight, const Tensor& beta,
+                                  Tensor& running_mean, Tensor& running_sigma1, double momentum,
+                                  double eps, bool training, bool save, bool first,
+                                  bool pack_input, bool sign_output, bool bf16_out, bool int8,
+                                  int64_t sign_block_rows) {
+  const auto u8 = x.options().dtype(torch::kUInt8);
+  const Tensor empty = torch::empty({0}, u8);
+  Tensor z, x_bits = empty;
+  if (!first) {
+    auto packed = sign_pack(x.contiguous(), pack_input, false);
+    x_bits = packed[1];
+    if (int8) z = at::_int_mm(packed[0], signs(weight.contiguous(), torch::kInt8).t());
+  }
+  if (!z.defined()) z = dense_sign_forward(x, weight, sign_block_rows);  // real or fp32 path
+  const int64_t rows = z.size(0), c = z.size(1);
+  Tensor z16 = torch::empty({rows, c}, x.options().dtype(torch::kHalf));
+  Tensor sums = torch::zeros({c}, x.options().dtype(torch::kDouble));
+  store_rows(z.contiguous(), z16, sums);
+  Tensor mu, sigma1;
+  if (training) {
+    const Tensor stats = bn_statistics(z16, sums, eps);
+    mu = stats[0];
+    sigma1 = stats[1];
+    running_mean.lerp_(mu.to(running_mean.scalar_type()), 1 - momentum);
+    running_sigma1.lerp_(sigma1.to(running_sigma1.scalar_type()), 1 - momentum);
+  } else {
+    mu = running_mean.to(torch::kFloat).contiguous();
+    sigma1 = running_sigma1.to(torch::kFloat).contiguous();
+  }
+  Tensor y_bits = save ? torch::empty({rows, packed_width(c)}, u8) : empty;
+  Tensor mask = save && sign_output ? torch::empty({rows, packed_width(c)}, u8) : empty;
+  Tensor out = torch::empty(
+      {rows, c}, x.options().dtype(bf16_out && sign_output ? torch::kBFloat16 : torch::kFloat));
+  const Tensor abs_y = bn_forward(z16, mu.contiguous(), sigma1.contiguous(),
+                                  beta.to(torch::kFloat).contiguous(), out, y_bits, mask,
+                                  sign_output);
+  const Tensor stats = at::stack({sigma1, (abs_y / rows).to(torch::kFloat)}).to(torch::kHalf);
+  return {out, x_bits, y_bits, mask, stats};
+}
+
+// A dense block's backward in one call: batch-norm sums and dz (float32 on a first layer,
+// else in dtype), the 1-bit dW (or the full dW with binary_dw off) and dX.
+// Returns {grad_x (or empty), packed dW or dW, d_beta (float64)}.
+std::vector<Tensor> dense_backward(const Tensor& grad_out, const Tensor& x_saved, bool x_packed,
+                                   int64_t in_features, const Tensor& weight,
+                                   const Tensor& y_bits, const Tensor& mask,
+                                   const Tensor& stats, bool first, bool need_x, bool po2,
+                                   int64_t levels, bool binary_dw, int64_t dw_block_rows,
+                                   torch::ScalarType dtype) {
+  const Tensor sigma1 = stats[0].to(torch::kFloat).contiguous();
+  const Tensor mean_abs_y = stats[1].to(torch::kFloat).contiguous();
+  Tensor g = grad_out.contiguous();
+  if (g.scalar_type() != torch::kBFloat16 && g.scalar_type() != torch::kFloat)
+    g = g.to(torch::kFloat);
+  double exp_max = 0.0;
+  if (po2 && g.numel()) {
+    const double peak = g.abs().max().item<double>();
+    exp_max = peak > 0 ? std::floor(std::log2(peak) + 0.5) : 0.0;
+  }
+  const Tensor empty = torch::empty({0}, y_bits.options());
+  const int64_t rows = y_bits.size(0), c = sigma1.size(0);
+  const Tensor sums = bn_backward_sums(g, empty, mask, y_bits, sigma1, 1, 1, po2, exp_max,
+                                       levels);
+  // shift and slope as trainers.lowmem_fused computes them (float32, one op at a time)
+  Tensor shift = torch::empty({c}, sigma1.options()), slope = torch::empty({c}, sigma1.options());
+  const double* sp = sums.data_ptr<double>();
+  const float* ma = mean_abs_y.data_ptr<float>();
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const float sl = ma[ch] * static_cast<float>(sp[2 * c + ch] / rows);
+    const float prod = static_cast<float>(sp[3 * c + ch] / rows) * sl;
+    slope.data_ptr<float>()[ch] = sl;
+    shift.data_ptr<float>()[ch] = static_cast<float>(sp[c + ch] / rows) - prod;
+  }
+  const auto wd = first ? torch::kFloat : dtype;
+  Tensor dz = torch::empty({rows, c}, sigma1.options().dtype(wd));
+  bn_backward_dz(g, empty, mask, y_bits, sigma1, shift, slope, 1, 1, po2, exp_max, levels, 0,
+                 rows, empty, 1, 1, dz);
+  const Tensor x_in = x_packed ? unpack_signs(x_saved, in_features, wd) : x_saved.to(wd);
+  const Tensor dw = binary_dw ? dense_sign_dw(dz, x_in, dw_block_rows)
+                              : dz.t().mm(x_in).to(torch::kFloat);
+  Tensor grad_x = need_x ? dz.to(dtype).mm(signs(weight.contiguous(), dtype)) : empty;
+  return {grad_x, dw, sums[0]};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -854,6 +944,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_signs", &pool_signs, "2x2 max-pool of packed signs, with argmax positions");
   m.def("store_rows", &store_rows, "z rows -> float16 rows plus per-channel sums");
   m.def("dense_sign_forward", &dense_sign_forward, "x @ sgn(W)^T block by block, float32");
+  m.def("dense_forward", &dense_forward, "a dense low-memory block's forward, whole");
+  m.def("dense_backward", &dense_backward, "a dense low-memory block's backward, whole");
   m.def("bn_backward_sums", &bn_backward_sums, "per-channel sums of the batch-norm backward");
   m.def("bn_backward_dz", &bn_backward_dz, "dL/dz of a low-memory block, rows [first, last)");
   m.def("dense_sign_dw", &dense_sign_dw, "packed sgn(dz^T x), block by block");
