@@ -66,8 +66,9 @@ def batches(in_shape: tuple[int, ...], batch_size: int, count: int, seed: int = 
     data = synthetic(in_shape, batch_size * count, 10, seed=seed, n_test=1)
     x = to_model_input(torch.from_numpy(data.train_images))
     y = torch.from_numpy(data.train_labels).long()
-    return [(x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size])
-            for i in range(count)]
+    # each batch owns its storage, so that a dropped batch frees its memory
+    return [(x[i * batch_size:(i + 1) * batch_size].clone(),
+             y[i * batch_size:(i + 1) * batch_size].clone()) for i in range(count)]
 
 
 class Trainer:
@@ -95,8 +96,10 @@ class Trainer:
 def tensor_peak(model_name: str, variant: Variant, batch_size: int, seed: int) -> int:
     trainer = Trainer(model_name, variant, seed)
     data = batches(trainer.model.in_shape, batch_size, 2, seed=seed + 1)
-    trainer.step(*data[0])  # optimizer state exists before the measured step, as in training
-    return track_tensor_peak(trainer.model, trainer.optimizer, trainer.step, data[1:]).peak_bytes
+    # optimizer state exists before the measured step, as in training; the warm-up batch is
+    # dropped first, so that only the measured batch is live (as in `trainers measure`)
+    trainer.step(*data.pop(0))
+    return track_tensor_peak(trainer.model, trainer.optimizer, trainer.step, data).peak_bytes
 
 
 def run_model(model_name: str, variants: list[Variant], batch_size: int, repeats: int,
