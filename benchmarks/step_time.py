@@ -146,8 +146,9 @@ def format_table(results: list[ModelResult], info: dict, batch_size: int, repeat
     lines = [
         f"batch {batch_size}, {repeats} interleaved rounds; cpu capability "
         f"{info['cpu_capability']}, torch threads {info['torch_threads']}, elementwise threads "
-        f"{info['elementwise_threads']}, lowmem kernels {info['compute']} forward / "
-        f"{info['backward_dtype']} backward, torch {info['torch_version']}",
+        f"{info['elementwise_threads']}, lowmem block {info['lowmem_block']}, kernels "
+        f"{info['compute']} forward / {info['backward_dtype']} backward, "
+        f"torch {info['torch_version']}",
         "",
         f"{'model':<10}" + "".join(f"{label + ' ms':>16}" for label in labels)
         + f"{'lowmem/std':>12} {'(min..max)':>13} {'<=0.67':>7}"
