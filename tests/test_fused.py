@@ -195,3 +195,46 @@ def test_po2_rounding_is_exact_in_the_log_domain():
     e = torch.log2(g.abs().double()).round().clamp(max=exp_max)
     expected = torch.where((g == 0) | (e < exp_max - 15), 0.0, torch.exp2(e) * g.sign())
     assert torch.equal(q, expected)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnv"])
+def test_gradients_between_blocks_are_held_as_int8_power_of_two_codes(name, monkeypatch):
+    """Every block hands the block below its output gradient as int8 codes (autograd carries
+    a 2-byte placeholder), but where a flatten stands between them (conv -> dense)."""
+    from trainers import lowmem_fused
+
+    handed = []
+    put = lowmem_fused.GradientMailbox.put
+
+    def spy(self, codes, exp_max):
+        handed.append(codes.dtype)
+        put(self, codes, exp_max)
+
+    monkeypatch.setattr(lowmem_fused.GradientMailbox, "put", spy)
+    torch.manual_seed(0)
+    model = build_model(name, make_recipe("lowmem"))
+    x = torch.rand(4, *model.in_shape) * 2 - 1
+    F.cross_entropy(model(x).float(), torch.randint(0, 10, (4,))).backward()
+    blocks = [m for m in model.modules() if isinstance(m, BinaryBlock)]
+    kinds = [isinstance(b.layer, BinaryLinear) for b in blocks]
+    chained = sum(1 for below, above in zip(kinds, kinds[1:]) if below == above)
+    assert handed == [torch.int8] * chained
+
+
+def test_coded_gradient_rebased_by_chunks_equals_one_encoding():
+    from trainers.lowmem import PO2_LEVELS, max_exponent
+    from trainers.lowmem_fused import CodedGradient, GradientMailbox, as_rows
+
+    torch.manual_seed(5)
+    dx = (torch.randn(6, 8, 5, 5) * torch.logspace(-4, 1, 6).view(6, 1, 1, 1)).to(
+        torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    coded = CodedGradient(6 * 25, 8, 25)
+    for s, e in [(0, 1), (1, 4), (4, 6)]:  # chunks with very different largest exponents
+        coded.add(s, e, dx[s:e])
+    mailbox = GradientMailbox()
+    coded.hand_down(mailbox)
+    codes, exp_max = mailbox.take()
+    whole = native.kernels().po2_encode(as_rows(dx), float(max_exponent(dx)), PO2_LEVELS)
+    assert exp_max == max_exponent(dx)
+    assert torch.equal(codes, whole)
+    assert mailbox.take() is None

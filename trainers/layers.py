@@ -180,6 +180,9 @@ class BinaryBlock(nn.Module):
                               else layer.out_channels)
         self.spec = spec
         self.switches = switches
+        # True when the output goes to the next block alone (set by models.BlockStack): the
+        # fused low-memory path may then hand it its gradient as int8 power-of-two codes.
+        self.feeds_block = False
 
     def extra_repr(self) -> str:
         return f"spec={self.spec}, lowmem={self.switches.any}"

@@ -19,6 +19,7 @@ It runs when the recipe keeps batch-norm signs and packed masks (`bn_sign_trick`
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,25 @@ def packed_rows(rows: int, features: int) -> torch.Tensor:
     return torch.empty((rows, math.ceil(features / 8)), dtype=torch.uint8)
 
 
+@dataclass
+class GradientMailbox:
+    """Where the block above leaves this block's output gradient as power-of-two int8 codes
+    (with the exponent they count down from), so that between two blocks the activation
+    gradient is held in 8 bits, not 16: autograd itself only carries a 2-byte placeholder.
+    Only blocks whose output feeds the next block alone (`BinaryBlock.feeds_block`, set by
+    `BlockStack`) get one."""
+
+    codes: torch.Tensor | None = None
+    exp_max: float = 0.0
+
+    def put(self, codes: torch.Tensor, exp_max: float) -> None:
+        self.codes, self.exp_max = codes, exp_max
+
+    def take(self) -> tuple[torch.Tensor, float] | None:
+        codes, self.codes = self.codes, None
+        return None if codes is None else (codes, self.exp_max)
+
+
 class FusedBlockFunction(torch.autograd.Function):
     """The fused kernels are single loops, whatever torch's thread count: unlike the reference
     path, this Function leaves the thread count alone (no `elementwise_threads`)."""
@@ -110,14 +130,67 @@ class FusedBlockFunction(torch.autograd.Function):
                 block: BinaryBlock) -> torch.Tensor:
         ctx.whole_dense = isinstance(block.layer, nn.Linear) and not block.spec.sign_input
         if ctx.whole_dense:
-            return dense_forward(ctx, x, weight, beta, block)
-        return fused_forward(ctx, x, weight, beta, block)
+            out = dense_forward(ctx, x, weight, beta, block)
+        else:
+            out = fused_forward(ctx, x, weight, beta, block)
+        po2 = block.switches.po2_grads and any(ctx.needs_input_grad)
+        ctx.below = getattr(x, "_po2_mailbox", None) if po2 and ctx.needs_input_grad[0] else None
+        ctx.mailbox = None
+        if po2 and block.feeds_block:
+            ctx.mailbox = out._po2_mailbox = GradientMailbox()
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        codes = ctx.mailbox.take() if ctx.mailbox is not None else None
+        if codes is None and ctx.mailbox is not None and grad_out.numel() > 1 and not any(
+                grad_out.stride()):
+            raise RuntimeError("a low-memory block's gradient was handed down as power-of-two "
+                               "codes once already: backward through it twice is not supported")
         if ctx.whole_dense:
-            return dense_backward(ctx, grad_out)
-        return fused_backward(ctx, grad_out)
+            grads = dense_backward(ctx, grad_out, codes)
+            return (hand_down(ctx, grads[0]), *grads[1:])
+        return fused_backward(ctx, grad_out, codes)  # hands down chunk by chunk itself
+
+
+def hand_down(ctx, grad_x: torch.Tensor | None) -> torch.Tensor | None:
+    """With power-of-two gradients, give the block below its output gradient as int8 codes
+    through its mailbox, and autograd a stride-0 placeholder of the right shape and dtype."""
+    if ctx.below is None or grad_x is None:
+        return grad_x
+    exp_max = float(max_exponent(grad_x))
+    ctx.below.put(native.kernels().po2_encode(as_rows(grad_x), exp_max, PO2_LEVELS), exp_max)
+    return placeholder(grad_x.shape, grad_x.dtype)
+
+
+def placeholder(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """What autograd carries when the real gradient went through a mailbox: 2 bytes."""
+    return torch.zeros((), dtype=dtype).expand(shape)
+
+
+class CodedGradient:
+    """A conv block's dX assembled chunk by chunk straight into int8 power-of-two codes: each
+    chunk is coded against its own largest exponent, then all are re-based to the largest of
+    all (`po2_rebase`, exact), so no 16-bit dX of the whole batch ever exists."""
+
+    def __init__(self, rows: int, channels: int, rows_per_sample: int) -> None:
+        self.codes = torch.empty((rows, channels), dtype=torch.int8)
+        self.rows_per_sample = rows_per_sample
+        self.chunk_exponents: list[tuple[int, int, float]] = []
+
+    def add(self, s: int, e: int, dx: torch.Tensor) -> None:
+        exp_max = float(max_exponent(dx))
+        r0, r1 = s * self.rows_per_sample, e * self.rows_per_sample
+        self.codes[r0:r1] = native.kernels().po2_encode(as_rows(dx), exp_max, PO2_LEVELS)
+        self.chunk_exponents.append((r0, r1, exp_max))
+
+    def hand_down(self, mailbox: GradientMailbox) -> None:
+        top = max(exp for _, _, exp in self.chunk_exponents)
+        for r0, r1, exp_max in self.chunk_exponents:
+            if exp_max < top:
+                chunk = self.codes[r0:r1]
+                native.kernels().po2_rebase(chunk, int(top - exp_max), PO2_LEVELS)
+        mailbox.put(self.codes, top)
 
 
 def dense_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor,
@@ -141,7 +214,7 @@ def dense_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
     return out
 
 
-def dense_backward(ctx, grad_out: torch.Tensor):
+def dense_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float] | None):
     x_saved, weight, y_bits, mask, stats = ctx.saved_tensors
     block = ctx.block
     spec, sw = block.spec, block.switches
@@ -149,10 +222,11 @@ def dense_backward(ctx, grad_out: torch.Tensor):
     cd = kernels.grad_dtype() if fast else torch.float32
     need_x = ctx.needs_input_grad[0] and not spec.first
     with phase("lowmem.backward.dense_block"), kernels.all_threads():
+        grad, coded_exp_max = codes if codes is not None else (grad_out, math.nan)
         grad_x, dw, d_beta = native.kernels().dense_backward(
-            grad_out, x_saved, ctx.x_packed, ctx.x_shape[1], weight, y_bits, mask, stats,
+            grad, x_saved, ctx.x_packed, ctx.x_shape[1], weight, y_bits, mask, stats,
             spec.first, need_x, sw.po2_grads, PO2_LEVELS, sw.binary_dw,
-            dw_block_rows(ctx.x_shape[1]), cd)
+            dw_block_rows(ctx.x_shape[1]), cd, coded_exp_max)
     return finish_backward(ctx, weight, grad_x.to(ctx.x_dtype) if need_x else None,
                            dw if sw.binary_dw else None, None if sw.binary_dw else dw, d_beta)
 
@@ -296,7 +370,7 @@ def input_chunk(ctx, x_saved: torch.Tensor, s: int, e: int, dtype: torch.dtype
     return nchw(rows, e - s, h, w)
 
 
-def fused_backward(ctx, grad_out: torch.Tensor):
+def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float] | None):
     ext = native.kernels()
     x_saved, weight, y_bits, mask, pool_bn, pool_act, in_mask, stats = ctx.saved_tensors
     block = ctx.block
@@ -307,10 +381,13 @@ def fused_backward(ctx, grad_out: torch.Tensor):
     rows, channels = y_bits.shape[0], sigma1.shape[0]
     h, w = ctx.y_hw
     po2 = sw.po2_grads
-    exp_max = float(max_exponent(grad_out)) if po2 else 0.0
-    g_rows = as_rows(grad_out)
-    if g_rows.dtype not in (torch.bfloat16, torch.float32):
-        g_rows = g_rows.float()
+    if codes is not None:  # int8 power-of-two codes from the block above
+        g_rows, exp_max = codes
+    else:
+        exp_max = float(max_exponent(grad_out)) if po2 else 0.0
+        g_rows = as_rows(grad_out)
+        if g_rows.dtype not in (torch.bfloat16, torch.float32):
+            g_rows = g_rows.float()
     fast = kernels.int8_enabled() and sw.fp16_grads
     cd = kernels.grad_dtype() if fast else torch.float32
     wd = torch.float32 if spec.first else cd
@@ -348,8 +425,11 @@ def fused_backward(ctx, grad_out: torch.Tensor):
                 grad_x = kernels.matmul(dz.to(cd), weight_matrix(weight, cd)).to(ctx.x_dtype)
     else:
         _, c_in, h_in, w_in = ctx.x_shape
+        coded = CodedGradient(n * h_in * w_in, c_in, h_in * w_in) if (
+            need_x and ctx.below is not None) else None
         grad_x = (torch.empty(ctx.x_shape, dtype=ctx.x_dtype,
-                              memory_format=torch.channels_last) if need_x else None)
+                              memory_format=torch.channels_last)
+                  if need_x and coded is None else None)
         d_w = torch.zeros(weight.shape, dtype=torch.float32)
         w_sign = native.kernels().signs(weight.contiguous(), cd) if need_x else None
         per_sample = max(channels * math.prod(ctx.pre_pool_hw if pool_bn.numel() else (h, w)),
@@ -371,7 +451,13 @@ def fused_backward(ctx, grad_out: torch.Tensor):
                         keep = ext.unpack_signs(in_mask[s * h_in * w_in:e * h_in * w_in],
                                                 c_in, torch.int8)
                         dx = dx.masked_fill(nchw(keep, e - s, h_in, w_in) < 0, 0)
-                    grad_x[s:e] = dx
+                    if coded is not None:
+                        coded.add(s, e, dx)
+                    else:
+                        grad_x[s:e] = dx
         if sw.binary_dw:
             packed_dw = pack_rows(d_w >= 0)
+        if coded is not None:
+            coded.hand_down(ctx.below)
+            grad_x = placeholder(ctx.x_shape, ctx.x_dtype)
     return finish_backward(ctx, weight, grad_x, packed_dw, d_w, d_beta)

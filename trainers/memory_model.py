@@ -24,8 +24,10 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from trainers import native
 from trainers.layers import BinaryBlock, L1BatchNorm
-from trainers.lowmem import DW_BLOCK_ELEMENTS
+from trainers.lowmem import BACKWARD_CHUNK_ELEMENTS, DW_BLOCK_ELEMENTS
+from trainers.lowmem_fused import BACKWARD_CHUNKS
 from trainers.methods import LowMemSwitches, Recipe
 from trainers.models import LayerInfo, layer_inventory
 
@@ -276,17 +278,42 @@ def _output_bits(block: BinaryBlock, recipe: Recipe) -> int:
     return 16 if lowmem and recipe.switches.fp16_grads and block.spec.sign_output else 32
 
 
-def _backward_scratch_bits(shape: BlockShape, recipe: Recipe, in_bits: int,
+def _dense(shape: BlockShape) -> bool:
+    return isinstance(shape.block.layer, nn.Linear)
+
+
+def _fused(recipe: Recipe) -> bool:
+    """Whether the low-memory blocks run on the fused kernels (trainers.lowmem_fused)."""
+    sw = recipe.switches
+    return sw.any and sw.bn_sign_trick and sw.packed_masks and native.kernels() is not None
+
+
+def _coded_gradients(recipe: Recipe) -> bool:
+    """Whether gradients pass between blocks as int8 power-of-two codes."""
+    return _fused(recipe) and recipe.switches.po2_grads
+
+
+def _backward_scratch_bits(shape: BlockShape, recipe: Recipe, in_grad_bits: int,
                            batch_size: int) -> int:
     """Beside its output gradient, what a block's backward holds: a buffer of its input's
-    size (the input gradient; for a standard first block, autograd's scratch of that size).
-    A low-memory first block computes no input gradient: a conv one works in chunks, a dense
-    one keeps its float32 dz for the real-input dW, plus one block of that dW and its signs."""
-    if not (shape.block.spec.first and recipe.switches.any):
-        return shape.input_elements * in_bits * batch_size
-    if not isinstance(shape.block.layer, nn.Linear):
-        return 0
-    return shape.layer_output_elements * 32 * batch_size + DW_BLOCK_ELEMENTS * (32 + 8)
+    size (the input gradient, at in_grad_bits; for a standard first block, autograd's scratch
+    of that size). A low-memory first block computes no input gradient; a dense one keeps its
+    float32 dz for the real-input dW, plus one block of that dW and its signs. A fused conv
+    block adds one chunk of samples' dz, unpacked input and dX (16-bit; dz float32 on a
+    first layer)."""
+    first = shape.block.spec.first and recipe.switches.any
+    buffer = 0 if first else shape.input_elements * in_grad_bits * batch_size
+    if first and _dense(shape):
+        return shape.layer_output_elements * 32 * batch_size + DW_BLOCK_ELEMENTS * (32 + 8)
+    if _fused(recipe) and not _dense(shape):
+        per_sample = max(shape.layer_output_elements, shape.input_elements)
+        samples = min(batch_size, max(math.ceil(batch_size / BACKWARD_CHUNKS),
+                                      BACKWARD_CHUNK_ELEMENTS // per_sample))
+        per_chunk_sample = shape.layer_output_elements * (32 if first else 16)
+        if not first:
+            per_chunk_sample += shape.input_elements * 16 * 2
+        buffer += samples * per_chunk_sample
+    return buffer
 
 
 def _dtype_bits(tensor: torch.Tensor) -> int:
@@ -331,18 +358,24 @@ def extended_model(model: nn.Module, recipe: Recipe, batch_size: int,
             terms["moments"] += p.numel() * moments * moment_bits
     shapes = block_shapes(model, in_shape)
     in_bits = 32  # the model's input is fp32
+    in_grad_bits = 32
+    coded = _coded_gradients(recipe)
     largest_pair = 0
-    for shape in shapes:
+    for i, shape in enumerate(shapes):
         kept = _block_saved_bits(shape, recipe, in_bits)
         for name, bits in kept.items():
             if name.startswith("per_layer_"):
                 terms[name.removeprefix("per_layer_")] += bits
             else:
                 terms[name] += bits * batch_size
-        out_bits = _output_bits(shape.block, recipe)
-        largest_pair = max(largest_pair, shape.output_elements * out_bits * batch_size
-                           + _backward_scratch_bits(shape, recipe, in_bits, batch_size))
-        in_bits = out_bits
+        out_bits = out_grad_bits = _output_bits(shape.block, recipe)
+        above = shapes[i + 1] if i + 1 < len(shapes) else None
+        if coded and above is not None and shape.block.feeds_block and _dense(shape) == _dense(
+                above):  # int8 power-of-two codes between the two (trainers.lowmem_fused)
+            out_grad_bits = 8
+        largest_pair = max(largest_pair, shape.output_elements * out_grad_bits * batch_size
+                           + _backward_scratch_bits(shape, recipe, in_grad_bits, batch_size))
+        in_bits, in_grad_bits = out_bits, out_grad_bits
     terms["real_layers"] = _real_layer_bits(model, in_shape) * batch_size
     terms["gradient_buffers"] = largest_pair
     groups = {

@@ -42,6 +42,12 @@ def default_input_shape(name: str) -> tuple[int, int, int]:
 class BlockStack(nn.Sequential):
     """A sequence of blocks, flattening before the first dense block."""
 
+    def __init__(self, *modules: nn.Module) -> None:
+        super().__init__(*modules)
+        for below, _ in itertools.pairwise(self):  # each output feeds the next block alone
+            if isinstance(below, BinaryBlock):
+                below.feeds_block = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for module in self:
             if isinstance(module, BinaryBlock) and isinstance(module.layer, nn.Linear):

@@ -99,6 +99,20 @@ inline void load_floats(const at::BFloat16* src, int64_t n, float* __restrict__ 
   for (int64_t i = 0; i < n; ++i) dst[i] = std::bit_cast<float>(static_cast<uint32_t>(b[i]) << 16);
 }
 
+// Power-of-two gradient codes (int8): 0 is 0, else sign * 2^(exp_max + 1 - |code|), |code|
+// in 1..levels - the 5-bit (sign + 4-bit exponent) dY of METHODS.md in an int8 container.
+inline void decode_po2(const int8_t* __restrict__ codes, int64_t n, int exp_max,
+                       float* __restrict__ dst) {
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    const int code = codes[i];
+    const int magnitude = code < 0 ? -code : code;
+    const uint32_t bits = (code < 0 ? 0x80000000u : 0u) |
+                          (static_cast<uint32_t>(exp_max + 1 - magnitude + 127) << 23);
+    dst[i] = code == 0 ? 0.0f : std::bit_cast<float>(bits);
+  }
+}
+
 inline void store_floats(const float* src, int64_t n, float* dst) {
   std::memcpy(dst, src, n * sizeof(float));
 }
@@ -544,7 +558,11 @@ struct GradSource {
       prow = pool + pooled * c;
       code = static_cast<uint8_t>((yh & 1) << 1 | (yw & 1));
     }
-    load_floats(src, c, g);
+    if constexpr (std::is_same_v<G, int8_t>) {
+      decode_po2(src, c, exp_max, g);  // already powers of two: po2_round below keeps them
+    } else {
+      load_floats(src, c, g);
+    }
     if (prow) {
       #pragma GCC ivdep
       for (int64_t ch = 0; ch < c; ++ch) g[ch] = prow[ch] == code ? g[ch] : 0.0f;
@@ -619,7 +637,11 @@ Tensor bn_backward_sums(const Tensor& grad, const Tensor& pool, const Tensor& ma
   auto out = torch::zeros({4, c}, sigma1.options().dtype(torch::kDouble));
   const uint8_t* yp = y_bits.data_ptr<uint8_t>();
   const float* sp = sigma1.data_ptr<float>();
-  if (grad.scalar_type() == torch::kBFloat16) {
+  if (grad.scalar_type() == torch::kChar) {
+    bn_backward_sums_impl(grad_source<int8_t>(grad, pool, mask, rows, c, h, w, po2, exp_max,
+                                              levels),
+                          yp, rows, sp, out.data_ptr<double>());
+  } else if (grad.scalar_type() == torch::kBFloat16) {
     bn_backward_sums_impl(grad_source<at::BFloat16>(grad, pool, mask, rows, c, h, w, po2,
                                                     exp_max, levels),
                           yp, rows, sp, out.data_ptr<double>());
@@ -704,7 +726,11 @@ void bn_backward_dz(const Tensor& grad, const Tensor& pool, const Tensor& mask,
   const float* sp = sigma1.data_ptr<float>();
   const float* sh = shift.data_ptr<float>();
   const float* sl = slope.data_ptr<float>();
-  if (grad.scalar_type() == torch::kBFloat16) {
+  if (grad.scalar_type() == torch::kChar) {
+    bn_backward_dz_out(grad_source<int8_t>(grad, pool, mask, rows, c, h, w, po2, exp_max,
+                                           levels),
+                       yp, first, last, sp, sh, sl, pbn, h2, w2, dz);
+  } else if (grad.scalar_type() == torch::kBFloat16) {
     bn_backward_dz_out(grad_source<at::BFloat16>(grad, pool, mask, rows, c, h, w, po2, exp_max,
                                                  levels),
                        yp, first, last, sp, sh, sl, pbn, h2, w2, dz);
@@ -843,6 +869,56 @@ void adam_update(Tensor& p, Tensor& m, Tensor& v, const Tensor& bits, int64_t pe
   }
 }
 
+// A gradient rounded to powers of two and held as int8 codes (see decode_po2).
+template <typename G>
+void po2_encode_impl(const G* g, int64_t n, int exp_max, int levels, int8_t* codes) {
+  std::vector<float> buffer(std::min<int64_t>(n, 4096));
+  const int exp_min = exp_max - (levels - 1);
+  for (int64_t start = 0; start < n; start += buffer.size()) {
+    const int64_t count = std::min<int64_t>(buffer.size(), n - start);
+    load_floats(g + start, count, buffer.data());
+#pragma GCC ivdep
+    for (int64_t i = 0; i < count; ++i) {
+      const float q = po2_round(buffer[i], exp_max, exp_min);
+      const uint32_t bits = std::bit_cast<uint32_t>(q);
+      const int magnitude = exp_max + 1 - (static_cast<int>((bits >> 23) & 0xFF) - 127);
+      codes[start + i] = static_cast<int8_t>(q == 0.0f ? 0 : (q < 0.0f ? -magnitude : magnitude));
+    }
+  }
+}
+
+Tensor po2_encode(const Tensor& grad, double exp_max, int64_t levels) {
+  TORCH_CHECK(grad.is_contiguous(), "po2_encode: expected a contiguous gradient");
+  auto codes = torch::empty(grad.sizes(), grad.options().dtype(torch::kInt8));
+  const int e = static_cast<int>(exp_max);
+  if (grad.scalar_type() == torch::kBFloat16) {
+    po2_encode_impl(grad.data_ptr<at::BFloat16>(), grad.numel(), e, levels,
+                    codes.data_ptr<int8_t>());
+  } else if (grad.scalar_type() == torch::kFloat) {
+    po2_encode_impl(grad.data_ptr<float>(), grad.numel(), e, levels, codes.data_ptr<int8_t>());
+  } else {
+    TORCH_CHECK(false, "po2_encode: gradient must be bfloat16 or float32");
+  }
+  return codes;
+}
+
+// Codes made relative to exp_max - shift, re-based to exp_max (shift >= 0): exact, since
+// a value kept under the lower exponent window is kept under the higher one if it still
+// fits its levels, and one dropped under the lower is dropped under the higher too.
+void po2_rebase(Tensor& codes, int64_t shift, int64_t levels) {
+  TORCH_CHECK(codes.scalar_type() == torch::kChar && codes.is_contiguous() && shift >= 0,
+              "po2_rebase: contiguous int8 codes and a non-negative shift expected");
+  int8_t* cp = codes.data_ptr<int8_t>();
+  const int64_t n = codes.numel();
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    const int code = cp[i];
+    const int magnitude = (code < 0 ? -code : code) + static_cast<int>(shift);
+    const int kept = code == 0 || magnitude > levels ? 0 : magnitude;
+    cp[i] = static_cast<int8_t>(code < 0 ? -kept : kept);
+  }
+}
+
 // ---------------------------------------------------------------- whole dense blocks
 
 // A dense block's forward in one call (what trainers.lowmem_fused does step by step for
@@ -897,14 +973,15 @@ std::vector<Tensor> dense_backward(const Tensor& grad_out, const Tensor& x_saved
                                    const Tensor& y_bits, const Tensor& mask,
                                    const Tensor& stats, bool first, bool need_x, bool po2,
                                    int64_t levels, bool binary_dw, int64_t dw_block_rows,
-                                   torch::ScalarType dtype) {
+                                   torch::ScalarType dtype, double coded_exp_max) {
   const Tensor sigma1 = stats[0].to(torch::kFloat).contiguous();
   const Tensor mean_abs_y = stats[1].to(torch::kFloat).contiguous();
   Tensor g = grad_out.contiguous();
-  if (g.scalar_type() != torch::kBFloat16 && g.scalar_type() != torch::kFloat)
+  const bool coded = g.scalar_type() == torch::kChar;  // po2 codes from the block above
+  if (!coded && g.scalar_type() != torch::kBFloat16 && g.scalar_type() != torch::kFloat)
     g = g.to(torch::kFloat);
-  double exp_max = 0.0;
-  if (po2 && g.numel()) {
+  double exp_max = coded ? coded_exp_max : 0.0;
+  if (po2 && !coded && g.numel()) {
     const double peak = g.abs().max().item<double>();
     exp_max = peak > 0 ? std::floor(std::log2(peak) + 0.5) : 0.0;
   }
@@ -944,6 +1021,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_signs", &pool_signs, "2x2 max-pool of packed signs, with argmax positions");
   m.def("store_rows", &store_rows, "z rows -> float16 rows plus per-channel sums");
   m.def("dense_sign_forward", &dense_sign_forward, "x @ sgn(W)^T block by block, float32");
+  m.def("po2_encode", &po2_encode, "power-of-two gradient as int8 codes");
+  m.def("po2_rebase", &po2_rebase, "re-base int8 power-of-two codes to a higher exponent");
   m.def("dense_forward", &dense_forward, "a dense low-memory block's forward, whole");
   m.def("dense_backward", &dense_backward, "a dense low-memory block's backward, whole");
   m.def("bn_backward_sums", &bn_backward_sums, "per-channel sums of the batch-norm backward");
