@@ -8,6 +8,7 @@ a different product chunking may round differently), running statistics identica
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -217,7 +218,7 @@ def test_gradients_between_blocks_are_held_as_int8_power_of_two_codes(name, monk
     F.cross_entropy(model(x).float(), torch.randint(0, 10, (4,))).backward()
     blocks = [m for m in model.modules() if isinstance(m, BinaryBlock)]
     kinds = [isinstance(b.layer, BinaryLinear) for b in blocks]
-    chained = sum(1 for below, above in zip(kinds, kinds[1:]) if below == above)
+    chained = sum(1 for below, above in itertools.pairwise(kinds) if below == above)
     assert handed == [torch.int8] * chained
 
 

@@ -28,9 +28,10 @@ matrix:
     models: [mlp]
     datasets: [digits]
     seeds: [0]
-    epochs: 2
-    max_steps: 20
+    epochs: 20
+    max_steps: 250
 """
+# Jobs long enough (~1 s even on the fused kernels) for the poll below to catch one mid-run.
 
 TABLES = {
     "events": "device, job_id, attempt, line_no, seq, kind, raw_json",

@@ -359,8 +359,10 @@ class UmEmulator(PtyEmulator):
             cut = len(record) // 2  # bytes may arrive in several chunks
             self._write(record[:cut])
             time.sleep(0.001)
-            self._write(record[cut:])
+            # counted before its last byte goes out, so that a reader who has the whole record
+            # never sees it uncounted
             self.records_sent += 1
+            self._write(record[cut:])
 
 
 class LineEmulator(PtyEmulator):
