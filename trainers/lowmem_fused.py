@@ -354,6 +354,7 @@ def fused_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
     ctx.block = block
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
     ctx.y_hw = hw or (1, 1)
+    ctx.out_shape = out.shape
     ctx.x_packed = x_saved is x_bits
     return out
 
@@ -383,6 +384,8 @@ def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
     po2 = sw.po2_grads
     if codes is not None:  # int8 power-of-two codes from the block above
         g_rows, exp_max = codes
+        if len(ctx.out_shape) == 4 and g_rows.shape[0] == n:  # a dense block's (n, C*H*W)
+            g_rows = as_rows(g_rows.view(ctx.out_shape))
     else:
         exp_max = float(max_exponent(grad_out)) if po2 else 0.0
         g_rows = as_rows(grad_out)

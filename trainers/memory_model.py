@@ -370,9 +370,8 @@ def extended_model(model: nn.Module, recipe: Recipe, batch_size: int,
                 terms[name] += bits * batch_size
         out_bits = out_grad_bits = _output_bits(shape.block, recipe)
         above = shapes[i + 1] if i + 1 < len(shapes) else None
-        if coded and above is not None and shape.block.feeds_block and _dense(shape) == _dense(
-                above):  # int8 power-of-two codes between the two (trainers.lowmem_fused)
-            out_grad_bits = 8
+        if coded and above is not None and shape.block.feeds_block:
+            out_grad_bits = 8  # int8 power-of-two codes between blocks (trainers.lowmem_fused)
         largest_pair = max(largest_pair, shape.output_elements * out_grad_bits * batch_size
                            + _backward_scratch_bits(shape, recipe, in_grad_bits, batch_size))
         in_bits, in_grad_bits = out_bits, out_grad_bits

@@ -51,7 +51,10 @@ class BlockStack(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for module in self:
             if isinstance(module, BinaryBlock) and isinstance(module.layer, nn.Linear):
+                mailbox = getattr(x, "_po2_mailbox", None)  # see trainers.lowmem_fused
                 x = x.flatten(1)
+                if mailbox is not None:
+                    x._po2_mailbox = mailbox
             x = module(x)
         return x
 
