@@ -43,13 +43,13 @@ BACKWARD_CHUNK_ELEMENTS = 1 << 18
 # fewer, larger products, still below the layer output the forward pass holds anyway.
 UNFOLD_BYTES_PER_CHUNK_ELEMENT = 8
 # Elements per block of a dense layer's dW (or first-layer sgn(W)) before it is packed to
-# 1 bit (256 KiB fp32); at least DW_BLOCK_MIN_ROWS output rows per block.
-DW_BLOCK_ELEMENTS = 1 << 16
+# 1 bit (64 KiB fp32); at least DW_BLOCK_MIN_ROWS output rows per block.
+DW_BLOCK_ELEMENTS = 1 << 14
 DW_BLOCK_MIN_ROWS = 8
 # Power-of-two gradients: 4-bit exponent below the tensor's largest (5 bits with the sign).
 PO2_LEVELS = 16
-# 0.5 * (1 + m / 2^23) for the smallest float32 mantissa m with 1 + m / 2^23 >= sqrt(2).
-SQRT_HALF_UP = 0.5 + 3474676 / 2**24
+# The smallest float32 mantissa field m with 1 + m / 2^23 >= sqrt(2).
+SQRT2_MANTISSA = 3474676
 
 
 def chunks(rows: int, per_row: int, elements: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
@@ -76,14 +76,19 @@ def unpool(grad: torch.Tensor, positions: torch.Tensor, size: tuple[int, int]) -
 
 def po2_quantize(grad: torch.Tensor, exp_max: float) -> torch.Tensor:
     """Round to sign * 2^e with e = round(log2|g|) in [exp_max - 15, exp_max]; smaller
-    magnitudes become 0. Exact: |g| = f * 2^k with f in [0.5, 1) has round(log2|g|) = k when
-    f >= sqrt(1/2), else k - 1 (`SQRT_HALF_UP` is the smallest float32 f >= sqrt(1/2))."""
-    g = grad.float()
-    mantissa, exponent = torch.frexp(g)
-    exponent = exponent.sub_((mantissa.abs_() < SQRT_HALF_UP).to(exponent.dtype)).float()
-    exponent.clamp_(max=exp_max).masked_fill_(g.isinf(), exp_max)
-    drop = (exponent < exp_max - (PO2_LEVELS - 1)).logical_or_(g == 0)
-    return exponent.exp2_().copysign_(g).masked_fill_(drop, 0.0)
+    magnitudes become 0. Exact, on the float32 bits: |g| = 1.m * 2^E rounds to 2^(E+1) when
+    m is at least sqrt(2)'s mantissa (`SQRT2_MANTISSA`), else to 2^E; one float32 copy and
+    one int32 scratch at a time, like the float kernels it mirrors."""
+    out = torch.empty(grad.shape, dtype=torch.float32).copy_(grad)
+    bits = out.view(torch.int32)
+    doubling = bits.bitwise_and(0x7FFFFF).ge_(SQRT2_MANTISSA).add_(1)  # 1 or 2
+    bits.bitwise_and_(-0x800000)  # clear the mantissa: sign * 2^E
+    out.mul_(doubling)
+    del doubling
+    out.clamp_(-(2.0**exp_max), 2.0**exp_max)
+    floor_field = max(0, int(exp_max) - (PO2_LEVELS - 1) + 127) << 23
+    drop = bits.bitwise_and(0x7F800000).lt_(floor_field)
+    return out.masked_fill_(drop.bool(), 0.0)
 
 
 def max_exponent(grad: torch.Tensor) -> float:
