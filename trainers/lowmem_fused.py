@@ -226,7 +226,8 @@ def dense_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
         grad_x, dw, d_beta = native.kernels().dense_backward(
             grad, x_saved, ctx.x_packed, ctx.x_shape[1], weight, y_bits, mask, stats,
             spec.first, need_x, sw.po2_grads, PO2_LEVELS, sw.binary_dw,
-            dw_block_rows(ctx.x_shape[1]), cd, coded_exp_max)
+            weight.shape[0] if not spec.first else dw_block_rows(ctx.x_shape[1]), cd,
+            coded_exp_max)
     return finish_backward(ctx, weight, grad_x.to(ctx.x_dtype) if need_x else None,
                            dw if sw.binary_dw else None, None if sw.binary_dw else dw, d_beta)
 
