@@ -48,6 +48,9 @@ from trainers.profiling import phase
 # fraction of the block's full-batch gradients, while each product still sees several
 # samples (oneDNN is slow on batches of one or two, and small layers need no chunks).
 BACKWARD_CHUNKS = 20
+# A hidden dense layer's dW is a 16-bit product: blocks of this many elements (128 KiB), so
+# a 256x256 layer is one product while a large one (binarynet's 8192x1024) stays blocked.
+HIDDEN_DW_BLOCK_ELEMENTS = 1 << 16
 EMPTY = torch.empty(0, dtype=torch.uint8)
 EMPTY_FLOAT = torch.empty(0)
 
@@ -63,9 +66,9 @@ def low_memory_block(block: BinaryBlock, x: torch.Tensor) -> torch.Tensor:
     return function.apply(x, block.layer.weight, block.bn.beta, block)
 
 
-def dw_block_rows(in_features: int) -> int:
+def dw_block_rows(in_features: int, elements: int = DW_BLOCK_ELEMENTS) -> int:
     """Output rows per block of a dense layer's dW or first-layer sgn(W) (see lowmem)."""
-    return max(DW_BLOCK_MIN_ROWS, DW_BLOCK_ELEMENTS // in_features)
+    return max(DW_BLOCK_MIN_ROWS, elements // in_features)
 
 
 def weight_matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -226,8 +229,8 @@ def dense_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
         grad_x, dw, d_beta = native.kernels().dense_backward(
             grad, x_saved, ctx.x_packed, ctx.x_shape[1], weight, y_bits, mask, stats,
             spec.first, need_x, sw.po2_grads, PO2_LEVELS, sw.binary_dw,
-            weight.shape[0] if not spec.first else dw_block_rows(ctx.x_shape[1]), cd,
-            coded_exp_max)
+            dw_block_rows(ctx.x_shape[1], HIDDEN_DW_BLOCK_ELEMENTS if not spec.first
+                          else DW_BLOCK_ELEMENTS), cd, coded_exp_max)
     return finish_backward(ctx, weight, grad_x.to(ctx.x_dtype) if need_x else None,
                            dw if sw.binary_dw else None, None if sw.binary_dw else dw, d_beta)
 
