@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,18 @@ def test_probe_reads_throttling_where_vcgencmd_exists(tmp_path: Path):
     assert probe.throttled == "0x50005"
     assert probe.disk_free_bytes > 0  # measured on the nearest existing parent directory
     assert probe.missing == []
+
+
+def test_probe_says_whether_the_fused_kernels_can_be_built(tmp_path: Path):
+    """A device without a C++ compiler is told it will run the engine's reference path."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    runs = {}
+    for label, path in (("bare", str(empty)), ("system", os.environ.get("PATH", ""))):
+        result = subprocess.run(probe_argv(sys.executable, str(tmp_path)), capture_output=True,
+                                text=True, check=True, env={"PATH": path})
+        runs[label] = parse_probe(result.stdout)
+    assert runs["bare"].cxx is None
+    assert runs["bare"].fused_kernels.startswith("reference path (missing: C++ compiler")
+    if runs["system"].cxx and runs["system"].ninja:
+        assert runs["system"].fused_kernels == "buildable"

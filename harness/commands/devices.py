@@ -63,7 +63,12 @@ def _check(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps({"devices": [c.to_dict() for c in checks]}))
     else:
-        Console(width=200).print(_check_table(checks))
+        console = Console(width=200)
+        console.print(_check_table(checks))
+        for c in checks:  # usable, but lowmem will be slower there
+            if c.fused_kernels and c.fused_kernels != "buildable":
+                console.print(f"{c.name}: lowmem blocks will run the {c.fused_kernels}; install "
+                              "g++ and ninja on the device for the fused kernels")
     return ExitStatus.OK if all(c.usable for c in checks) else ExitStatus.PARTIAL
 
 

@@ -49,6 +49,7 @@ class DeviceCheck:
     disk_free_bytes: int | None = None
     cpu_temp_c: float | None = None
     throttled: str | None = None
+    fused_kernels: str | None = None  # see DeviceProbe.fused_kernels
     meter: str = "none"
     clock_offset_s: float | None = None
     clock_rtt_s: float | None = None
@@ -91,6 +92,7 @@ def _apply_probe(check: DeviceCheck, probe: DeviceProbe, workdir: str) -> None:
     check.disk_free_bytes = probe.disk_free_bytes
     check.cpu_temp_c = probe.cpu_temp_c
     check.throttled = probe.throttled
+    check.fused_kernels = probe.fused_kernels
     check.deployed = bool(probe.device_agent_path) and probe.device_agent_path.startswith(
         posixpath.join(workdir, CODE_DIR) + "/"
     )

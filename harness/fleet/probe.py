@@ -1,4 +1,5 @@
-"""What a device has: its Python and the agent's dependencies, memory, disk, temperature.
+"""What a device has: its Python and the agent's dependencies, memory, disk, temperature,
+and whether the engine's fused C++ kernels can be built there.
 
 One remote command (stdlib Python on the device) answers everything as JSON,
 so `harness devices check` costs one round trip per device. Packages are
@@ -46,6 +47,10 @@ try:
         found["cpu_temp_c"] = int(handle.read().strip()) / 1000.0
 except (OSError, ValueError):
     found["cpu_temp_c"] = None
+# The engine builds its fused low-memory kernels with a C++ compiler and ninja (pip or OS);
+# without them it runs its slower reference path.
+found["cxx"] = shutil.which("c++") or shutil.which("g++")
+found["ninja"] = bool(shutil.which("ninja") or importlib.util.find_spec("ninja"))
 found["throttled"] = None
 if shutil.which("vcgencmd"):
     try:
@@ -70,6 +75,15 @@ class DeviceProbe:
     disk_free_bytes: int | None
     cpu_temp_c: float | None
     throttled: str | None  # `vcgencmd get_throttled` value, e.g. "0x50000"
+    cxx: str | None = None  # the C++ compiler the engine's fused kernels would build with
+    ninja: bool = False
+
+    @property
+    def fused_kernels(self) -> str:
+        """Whether `trainers` can build its fused low-memory kernels here, or what is missing."""
+        missing = [name for name, have in (("C++ compiler", self.cxx), ("ninja", self.ninja))
+                   if not have]
+        return "buildable" if not missing else f"reference path (missing: {', '.join(missing)})"
 
     @property
     def missing(self) -> list[str]:
