@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from trainers import native
 from trainers.errors import UsageError, unknown_choice
 from trainers.layers import BinaryBlock, BinaryConv2d, BinaryLinear, BlockSpec, L1BatchNorm
 from trainers.methods import LowMemSwitches, Recipe
@@ -187,6 +188,8 @@ def build_model(name: str, recipe: Recipe, in_shape: tuple[int, int, int] | None
     if num_classes < 2:
         raise UsageError(f"number of classes must be at least 2, got {num_classes}")
     model = BUILDERS[name](in_shape, num_classes, recipe.switches)
+    if recipe.switches.any:  # load (or build) the fused kernels now, not inside a measured step
+        native.kernels()
     if recipe.switches.fp16_state:
         for block in model.modules():
             if isinstance(block, BinaryBlock):
