@@ -16,7 +16,7 @@ from trainers.bop.fpformat import FloatFormat
 from trainers.bop.search import GradientTrace, search_momentum_format
 from trainers.engine import train_step
 from trainers.errors import UsageError
-from trainers.layers import binary_weights
+from trainers.layers import binary_layers, binary_weights, weight_values
 from trainers.methods import LowMemSwitches, make_recipe
 from trainers.models import build_model
 
@@ -226,8 +226,8 @@ def test_routed_optimizer_trains_real_model_and_round_trips(switches):
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
     for _ in range(3):
         assert math.isfinite(train_step(model, opt, x, y))
-    for p in binary_weights(model):
-        assert set(p.detach().unique().tolist()) <= {-1.0, 1.0}
+    for layer in binary_layers(model):  # packed sign bits with the lowmem switches on
+        assert set(weight_values(layer).detach().float().unique().tolist()) <= {-1.0, 1.0}
     lost = opt.last_lost_updates
     assert lost.layers[0].name == "0.layer.weight"
     assert lost.attempted > 0 and 0.0 <= lost.lost_fraction <= 1.0
@@ -251,3 +251,37 @@ def test_auto_format_without_warmup_data_is_refused():
     model = build_model("mlp", recipe, in_shape=(1, 8, 8))
     with pytest.raises(UsageError, match="auto needs warm-up batches"):
         build_bop_optimizer(model, recipe)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnv"])
+def test_low_memory_bop_holds_binary_weights_as_packed_bits(name):
+    """lowmem + Bop keeps each binary weight as one bit; training flips the same weights as
+    with the +-1 weights held in float16."""
+    from dataclasses import replace
+
+    from trainers.bits import PackedBits, unpack_signs
+    from trainers.bop import build_bop_optimizer
+    from trainers.engine import train_step
+    from trainers.layers import binary_layers, weight_shape
+    from trainers.methods import make_recipe
+    from trainers.models import build_model
+
+    recipe = make_recipe("lowmem", optimizer="bop", momentum_format="6,5,67")
+    torch.manual_seed(0)
+    packed = build_model(name, recipe)
+    torch.manual_seed(0)
+    unpacked = build_model(name, replace(recipe, optimizer="adam"))  # same init, float16
+    for layer in binary_layers(packed):
+        assert layer.weight.dtype == torch.uint8
+        assert layer.weight.numel() * 8 >= weight_shape(layer).numel() > (
+            layer.weight.numel() - layer.weight.shape[0]) * 8
+    optimizers = [build_bop_optimizer(m, recipe) for m in (packed, unpacked)]
+    torch.manual_seed(1)
+    batches = [(torch.rand(8, *packed.in_shape) * 2 - 1, torch.randint(0, 10, (8,)))
+               for _ in range(3)]
+    for x, y in batches:
+        for model, optimizer in zip((packed, unpacked), optimizers):
+            train_step(model, optimizer, x, y)
+    for a, b in zip(binary_layers(packed), binary_layers(unpacked)):
+        signs = unpack_signs(PackedBits(a.weight.data, weight_shape(a)))
+        assert torch.equal(signs, b.weight.detach().float())

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers.bits import pack_rows, unpack_sign_rows
 from trainers.methods import LowMemSwitches
 
 
@@ -77,7 +78,7 @@ class BinaryLinear(nn.Linear):
         glorot_uniform_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, BinarizeWeight.apply(self.weight).to(x.dtype))
+        return F.linear(x, BinarizeWeight.apply(weight_values(self)).to(x.dtype))
 
 
 class BinaryConv2d(nn.Conv2d):
@@ -90,7 +91,7 @@ class BinaryConv2d(nn.Conv2d):
         glorot_uniform_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, BinarizeWeight.apply(self.weight).to(x.dtype), None, self.stride,
+        return F.conv2d(x, BinarizeWeight.apply(weight_values(self)).to(x.dtype), None, self.stride,
                         self.padding)
 
 
@@ -208,13 +209,50 @@ class BinaryBlock(nn.Module):
         return y
 
 
+def binary_layers(model: nn.Module) -> list[BinaryLinear | BinaryConv2d]:
+    return [m for m in model.modules() if isinstance(m, (BinaryLinear, BinaryConv2d))]
+
+
 def binary_weights(model: nn.Module) -> list[nn.Parameter]:
     """The parameters that are binary weights (Bop's); every other parameter is real-valued."""
-    return [m.weight for m in model.modules() if isinstance(m, (BinaryLinear, BinaryConv2d))]
+    return [m.weight for m in binary_layers(model)]
+
+
+def weight_shape(layer: BinaryLinear | BinaryConv2d) -> torch.Size:
+    """The binary weight's logical shape, also when it is held bit-packed."""
+    if isinstance(layer, nn.Linear):
+        return torch.Size([layer.out_features, layer.in_features])
+    return torch.Size([layer.out_channels, layer.in_channels // layer.groups,
+                       *layer.kernel_size])
+
+
+def is_packed(weight: torch.Tensor) -> bool:
+    """A binary weight held as packed sign bits (Bop in low-memory mode)."""
+    return weight.dtype == torch.uint8
+
+
+def weight_values(layer: BinaryLinear | BinaryConv2d) -> torch.Tensor:
+    """The layer's weight as values: itself, or its packed signs unpacked to int8 +-1 (one
+    byte a weight, for the one layer that runs)."""
+    if not is_packed(layer.weight):
+        return layer.weight
+    shape = weight_shape(layer)
+    return unpack_sign_rows(layer.weight.detach(), shape, torch.int8).reshape(shape)
+
+
+@torch.no_grad()
+def pack_binary_weights(model: nn.Module) -> None:
+    """Hold every binary weight as packed sign bits (1 bit a weight, rows of output units):
+    Bop in low-memory mode keeps no latent weights, only the signs it flips."""
+    for layer in binary_layers(model):
+        if not is_packed(layer.weight):
+            packed = pack_rows(layer.weight.reshape(layer.weight.shape[0], -1) >= 0)
+            layer.weight = nn.Parameter(packed, requires_grad=False)
 
 
 @torch.no_grad()
 def clip_binary_weights(model: nn.Module) -> None:
     """Keep latent weights in [-1, 1] after each update (Courbariaux & Bengio)."""
     for w in binary_weights(model):
-        w.clamp_(-1.0, 1.0)
+        if not is_packed(w):  # packed signs are +-1 already
+            w.clamp_(-1.0, 1.0)

@@ -32,7 +32,7 @@ from torch import nn
 
 from trainers import kernels
 from trainers.bits import PackedBits, pack_rows, unpack_rows, unpack_sign_rows
-from trainers.layers import BinaryBlock, channel_dims, per_channel, sign
+from trainers.layers import BinaryBlock, channel_dims, per_channel, sign, weight_values
 from trainers.profiling import phase
 
 # Elements per chunk of fp32 temporaries (4 MiB).
@@ -190,7 +190,8 @@ class LowMemBlockFunction(torch.autograd.Function):
         fast = kernels.int8_enabled() and not spec.first
         pack_input = save and not spec.first and (sw.binary_inputs or spec.sign_input)
         with phase("lowmem.forward.layer"):
-            z16, pool_bn, sums, x_bits = layer_pass(ctx, x, weight, block, fast, pack_input)
+            z16, pool_bn, sums, x_bits = layer_pass(ctx, x, weight_values(block.layer), block,
+                                                    fast, pack_input)
         count = z16.numel() // z16.shape[1]
         dims = channel_dims(z16)
         z_rows = chunks(n, z16[0].numel())
@@ -300,9 +301,10 @@ class LowMemBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def run_backward(ctx, grad_out: torch.Tensor):
-        (x_saved, weight, y_bits, xhat, mask, pool_bn, pool_act, in_mask,
+        (x_saved, parameter, y_bits, xhat, mask, pool_bn, pool_act, in_mask,
          stats) = ctx.saved_tensors
         block = ctx.block
+        weight = weight_values(block.layer)  # int8 +-1 when the parameter is packed bits
         spec, sw, layer = block.spec, block.switches, block.layer
         sigma1 = stats[0].float()
         mean_abs_y = stats[1].float()
@@ -416,7 +418,7 @@ class LowMemBlockFunction(torch.autograd.Function):
                 packed_dw = pack_rows(d_w >= 0)
         if sw.binary_dw:
             scale = 1.0 / math.sqrt(weight.numel())
-            weight.packed_grad = PackedBits(packed_dw, weight.shape, scale)
+            parameter.packed_grad = PackedBits(packed_dw, weight.shape, scale)
             grad_w = None
         else:
             grad_w = d_w.to(weight.dtype)

@@ -27,7 +27,7 @@ from torch import nn
 
 from trainers import kernels, native
 from trainers.bits import PackedBits, pack_rows
-from trainers.layers import BinaryBlock, sign
+from trainers.layers import BinaryBlock, sign, weight_shape, weight_values
 from trainers.lowmem import (
     BACKWARD_CHUNK_ELEMENTS,
     DW_BLOCK_ELEMENTS,
@@ -206,7 +206,8 @@ def dense_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
     x = x.reshape(x.shape[0], -1)
     with phase("lowmem.forward.dense_block"):
         out, x_bits, y_bits, mask, stats = native.kernels().dense_forward(
-            x, weight, beta, bn.running_mean, bn.running_sigma1, bn.momentum, bn.eps,
+            x, weight_values(block.layer), beta, bn.running_mean, bn.running_sigma1,
+            bn.momentum, bn.eps,
             block.training, save, spec.first, pack_input, spec.sign_output, sw.fp16_grads,
             kernels.int8_enabled(), dw_block_rows(x.shape[1]))
     if save:
@@ -218,8 +219,9 @@ def dense_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
 
 
 def dense_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float] | None):
-    x_saved, weight, y_bits, mask, stats = ctx.saved_tensors
+    x_saved, parameter, y_bits, mask, stats = ctx.saved_tensors
     block = ctx.block
+    weight = weight_values(block.layer)
     spec, sw = block.spec, block.switches
     fast = kernels.int8_enabled() and sw.fp16_grads
     cd = kernels.grad_dtype() if fast else torch.float32
@@ -231,7 +233,7 @@ def dense_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
             spec.first, need_x, sw.po2_grads, PO2_LEVELS, sw.binary_dw,
             dw_block_rows(ctx.x_shape[1], HIDDEN_DW_BLOCK_ELEMENTS if not spec.first
                           else DW_BLOCK_ELEMENTS), cd, coded_exp_max)
-    return finish_backward(ctx, weight, grad_x.to(ctx.x_dtype) if need_x else None,
+    return finish_backward(ctx, parameter, grad_x.to(ctx.x_dtype) if need_x else None,
                            dw if sw.binary_dw else None, None if sw.binary_dw else dw, d_beta)
 
 
@@ -240,7 +242,8 @@ def finish_backward(ctx, weight: torch.Tensor, grad_x: torch.Tensor | None,
                     d_beta: torch.Tensor):
     """Leave the 1-bit dW on the weight for the optimizer (or return the full one)."""
     if packed_dw is not None:
-        weight.packed_grad = PackedBits(packed_dw, weight.shape, 1.0 / math.sqrt(weight.numel()))
+        shape = weight_shape(ctx.block.layer)  # also when the parameter is packed bits
+        weight.packed_grad = PackedBits(packed_dw, shape, 1.0 / math.sqrt(shape.numel()))
         grad_w = None
     else:
         grad_w = d_w.to(weight.dtype)
@@ -315,7 +318,8 @@ def fused_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
     n = x.shape[0]
     out_dtype = torch.bfloat16 if sw.fp16_grads and spec.sign_output else torch.float32
     with phase("lowmem.forward.layer"):
-        z_rows, z_map, sums, x_bits, in_mask, pool_bn = layer_rows(ctx, x, weight, block, save)
+        z_rows, z_map, sums, x_bits, in_mask, pool_bn = layer_rows(
+            ctx, x, weight_values(block.layer), block, save)
     rows, channels = z_rows.shape
     hw = tuple(z_map.shape[2:]) if z_map.dim() == 4 else None
 
@@ -377,7 +381,8 @@ def input_chunk(ctx, x_saved: torch.Tensor, s: int, e: int, dtype: torch.dtype
 
 def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float] | None):
     ext = native.kernels()
-    x_saved, weight, y_bits, mask, pool_bn, pool_act, in_mask, stats = ctx.saved_tensors
+    x_saved, parameter, y_bits, mask, pool_bn, pool_act, in_mask, stats = ctx.saved_tensors
+    weight = weight_values(ctx.block.layer)
     block = ctx.block
     spec, sw, layer = block.spec, block.switches, block.layer
     sigma1 = stats[0].float().contiguous()
@@ -467,4 +472,4 @@ def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
         if coded is not None:
             coded.hand_down(ctx.below)
             grad_x = placeholder(ctx.x_shape, ctx.x_dtype)
-    return finish_backward(ctx, weight, grad_x, packed_dw, d_w, d_beta)
+    return finish_backward(ctx, parameter, grad_x, packed_dw, d_w, d_beta)

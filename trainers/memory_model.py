@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from trainers import native
-from trainers.layers import BinaryBlock, L1BatchNorm
+from trainers.layers import BinaryBlock, L1BatchNorm, weight_shape
 from trainers.lowmem import BACKWARD_CHUNK_ELEMENTS, DW_BLOCK_ELEMENTS
 from trainers.lowmem_fused import BACKWARD_CHUNKS
 from trainers.methods import LowMemSwitches, Recipe
@@ -344,14 +344,17 @@ def extended_model(model: nn.Module, recipe: Recipe, batch_size: int,
         "gradient_buffers"), 0)
     terms["parameters"] = sum(p.numel() * _dtype_bits(p) for p in model.parameters())
     terms["buffers"] = sum(t.numel() * _dtype_bits(t) for t in model.buffers())
+    shapes_of = {id(m.layer.weight): weight_shape(m.layer) for m in model.modules()
+                 if isinstance(m, BinaryBlock)}  # logical, also for packed sign bits
     for p in model.parameters():
         binary = id(p) in binary_ids
+        shape = shapes_of.get(id(p), p.shape)
         if binary and sw.binary_dw:
-            terms["gradients"] += p.shape[0] * _packed(p[0].numel())
+            terms["gradients"] += shape[0] * _packed(shape.numel() // shape[0])
         else:
             terms["gradients"] += p.numel() * (32 if binary and not lowmem else _dtype_bits(p))
         if bop and binary:
-            terms["moments"] += p.numel() * bit_widths(recipe).moment
+            terms["moments"] += shape.numel() * bit_widths(recipe).moment
         else:
             moment_bits = 16 if sw.fp16_state else 32
             moments = 1 if recipe.optimizer == "sgd" else 2

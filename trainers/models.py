@@ -22,7 +22,15 @@ from torch import nn
 
 from trainers import native
 from trainers.errors import UsageError, unknown_choice
-from trainers.layers import BinaryBlock, BinaryConv2d, BinaryLinear, BlockSpec, L1BatchNorm
+from trainers.layers import (
+    BinaryBlock,
+    BinaryConv2d,
+    BinaryLinear,
+    BlockSpec,
+    L1BatchNorm,
+    pack_binary_weights,
+    weight_shape,
+)
 from trainers.methods import LowMemSwitches, Recipe
 
 DEFAULT_INPUT_SHAPES = {
@@ -195,6 +203,8 @@ def build_model(name: str, recipe: Recipe, in_shape: tuple[int, int, int] | None
             if isinstance(block, BinaryBlock):
                 block.layer.weight.data = block.layer.weight.data.half()
                 block.bn.beta.data = block.bn.beta.data.half()
+    if recipe.optimizer == "bop" and recipe.switches.any and recipe.switches.binary_dw:
+        pack_binary_weights(model)  # Bop keeps only signs: 1 bit a weight in low-memory mode
     model.in_shape = in_shape
     return model
 
@@ -233,7 +243,7 @@ def layer_inventory(model: nn.Module, in_shape: tuple[int, int, int] | None = No
         dense = isinstance(module, nn.Linear)
         kind = ("binary_" if binary else "real_") + ("dense" if dense else "conv")
         records.append(LayerInfo(names[module], kind, inputs[0][0].numel(), output[0].numel(),
-                                 module.weight.numel(), bn_of.get(module, 0)))
+                                 weight_shape(module).numel(), bn_of.get(module, 0)))
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (nn.Linear, nn.Conv2d))]

@@ -13,7 +13,7 @@ from trainers.bop.lost_updates import LayerLostUpdates, LostUpdates
 from trainers.bop.optimizer import DEFAULT_GAMMA, DEFAULT_TAU, Bop, bop_update
 from trainers.bop.routing import RoutedOptimizer, route_parameters
 from trainers.errors import UsageError
-from trainers.layers import binary_weights
+from trainers.layers import binary_layers, binary_weights, is_packed, weight_shape
 from trainers.methods import Recipe
 
 __all__ = [
@@ -61,13 +61,18 @@ def build_bop_optimizer(
         recipe = resolve_momentum_format(recipe, model, warmup_batches, gamma=gamma, tau=tau)
     from trainers.optim import build_optimizer
 
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    binary = [p for p in binary_weights(model) if p.requires_grad]
+    # packed binary weights (low-memory mode) need no autograd gradient: Bop trains them
+    packed_shapes = {id(layer.weight): weight_shape(layer) for layer in binary_layers(model)
+                     if is_packed(layer.weight)}
+    trainable = [(name, p) for name, p in model.named_parameters()
+                 if p.requires_grad or id(p) in packed_shapes]
+    binary = [p for p in binary_weights(model) if p.requires_grad or id(p) in packed_shapes]
     binary_ids = {id(p) for p in binary}
     real = [p for _, p in trainable if id(p) not in binary_ids]
     routes = route_parameters(trainable, {"bop": binary, "adam": real})
     optimizers: dict[str, torch.optim.Optimizer] = {
-        "bop": Bop(routes["bop"], gamma=gamma, tau=tau, momentum_format=recipe.momentum_format)
+        "bop": Bop(routes["bop"], gamma=gamma, tau=tau, momentum_format=recipe.momentum_format,
+                   packed_shapes=packed_shapes)
     }
     if real:
         adam_recipe = replace(recipe, optimizer="adam", momentum_format=None)

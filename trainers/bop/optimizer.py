@@ -15,7 +15,7 @@ from itertools import chain
 
 import torch
 
-from trainers.bits import PackedBits, signs_from_bits, unpack_rows
+from trainers.bits import PackedBits, pack_rows, signs_from_bits, unpack_rows, unpack_sign_rows
 from trainers.bop.fpformat import FloatFormat
 from trainers.bop.lost_updates import LayerLostUpdates, LostUpdates, count_lost_updates
 from trainers.layers import sign
@@ -102,6 +102,7 @@ class Bop(torch.optim.Optimizer):
         tau: float = DEFAULT_TAU,
         momentum_format: FloatFormat | str | None = None,
         check_tau: bool = True,
+        packed_shapes: dict[int, torch.Size] | None = None,
     ) -> None:
         if not (isinstance(gamma, (int, float)) and 0.0 < gamma <= 1.0):
             raise ValueError(f"Bop gamma must be in (0, 1], got {gamma!r}")
@@ -115,9 +116,16 @@ class Bop(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.last_lost_updates: LostUpdates | None = None
         self._steps = 0
+        # id(param) -> logical shape of the weights held as packed sign bits (uint8 rows)
+        self._packed_shapes = dict(packed_shapes or {})
         with torch.no_grad():
             for p in self._params():
-                p.copy_(sign(p))
+                if id(p) not in self._packed_shapes:
+                    p.copy_(sign(p))
+
+    def _shape(self, param: torch.Tensor) -> torch.Size:
+        """The binary weights' logical shape (packed parameters hold rows of bits)."""
+        return self._packed_shapes.get(id(param), param.shape)
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -125,11 +133,12 @@ class Bop(torch.optim.Optimizer):
     def momentum(self, param: torch.Tensor) -> torch.Tensor:
         """The momentum of `param`, decoded to float32 (for inspection and tests)."""
         state = self.state[param]
+        shape = self._shape(param)
         if "momentum" not in state:
-            return torch.zeros_like(param, dtype=torch.float32)
+            return torch.zeros(shape, dtype=torch.float32)
         fmt = format_of_tag(state["momentum_format"])
-        flat = fmt.decode(state["momentum"], param.numel()) if fmt else state["momentum"]
-        return flat.reshape(param.shape).clone()
+        flat = fmt.decode(state["momentum"], shape.numel()) if fmt else state["momentum"]
+        return flat.reshape(shape).clone()
 
     def state_bytes(self) -> int:
         """Bytes of the stored momentum of all parameters."""
@@ -167,12 +176,13 @@ class Bop(torch.optim.Optimizer):
     def _state_in_format(self, param: torch.Tensor, fmt: FloatFormat | None) -> dict:
         """The parameter's state, created lazily, re-encoded if the group's format changed."""
         state = self.state[param]
+        numel = self._shape(param).numel()
         if "momentum" not in state:
             state["step"] = 0
             state["momentum_format"] = format_tag(fmt)
             state["momentum"] = (
-                fmt.empty_storage(param.numel(), param.device) if fmt
-                else torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+                fmt.empty_storage(numel, param.device) if fmt
+                else torch.zeros(numel, dtype=torch.float32, device=param.device)
             )
         elif format_of_tag(state["momentum_format"]) != fmt:
             values = self.momentum(param).reshape(-1)
@@ -182,8 +192,10 @@ class Bop(torch.optim.Optimizer):
 
     def _update(self, name, param, grad, state, fmt, gamma, tau) -> LayerLostUpdates:
         """Update one parameter tensor chunk by chunk (chunks of whole rows, 8 rows at a time)."""
-        shape = param.shape if param.dim() > 1 else torch.Size([1, param.numel()])
-        rows, per_row = shape[0], param.numel() // shape[0]
+        packed = id(param) in self._packed_shapes
+        shape = self._shape(param)
+        shape = shape if len(shape) > 1 else torch.Size([1, shape.numel()])
+        rows, per_row = shape[0], shape.numel() // shape[0]
         rows_per_chunk = max(8, (CHUNK_ELEMENTS // max(per_row, 1)) // 8 * 8)
         storage, flat = state["momentum"], param.view(-1)
         attempted = lost = flips = 0
@@ -192,15 +204,19 @@ class Bop(torch.optim.Optimizer):
             s, e = r0 * per_row, r1 * per_row
             where = fmt.storage_range(s, e) if fmt else slice(s, e)
             old = fmt.decode(storage[where], e - s) if fmt else storage[where]
-            update = bop_update(flat[s:e].float(), old, grad_rows(grad, shape, r0, r1),
-                                gamma, tau, fmt)
+            weights = (unpack_sign_rows(param.data[r0:r1], shape, torch.float32).reshape(-1)
+                       if packed else flat[s:e].float())
+            update = bop_update(weights, old, grad_rows(grad, shape, r0, r1), gamma, tau, fmt)
             counts = count_lost_updates(old, update.step, update.momentum)
             attempted, lost = attempted + counts[0], lost + counts[1]
             flips += int(update.flipped.sum())
             storage[where] = fmt.encode(update.momentum) if fmt else update.momentum
-            flat[s:e] = update.weight.to(param.dtype)
+            if packed:
+                param.data[r0:r1] = pack_rows(update.weight.view(r1 - r0, -1) >= 0)
+            else:
+                flat[s:e] = update.weight.to(param.dtype)
         state["step"] += 1
-        return LayerLostUpdates(name, param.numel(), attempted, lost, flips)
+        return LayerLostUpdates(name, shape.numel(), attempted, lost, flips)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Like torch's, but the encoded momentum keeps its integer container (never cast)."""
@@ -217,7 +233,8 @@ class Bop(torch.optim.Optimizer):
             if momentum is None:
                 continue
             fmt = format_of_tag(self.state[param]["momentum_format"])
-            expected = fmt.empty_storage(param.numel()) if fmt else param.detach().reshape(-1)
+            numel = self._shape(param).numel()
+            expected = fmt.empty_storage(numel) if fmt else torch.empty(numel)
             if momentum.numel() != expected.numel() or (fmt and momentum.dtype != expected.dtype):
                 raise ValueError(
                     f"Bop state for parameter {key}: momentum of {momentum.numel()} "

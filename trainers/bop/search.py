@@ -24,7 +24,7 @@ from trainers.bits import PackedBits, unpack_signs
 from trainers.bop.fpformat import FloatFormat, quantize_many
 from trainers.bop.optimizer import DEFAULT_GAMMA, DEFAULT_TAU
 from trainers.errors import UsageError
-from trainers.layers import binary_weights, sign
+from trainers.layers import binary_layers, is_packed, sign, weight_shape, weight_values
 from trainers.methods import Recipe
 
 DEFAULT_WIDTHS = tuple(range(4, 17))
@@ -136,14 +136,18 @@ def record_gradient_trace(
     optimizer = build_bop_optimizer(
         work, replace(recipe, momentum_format=None), gamma=gamma, tau=tau
     )
-    params = [p for p in binary_weights(work) if p.requires_grad]
-    total = sum(p.numel() for p in params)
+    layers = [layer for layer in binary_layers(work)
+              if layer.weight.requires_grad or is_packed(layer.weight)]
+    params = [layer.weight for layer in layers]
+    sizes = [weight_shape(layer).numel() for layer in layers]  # packed weights hold bits
+    total = sum(sizes)
     generator = torch.Generator().manual_seed(seed)
     picks = []
-    for p in params:
-        count = min(p.numel(), max(16, round(sample_size * p.numel() / total)))
-        picks.append(torch.randperm(p.numel(), generator=generator)[:count].sort().values)
-    weights = torch.cat([sign(p.detach().reshape(-1)[i].float()) for p, i in zip(params, picks)])
+    for size in sizes:
+        count = min(size, max(16, round(sample_size * size / total)))
+        picks.append(torch.randperm(size, generator=generator)[:count].sort().values)
+    weights = torch.cat([sign(weight_values(layer).detach().reshape(-1)[i].float())
+                         for layer, i in zip(layers, picks)])
     rows: list[torch.Tensor] = []
 
     def record(*_args) -> None:
@@ -162,7 +166,7 @@ def record_gradient_trace(
         handle.remove()
     if not rows:
         raise UsageError("the warm-up got no batches; the data set is empty")
-    return GradientTrace(torch.stack(rows), weights, tuple(p.numel() for p in params))
+    return GradientTrace(torch.stack(rows), weights, tuple(sizes))
 
 
 def replay(

@@ -113,6 +113,11 @@ inline void decode_po2(const int8_t* __restrict__ codes, int64_t n, int exp_max,
   }
 }
 
+inline void load_floats(const int8_t* __restrict__ src, int64_t n, float* __restrict__ dst) {
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
 inline void store_floats(const float* src, int64_t n, float* dst) {
   std::memcpy(dst, src, n * sizeof(float));
 }
@@ -252,8 +257,10 @@ Tensor signs(const Tensor& w, torch::ScalarType dtype) {
     signs_dispatch(w.data_ptr<at::Half>(), w.numel(), out);
   } else if (w.scalar_type() == torch::kFloat) {
     signs_dispatch(w.data_ptr<float>(), w.numel(), out);
+  } else if (w.scalar_type() == torch::kChar) {  // +-1 unpacked from packed bits
+    signs_dispatch(w.data_ptr<int8_t>(), w.numel(), out);
   } else {
-    TORCH_CHECK(false, "signs: weight must be float16 or float32");
+    TORCH_CHECK(false, "signs: weight must be float16, float32 or int8");
   }
   return out;
 }
@@ -516,8 +523,10 @@ Tensor dense_sign_forward(const Tensor& x, const Tensor& weight, int64_t block_r
       sign_block(weight.data_ptr<at::Half>() + o * k, (o2 - o) * k, sp);
     } else if (weight.scalar_type() == torch::kFloat) {
       sign_block(weight.data_ptr<float>() + o * k, (o2 - o) * k, sp);
+    } else if (weight.scalar_type() == torch::kChar) {
+      sign_block(weight.data_ptr<int8_t>() + o * k, (o2 - o) * k, sp);
     } else {
-      TORCH_CHECK(false, "dense_sign_forward: weight must be float16 or float32");
+      TORCH_CHECK(false, "dense_sign_forward: weight must be float16, float32 or int8");
     }
     z.slice(1, o, o2).copy_(xf.mm(block.t()));
   }
