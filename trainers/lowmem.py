@@ -282,7 +282,7 @@ class LowMemBlockFunction(torch.autograd.Function):
         stats = torch.stack([sigma1, (abs_y / count).float()]).to(torch.float16)
         empty = torch.empty(0)
         ctx.save_for_backward(
-            x_saved, weight, y_bits if y_bits is not None else empty,
+            x_saved, y_bits if y_bits is not None else empty,
             xhat if xhat is not None else empty, mask if mask is not None else empty,
             pool_bn if pool_bn is not None else empty,
             pool_act if pool_act is not None else empty,
@@ -301,7 +301,7 @@ class LowMemBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def run_backward(ctx, grad_out: torch.Tensor):
-        (x_saved, parameter, y_bits, xhat, mask, pool_bn, pool_act, in_mask,
+        (x_saved, y_bits, xhat, mask, pool_bn, pool_act, in_mask,
          stats) = ctx.saved_tensors
         block = ctx.block
         weight = weight_values(block.layer)  # int8 +-1 when the parameter is packed bits
@@ -418,7 +418,9 @@ class LowMemBlockFunction(torch.autograd.Function):
                 packed_dw = pack_rows(d_w >= 0)
         if sw.binary_dw:
             scale = 1.0 / math.sqrt(weight.numel())
-            parameter.packed_grad = PackedBits(packed_dw, weight.shape, scale)
+            # on the module's parameter: a saved tensor may come back as another object
+            # (under saved-tensor hooks such as trainers.measure's ledger)
+            block.layer.weight.packed_grad = PackedBits(packed_dw, weight.shape, scale)
             grad_w = None
         else:
             grad_w = d_w.to(weight.dtype)

@@ -211,7 +211,7 @@ def dense_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
             block.training, save, spec.first, pack_input, spec.sign_output, sw.fp16_grads,
             kernels.int8_enabled(), dw_block_rows(x.shape[1]))
     if save:
-        ctx.save_for_backward(x_bits if pack_input else x, weight, y_bits, mask, stats)
+        ctx.save_for_backward(x_bits if pack_input else x, y_bits, mask, stats)
         ctx.block = block
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.x_packed = pack_input
@@ -219,7 +219,7 @@ def dense_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
 
 
 def dense_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float] | None):
-    x_saved, parameter, y_bits, mask, stats = ctx.saved_tensors
+    x_saved, y_bits, mask, stats = ctx.saved_tensors
     block = ctx.block
     weight = weight_values(block.layer)
     spec, sw = block.spec, block.switches
@@ -233,20 +233,22 @@ def dense_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
             spec.first, need_x, sw.po2_grads, PO2_LEVELS, sw.binary_dw,
             dw_block_rows(ctx.x_shape[1], HIDDEN_DW_BLOCK_ELEMENTS if not spec.first
                           else DW_BLOCK_ELEMENTS), cd, coded_exp_max)
-    return finish_backward(ctx, parameter, grad_x.to(ctx.x_dtype) if need_x else None,
+    return finish_backward(ctx, grad_x.to(ctx.x_dtype) if need_x else None,
                            dw if sw.binary_dw else None, None if sw.binary_dw else dw, d_beta)
 
 
-def finish_backward(ctx, weight: torch.Tensor, grad_x: torch.Tensor | None,
-                    packed_dw: torch.Tensor | None, d_w: torch.Tensor | None,
-                    d_beta: torch.Tensor):
+def finish_backward(ctx, grad_x: torch.Tensor | None, packed_dw: torch.Tensor | None,
+                    d_w: torch.Tensor | None, d_beta: torch.Tensor):
     """Leave the 1-bit dW on the weight for the optimizer (or return the full one)."""
+    # The module's parameter, not a saved tensor: under saved-tensor hooks (trainers.measure's
+    # ledger) a saved tensor may come back as another object, and the 1-bit dW would be lost.
+    parameter = ctx.block.layer.weight
     if packed_dw is not None:
         shape = weight_shape(ctx.block.layer)  # also when the parameter is packed bits
-        weight.packed_grad = PackedBits(packed_dw, shape, 1.0 / math.sqrt(shape.numel()))
+        parameter.packed_grad = PackedBits(packed_dw, shape, 1.0 / math.sqrt(shape.numel()))
         grad_w = None
     else:
-        grad_w = d_w.to(weight.dtype)
+        grad_w = d_w.to(parameter.dtype)
     return grad_x, grad_w, d_beta.to(ctx.block.bn.beta.dtype), None
 
 
@@ -356,7 +358,7 @@ def fused_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
     else:
         x_saved = x_bits
     stats = torch.stack([sigma1, (abs_y / rows).float()]).to(torch.float16)
-    ctx.save_for_backward(x_saved, weight, y_bits, mask,
+    ctx.save_for_backward(x_saved, y_bits, mask,
                           pool_bn if pool_bn is not None else EMPTY, pool_act,
                           in_mask if in_mask is not None else EMPTY, stats)
     ctx.block = block
@@ -381,7 +383,7 @@ def input_chunk(ctx, x_saved: torch.Tensor, s: int, e: int, dtype: torch.dtype
 
 def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float] | None):
     ext = native.kernels()
-    x_saved, parameter, y_bits, mask, pool_bn, pool_act, in_mask, stats = ctx.saved_tensors
+    x_saved, y_bits, mask, pool_bn, pool_act, in_mask, stats = ctx.saved_tensors
     weight = weight_values(ctx.block.layer)
     block = ctx.block
     spec, sw, layer = block.spec, block.switches, block.layer
@@ -472,4 +474,4 @@ def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
         if coded is not None:
             coded.hand_down(ctx.below)
             grad_x = placeholder(ctx.x_shape, ctx.x_dtype)
-    return finish_backward(ctx, parameter, grad_x, packed_dw, d_w, d_beta)
+    return finish_backward(ctx, grad_x, packed_dw, d_w, d_beta)
