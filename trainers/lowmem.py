@@ -129,9 +129,14 @@ def signs_of(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype).mul_(2).sub_(1)
 
 
+def packed_rows(rows: int, features: int) -> torch.Tensor:
+    """Uninitialised packed-bit storage: `rows` rows of `features` bits each."""
+    return torch.empty((rows, math.ceil(features / 8)), dtype=torch.uint8)
+
+
 def packed_rows_like(n: int, t: torch.Tensor) -> torch.Tensor:
     """Uninitialised packed-bit storage for n rows shaped like t's rows."""
-    return torch.empty((n, math.ceil(t[0].numel() / 8)), dtype=torch.uint8)
+    return packed_rows(n, t[0].numel())
 
 
 def layer_pass(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, fast: bool,

@@ -39,6 +39,7 @@ from trainers.lowmem import (
     int8_layer_forward,
     layer_forward,
     max_exponent,
+    packed_rows,
     pool_positions,
 )
 from trainers.profiling import phase
@@ -99,10 +100,6 @@ def empty_like_map(n: int, c: int, hw: tuple[int, int] | None, dtype: torch.dtyp
         return rows, rows
     rows = torch.empty((n * hw[0] * hw[1], c), dtype=dtype)
     return rows, nchw(rows, n, *hw)
-
-
-def packed_rows(rows: int, features: int) -> torch.Tensor:
-    return torch.empty((rows, math.ceil(features / 8)), dtype=torch.uint8)
 
 
 @dataclass
