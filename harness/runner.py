@@ -361,6 +361,9 @@ class DeviceWorker:
         recorder = StreamRecorder(store, name, job, attempt, before, self.progress)
         with run.lock:
             run.running[name] = remote
+            stopped_before_registered = run.stop_requested.is_set()
+        if stopped_before_registered:  # Runner.stop() took its list of agents before this one
+            remote.stop(STOP_GRACE_S)
         try:
             for line_no, line in enumerate(remote.lines()):
                 recorder.line(line_no, line)
@@ -471,8 +474,8 @@ class Runner:
 
     def stop(self) -> None:
         """Stop every running agent (SIGTERM, then SIGKILL) and let the threads finish."""
-        self.stop_requested.set()
         with self.lock:
+            self.stop_requested.set()
             running = list(self.running.values())
         for remote in running:
             remote.stop(STOP_GRACE_S)

@@ -8,10 +8,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pandas as pd
+from fleet import wait_until
 from runs import table_ready
 
 from device_agent.protocol import MAX_EVENT_LINE_BYTES, Event
@@ -263,3 +265,44 @@ def test_outcome_classification_tells_crash_oom_kill_and_interrupt_apart():
     assert classify(-signal.SIGKILL, None, True)[0] == "interrupted"  # we stopped it
     assert classify(0, None, False)[0] == "lost"  # stream ended without job_end
     assert classify(None, None, False)[0] == "lost"
+
+
+def test_stop_reaches_an_agent_started_while_the_runner_was_stopping(tmp_path: Path):
+    """Ctrl-C between a worker's `start_job` and its registering the agent: still stopped."""
+    from harness.inventory import Device
+    from harness.local import LocalTransport
+    from harness.plan import idle_job
+    from harness.runner import Runner
+
+    started, stopping = threading.Event(), threading.Event()
+
+    class SlowToRegister(LocalTransport):
+        def start_job(self, job_spec):
+            job = super().start_job(job_spec)
+            started.set()
+            stopping.wait(30)  # hand the agent back only once Runner.stop() has looked
+            return job
+
+    device = Device(name="solo", transport="local", host=None)
+    store = RunStore.create(tmp_path / "run")
+    job = idle_job("solo", 120, {})
+    store.add_device(device.name, device.transport, device.host, device.tags, device.meter)
+    store.add_jobs([job])
+    runner = Runner(
+        store, [device], [job], {}, max_attempts=1, cooldown_s=0, attempts={}, log=lambda _: None,
+        transport_factory=lambda d: SlowToRegister(d, root=tmp_path / "device"),
+    )
+    runner.start()
+    assert started.wait(60)
+    stopper = threading.Thread(target=runner.stop)
+    began = time.monotonic()
+    stopper.start()
+    assert wait_until(runner.stop_requested.is_set, 10, step_s=0.01)
+    stopping.set()
+    stopper.join(60)
+    assert time.monotonic() - began < 12, "the worker ran its job on instead of stopping it"
+    assert not runner.alive()
+    status = store.query("SELECT status FROM jobs WHERE job_id = 'idle-solo'")[0]["status"]
+    store.close()
+    assert status != "completed"
+

@@ -86,6 +86,8 @@ STDERR_TAIL_LINES = 50
 # Silence from the host for this many keepalive periods stops the job on the device; the
 # host gives the connection up after 4 (TCP_USER_TIMEOUT in harness.fleet.connection).
 DEADMAN_KEEPALIVES = 5
+# How long close() waits for the device's clock process to exit after end of input.
+CLOCK_EXIT_WAIT_S = 5.0
 
 
 def deadman_s(device: Device) -> float:
@@ -210,6 +212,13 @@ class SshTransport:
         """Close the clock session and the connection; safe to call twice."""
         channel, self._clock_channel = self._clock_channel, None
         if channel is not None:
+            # End of input ends the device's clock process; waiting for its exit status means
+            # nothing of ours is left running on the device once close() returns.
+            try:
+                channel.shutdown_write()
+                channel.status_event.wait(CLOCK_EXIT_WAIT_S)
+            except (OSError, EOFError, paramiko.SSHException):
+                pass
             channel.close()
         self._clock_stream = None
         self.connection.close()
