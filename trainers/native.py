@@ -1,11 +1,12 @@
-"""The fused C++ kernels of the low-memory block (`trainers/csrc/lowmem_kernels.cpp`).
+"""The compiled C++ kernels: the fused low-memory block (`trainers/csrc/lowmem_kernels.cpp`)
+and Bop's update in a low-bit momentum format (`trainers/csrc/bop_kernels.cpp`).
 
 Built on first use with `torch.utils.cpp_extension.load` (needs a C++ compiler and ninja;
 the build is cached under `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions,
 and rebuilt only when the source changes). Where no compiler is present (a bare device
-image) the engine falls back to the reference path in `trainers.lowmem`, with one warning
-saying why; `BNN_FUSED=0` selects the reference path on purpose. `status()` says which
-runs, for `trainers measure` and the benchmarks.
+image) the engine falls back to the reference paths (`trainers.lowmem`, Bop's PyTorch
+update), with one warning saying why; `BNN_FUSED=0` selects them on purpose. `status()` says
+which runs, for `trainers measure` and the benchmarks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-SOURCE = Path(__file__).parent / "csrc" / "lowmem_kernels.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("lowmem_kernels.cpp", "bop_kernels.cpp")]
 # Built on the machine that runs it, so tuned for its CPU (F16C, AVX, NEON dot products).
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno"]
 
@@ -38,7 +40,7 @@ def load() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load as load_extension
 
-        _module = load_extension(name="bnn_lowmem_kernels", sources=[str(SOURCE)],
+        _module = load_extension(name="bnn_lowmem_kernels", sources=[str(p) for p in SOURCES],
                                  extra_cflags=CFLAGS, verbose=False)
     except Exception as exc:  # compiler, ninja or headers missing: fall back, say why
         _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"

@@ -15,6 +15,7 @@ from itertools import chain
 
 import torch
 
+from trainers import native
 from trainers.bits import PackedBits, pack_rows, signs_from_bits, unpack_rows, unpack_sign_rows
 from trainers.bop.fpformat import FloatFormat
 from trainers.bop.lost_updates import LayerLostUpdates, LostUpdates, count_lost_updates
@@ -51,6 +52,13 @@ def bop_update(
     stored = momentum_format.quantize(exact) if momentum_format else exact
     flipped = weight * stored > tau
     return BopUpdate(torch.where(flipped, -weight, weight), stored, step, flipped)
+
+
+def kernel_format(fmt: FloatFormat | None) -> tuple[int, int, int, bool, bool]:
+    """The format as the compiled `bop_update` takes it (exponent bits 0: float32 momentum)."""
+    if fmt is None:
+        return 0, 0, 0, True, True
+    return fmt.exponent_bits, fmt.mantissa_bits, fmt.bias, fmt.saturate, fmt.subnormals
 
 
 def parse_momentum_format(value: FloatFormat | str | None) -> FloatFormat | None:
@@ -191,30 +199,45 @@ class Bop(torch.optim.Optimizer):
         return state
 
     def _update(self, name, param, grad, state, fmt, gamma, tau) -> LayerLostUpdates:
-        """Update one parameter tensor chunk by chunk (chunks of whole rows, 8 rows at a time)."""
+        """Update one parameter tensor chunk by chunk (chunks of whole rows, 8 rows at a time).
+
+        With the compiled kernels each chunk's momentum is decoded, updated and re-encoded in
+        place in one pass (`bop_kernels.cpp`); without them, by `bop_update` and the format's
+        vectorised encode/decode (the reference; the two agree bit for bit).
+        """
         packed = id(param) in self._packed_shapes
         shape = self._shape(param)
         shape = shape if len(shape) > 1 else torch.Size([1, shape.numel()])
         rows, per_row = shape[0], shape.numel() // shape[0]
         rows_per_chunk = max(8, (CHUNK_ELEMENTS // max(per_row, 1)) // 8 * 8)
         storage, flat = state["momentum"], param.view(-1)
+        kernels = native.kernels() if param.device.type == "cpu" else None
         attempted = lost = flips = 0
         for r0 in range(0, rows, rows_per_chunk):
             r1 = min(r0 + rows_per_chunk, rows)
             s, e = r0 * per_row, r1 * per_row
             where = fmt.storage_range(s, e) if fmt else slice(s, e)
-            old = fmt.decode(storage[where], e - s) if fmt else storage[where]
             weights = (unpack_sign_rows(param.data[r0:r1], shape, torch.float32).reshape(-1)
-                       if packed else flat[s:e].float())
-            update = bop_update(weights, old, grad_rows(grad, shape, r0, r1), gamma, tau, fmt)
-            counts = count_lost_updates(old, update.step, update.momentum)
-            attempted, lost = attempted + counts[0], lost + counts[1]
-            flips += int(update.flipped.sum())
-            storage[where] = fmt.encode(update.momentum) if fmt else update.momentum
-            if packed:
-                param.data[r0:r1] = pack_rows(update.weight.view(r1 - r0, -1) >= 0)
+                       if packed else flat[s:e].float()).contiguous()
+            grads = grad_rows(grad, shape, r0, r1)
+            if kernels is not None:
+                counts = kernels.bop_update(
+                    weights, grads.contiguous(), storage[where],
+                    *kernel_format(fmt), gamma, tau,
+                )
+                new_weights = weights
             else:
-                flat[s:e] = update.weight.to(param.dtype)
+                old = fmt.decode(storage[where], e - s) if fmt else storage[where]
+                update = bop_update(weights, old, grads, gamma, tau, fmt)
+                counts = (*count_lost_updates(old, update.step, update.momentum),
+                          int(update.flipped.sum()))
+                storage[where] = fmt.encode(update.momentum) if fmt else update.momentum
+                new_weights = update.weight
+            attempted, lost, flips = attempted + counts[0], lost + counts[1], flips + counts[2]
+            if packed:
+                param.data[r0:r1] = pack_rows(new_weights.view(r1 - r0, -1) >= 0)
+            else:
+                flat[s:e] = new_weights.to(param.dtype)
         state["step"] += 1
         return LayerLostUpdates(name, shape.numel(), attempted, lost, flips)
 

@@ -1021,7 +1021,10 @@ std::vector<Tensor> dense_backward(const Tensor& grad_out, const Tensor& x_saved
 
 }  // namespace
 
+void register_bop_kernels(pybind11::module& m);  // bop_kernels.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_bop_kernels(m);
   m.def("sign_pack", &sign_pack, "int8 signs (+ packed sign bits and |x| <= 1 mask) of rows");
   m.def("unpack_signs", &unpack_signs, "packed bits -> +-1 rows of a dtype");
   m.def("signs", &signs, "sgn(w) as +-1 of a dtype");
