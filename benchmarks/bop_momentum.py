@@ -21,7 +21,7 @@ import torch
 from trainers.bop import build_bop_optimizer
 from trainers.bop.optimizer import DEFAULT_GAMMA, DEFAULT_TAU
 from trainers.bop.search import DEFAULT_TOLERANCE, search_model_momentum_format
-from trainers.data import load_dataset, to_model_input
+from trainers.data import as_tensor, load_dataset, to_model_input
 from trainers.engine import evaluate, train_step
 from trainers.methods import make_recipe
 from trainers.models import build_model
@@ -33,7 +33,7 @@ DEFAULT_MNIST = Path(
 
 def batches(dataset, batch_size: int, seed: int, epochs: int):
     generator = torch.Generator().manual_seed(seed)
-    images, labels = torch.from_numpy(dataset.train_images), torch.from_numpy(dataset.train_labels)
+    images, labels = as_tensor(dataset.train_images), as_tensor(dataset.train_labels)
     for _ in range(epochs):
         order = torch.randperm(dataset.train_size, generator=generator)
         for start in range(0, dataset.train_size - batch_size + 1, batch_size):
@@ -56,8 +56,8 @@ def train_bop(dataset, spec: str | None, args) -> dict:
         if args.max_steps and steps >= args.max_steps:
             break
     seconds = time.perf_counter() - start
-    test_x = to_model_input(torch.from_numpy(dataset.test_images))
-    _, accuracy = evaluate(model, test_x, torch.from_numpy(dataset.test_labels))
+    test_x = to_model_input(as_tensor(dataset.test_images))
+    _, accuracy = evaluate(model, test_x, as_tensor(dataset.test_labels))
     return {
         "momentum_format": spec or "fp32",
         "steps": steps,

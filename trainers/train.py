@@ -7,14 +7,13 @@ to show or stream they get from callbacks (`on_epoch_start`, `on_step`, `on_epoc
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainers.data import Dataset, load_dataset, to_model_input
+from trainers.data import Dataset, as_tensor, load_dataset, to_model_input
 from trainers.errors import UsageError, unknown_choice
 from trainers.methods import Recipe
 
@@ -142,8 +141,8 @@ def evaluate_split(model: torch.nn.Module, images, labels, batch_size: int) -> t
     total = images.shape[0]
     loss_sum = correct = 0.0
     for start in range(0, total, EVAL_CHUNK):
-        x = to_model_input(_as_tensor(images[start : start + EVAL_CHUNK]))
-        y = _as_tensor(labels[start : start + EVAL_CHUNK])
+        x = to_model_input(as_tensor(images[start : start + EVAL_CHUNK]))
+        y = as_tensor(labels[start : start + EVAL_CHUNK])
         loss, accuracy = evaluate(model, x, y, batch_size)
         loss_sum += loss * x.shape[0]
         correct += accuracy * x.shape[0]
@@ -168,15 +167,8 @@ def _warmup_batches(data: Dataset, config: TrainConfig, count: int = 20):
     """The first training batches, for Bop's momentum-format search."""
     for start in range(0, min(data.train_size, count * config.batch_size), config.batch_size):
         end = start + config.batch_size
-        yield (to_model_input(_as_tensor(data.train_images[start:end])),
-               _as_tensor(data.train_labels[start:end]))
-
-
-def _as_tensor(array) -> torch.Tensor:
-    """A tensor sharing the array's memory; loaders hand out read-only arrays, never written."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array)
+        yield (to_model_input(as_tensor(data.train_images[start:end])),
+               as_tensor(data.train_labels[start:end]))
 
 
 def _call(callbacks: Any, name: str, *args: Any) -> None:
@@ -222,8 +214,8 @@ def train(
         data.train_images[train_eval],
         data.train_labels[train_eval],
     )
-    train_images = _as_tensor(data.train_images)
-    train_labels = _as_tensor(data.train_labels)
+    train_images = as_tensor(data.train_images)
+    train_labels = as_tensor(data.train_labels)
 
     history: list[EpochRecord] = []
     step = 0

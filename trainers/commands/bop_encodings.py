@@ -65,7 +65,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def training_batches(dataset, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """Shuffled training batches as model input (what the training loop feeds)."""
-    from trainers.data import to_model_input
+    from trainers.data import as_tensor, to_model_input
 
     if dataset.train_size < batch_size:
         raise UsageError(
@@ -74,8 +74,8 @@ def training_batches(dataset, batch_size: int, seed: int) -> Iterator[tuple[torc
     order = torch.randperm(dataset.train_size, generator=torch.Generator().manual_seed(seed))
     for start in range(0, dataset.train_size - batch_size + 1, batch_size):
         index = order[start:start + batch_size].numpy()
-        yield (to_model_input(torch.from_numpy(dataset.train_images[index])),
-               torch.from_numpy(dataset.train_labels[index]))
+        yield (to_model_input(as_tensor(dataset.train_images[index])),
+               as_tensor(dataset.train_labels[index]))
 
 
 def describe(report: SearchReport) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from trainers.data.canonical import canonical_filename, read_canonical, read_meta
 from trainers.data.cifar10 import load_cifar10
-from trainers.data.dataset import Dataset, make_dataset, synthetic, to_model_input
+from trainers.data.dataset import Dataset, as_tensor, make_dataset, synthetic, to_model_input
 from trainers.data.digits import load_digits
 from trainers.data.mnist import load_mnist
 from trainers.data.svhn import load_svhn
@@ -24,6 +24,7 @@ NEEDS_DATA_DIR = tuple(RAW_LOADERS)
 __all__ = [
     "DATASETS",
     "Dataset",
+    "as_tensor",
     "load_dataset",
     "make_dataset",
     "synthetic",

@@ -99,6 +99,18 @@ def to_model_input(images):
     return images.to(torch.float32) / 127.5 - 1.0
 
 
+def as_tensor(array: np.ndarray):
+    """A torch tensor sharing the array's memory, without torch's warning for read-only arrays
+    (the loaders hand out read-only views of their files; training never writes to them)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def synthetic(
     in_shape: tuple[int, ...],
     n: int,
