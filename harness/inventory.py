@@ -21,7 +21,7 @@ Native format (`inventory.yaml`)::
         host: 192.168.1.20
         tags: [pi5]
         key_passphrase: ${PI_KEY_PASSPHRASE}
-        meter: {kind: um34c, port: /dev/rfcomm0}
+        meter: {type: um34c, port: /dev/rfcomm0}
 
 An Ansible inventory (`all: hosts:` with `ansible_host`, `ansible_user`,
 `ansible_port`, `ansible_ssh_private_key_file`, `ansible_python_interpreter`)

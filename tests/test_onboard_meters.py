@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.errors import HarnessUsageError
+from harness.meters import meter_from_config
 from harness.meters.base import MeterError
 from harness.meters.modeled import POWER_PROFILES, ModeledMeter
 from harness.meters.pmic import PmicParseError, parse_pmic_adc
@@ -98,3 +100,18 @@ def test_modeled_meter_labels_every_sample():
     assert all(2.7 <= s.power_w <= 7.5 for s in samples)
     assert samples[0].amps == pytest.approx(samples[0].power_w / 5.1)
     assert POWER_PROFILES["pi4"].power_w(1.5) == POWER_PROFILES["pi4"].busy_w  # clamped
+
+
+def test_modeled_profile_takes_the_boards_own_watts_and_refuses_bad_ones():
+    meter = meter_from_config({"type": "modeled", "profile": "pi4", "idle_w": 3, "busy_w": 5.5})
+    assert (meter.profile.idle_w, meter.profile.busy_w) == (3.0, 5.5)
+    assert meter.profile.name == "pi4 (calibrated)"
+    assert meter.profile.power_w(0.5) == pytest.approx(4.25)
+    assert meter_from_config({"type": "modeled", "profile": "pi4"}).profile == POWER_PROFILES["pi4"]
+    for config, message in (
+        ({"busy_w": 2.0}, r"device d1: meter.busy_w: 2.0 is below idle_w 2.7"),
+        ({"idle_w": -1}, r"device d1: meter.idle_w: -1 must be positive"),
+        ({"idle_w": "low"}, r"device d1: meter.idle_w: 'low' is not a float"),
+    ):
+        with pytest.raises(HarnessUsageError, match=message):
+            meter_from_config({"type": "modeled", "profile": "pi4", **config}, "d1")

@@ -6,7 +6,8 @@ An inventory device's `meter` section is a mapping; `meter_from_config` validate
     type: um24c | um25c | um34c   port, [baud 9600], [poll_hz 4], [refresh_hz 2]
     type: line                    port, [baud 115200], [columns t_us,bus_mV,current_uA], [rate_hz]
     type: rapl                    [interval_s 0.1], [powercap_root /sys/class/powercap]
-    type: modeled                 [profile pi3b+|pi4|pi5|host], [pid], [interval_s 0.5]
+    type: modeled                 [profile pi3b+|pi4|pi5|host], [idle_w], [busy_w], [pid],
+                                  [interval_s 0.5]  (idle_w/busy_w: your board's own figures)
     type: pmic                    read on the device by the agent (Pi 5); nothing to do here
     any type                      [name], [gap_s]
 """
@@ -14,12 +15,13 @@ An inventory device's `meter` section is a mapping; `meter_from_config` validate
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from harness.errors import HarnessUsageError
 from harness.meters.base import Meter, PowerSample
 from harness.meters.line import LineFormat, LineMeter
-from harness.meters.modeled import POWER_PROFILES, ModeledMeter, default_profile
+from harness.meters.modeled import POWER_PROFILES, ModeledMeter, PowerProfile, default_profile
 from harness.meters.rapl import POWERCAP_ROOT, RaplMeter
 from harness.meters.recorder import Recorder, RecorderStats, SampleStore
 from harness.meters.um import UM_MODELS, UmMeter
@@ -29,7 +31,7 @@ _FIELDS = {
     **{model: {"port", "baud", "poll_hz", "refresh_hz"} for model in UM_MODELS},
     "line": {"port", "baud", "columns", "rate_hz"},
     "rapl": {"interval_s", "powercap_root"},
-    "modeled": {"profile", "pid", "interval_s"},
+    "modeled": {"profile", "idle_w", "busy_w", "pid", "interval_s"},
     "pmic": set(),
 }
 _COMMON = {"type", "name", "gap_s"}
@@ -97,17 +99,32 @@ def meter_from_config(config: Mapping[str, Any], device_name: str = "") -> Meter
             interval_s=_field(config, "interval_s", float, 0.1, where),
             name=name,
         )
+    return ModeledMeter(
+        _power_profile(config, where),
+        pid=_field(config, "pid", int, None, where),
+        interval_s=_field(config, "interval_s", float, 0.5, where),
+        name=name,
+    )
+
+
+def _power_profile(config: Mapping[str, Any], where: str) -> PowerProfile:
+    """The named (or detected) profile, with the board's own idle/busy watts where given."""
     profile_name = config.get("profile")
     if profile_name is not None and profile_name not in POWER_PROFILES:
         raise HarnessUsageError(
             f"{where}meter.profile: {profile_name!r} (choices: {', '.join(POWER_PROFILES)})"
         )
-    return ModeledMeter(
-        POWER_PROFILES[profile_name] if profile_name else default_profile(),
-        pid=_field(config, "pid", int, None, where),
-        interval_s=_field(config, "interval_s", float, 0.5, where),
-        name=name,
-    )
+    profile = POWER_PROFILES[profile_name] if profile_name else default_profile()
+    idle_w = _field(config, "idle_w", float, profile.idle_w, where)
+    busy_w = _field(config, "busy_w", float, profile.busy_w, where)
+    if busy_w < idle_w:
+        raise HarnessUsageError(
+            f"{where}meter.busy_w: {busy_w!r} is below idle_w {idle_w!r} (watts all cores busy"
+            " and at rest)"
+        )
+    if (idle_w, busy_w) == (profile.idle_w, profile.busy_w):
+        return profile
+    return replace(profile, name=f"{profile.name} (calibrated)", idle_w=idle_w, busy_w=busy_w)
 
 
 class AgentSourcedRecorder:

@@ -20,9 +20,12 @@ from harness.meters.base import MeterError, PowerSample, host_now
 class PowerProfile:
     """Board power at rest and with every core busy, at its supply voltage.
 
-    The figures are typical published measurements of a bare board (no peripherals,
-    Ethernet up, HDMI off) under an all-core stress load; they are rough, which is why
-    modeled power is labelled as such.
+    The built-in figures are rough defaults for a bare board (no peripherals, Ethernet up,
+    HDMI off), at rest and under `stress --cpu <cores>`: pi3b+ and pi4 as published in the
+    Raspberry Pi Dramble power benchmarks (Pi 4: 540 mA / 1280 mA at 5 V), pi5 and host are
+    estimates. Your board's own idle and busy watts (from a real meter: an idle baseline and
+    a stress run) go in the inventory as `idle_w` / `busy_w`. Modeled power is labelled so
+    either way.
     """
 
     name: str
