@@ -57,6 +57,23 @@ def chunks(rows: int, per_row: int, elements: int = CHUNK_ELEMENTS) -> list[tupl
     return [(s, min(rows, s + size)) for s in range(0, rows, size)]
 
 
+def layer_elements_per_sample(layer: nn.Module, in_shape: tuple[int, ...], int8: bool) -> int:
+    """What one sample costs in a forward chunk, in elements: the larger of its input, its
+    float32 output (a first layer with few input channels has a far larger output) and,
+    on the int8 path, its unfolded im2col columns."""
+    if isinstance(layer, nn.Linear):
+        return max(math.prod(in_shape), layer.out_features)
+    _, h, w = in_shape
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    out = layer.out_channels * ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1)
+    elements = max(math.prod(in_shape), out)
+    if int8:
+        elements = max(elements, kernels.unfold_bytes_per_sample(
+            in_shape, layer.kernel_size, layer.stride, layer.padding)
+            // UNFOLD_BYTES_PER_CHUNK_ELEMENT)
+    return elements
+
+
 def pool_positions(indices: torch.Tensor, in_width: int) -> torch.Tensor:
     """max_pool2d(2) flat argmax indices -> position inside the 2x2 window (uint8 0..3)."""
     row = torch.div(indices, in_width, rounding_mode="floor")
@@ -145,13 +162,9 @@ def layer_pass(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, f
     per-channel sums; packs the input's sign bits on the way when the int8 path runs."""
     spec, layer = block.spec, block.layer
     n = x.shape[0]
-    per_row = x[0].numel()
+    per_row = layer_elements_per_sample(layer, tuple(x.shape[1:]), fast)
     if fast:
         w_mat = kernels.weight_matrix_int8(weight)
-        if not isinstance(layer, nn.Linear):
-            per_row = max(per_row, kernels.unfold_bytes_per_sample(
-                tuple(x.shape[1:]), layer.kernel_size, layer.stride, layer.padding)
-                // UNFOLD_BYTES_PER_CHUNK_ELEMENT)
     x_bits = packed_rows_like(n, x) if fast and pack_input else None
     z16 = pool_bn = sums = dims = None
     for s, e in chunks(n, per_row):

@@ -33,10 +33,10 @@ from trainers.lowmem import (
     DW_BLOCK_ELEMENTS,
     DW_BLOCK_MIN_ROWS,
     PO2_LEVELS,
-    UNFOLD_BYTES_PER_CHUNK_ELEMENT,
     LowMemBlockFunction,
     chunks,
     int8_layer_forward,
+    layer_elements_per_sample,
     layer_forward,
     max_exponent,
     packed_rows,
@@ -261,13 +261,9 @@ def layer_rows(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, s
     want_mask = save and spec.sign_input
     x_rows = as_rows(x) if fast or want_mask else None
     in_rows_per_sample = x_rows.shape[0] // n if x_rows is not None else 1
-    per_sample = x[0].numel()
+    per_sample = layer_elements_per_sample(layer, tuple(x.shape[1:]), fast)
     if fast:
         w_mat = weight_matrix(weight, torch.int8).t()
-        if conv:
-            per_sample = max(per_sample, kernels.unfold_bytes_per_sample(
-                tuple(x.shape[1:]), layer.kernel_size, layer.stride, layer.padding)
-                // UNFOLD_BYTES_PER_CHUNK_ELEMENT)
     x_bits = packed_rows(x_rows.shape[0], x_rows.shape[1]) if pack_input and fast else None
     in_mask = packed_rows(x_rows.shape[0], x_rows.shape[1]) if want_mask else None
     z_rows = z_map = pool_bn = pool_map = sums = None
