@@ -39,8 +39,12 @@ from trainers.profiling import phase
 CHUNK_ELEMENTS = 1 << 20
 # The backward keeps several chunk temporaries at once beside the 16-bit dX: smaller chunks.
 BACKWARD_CHUNK_ELEMENTS = 1 << 18
-# int8 im2col columns may take this many bytes per fp32 chunk element (8 MiB per chunk):
-# fewer, larger products, still below the layer output the forward pass holds anyway.
+# The forward's layer pass holds a chunk's output (fp32/int32, twice while it is stored) and
+# its int8 im2col columns beside the next block's input and its own float16 z: small chunks
+# (1 MiB of output) keep that below the activations, and products of a few thousand rows
+# stay efficient.
+LAYER_CHUNK_ELEMENTS = 1 << 18
+# int8 im2col columns may take this many bytes per chunk element (2 MiB per chunk).
 UNFOLD_BYTES_PER_CHUNK_ELEMENT = 8
 # Elements per block of a dense layer's dW (or first-layer sgn(W)) before it is packed to
 # 1 bit (64 KiB fp32); at least DW_BLOCK_MIN_ROWS output rows per block.
@@ -167,7 +171,7 @@ def layer_pass(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, f
         w_mat = kernels.weight_matrix_int8(weight)
     x_bits = packed_rows_like(n, x) if fast and pack_input else None
     z16 = pool_bn = sums = dims = None
-    for s, e in chunks(n, per_row):
+    for s, e in chunks(n, per_row, LAYER_CHUNK_ELEMENTS):
         if fast:
             positive = x[s:e] >= 0
             if x_bits is not None:

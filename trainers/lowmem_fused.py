@@ -32,6 +32,7 @@ from trainers.lowmem import (
     BACKWARD_CHUNK_ELEMENTS,
     DW_BLOCK_ELEMENTS,
     DW_BLOCK_MIN_ROWS,
+    LAYER_CHUNK_ELEMENTS,
     PO2_LEVELS,
     LowMemBlockFunction,
     chunks,
@@ -268,7 +269,7 @@ def layer_rows(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, s
     in_mask = packed_rows(x_rows.shape[0], x_rows.shape[1]) if want_mask else None
     z_rows = z_map = pool_bn = pool_map = sums = None
     z_per_sample = 1
-    for s, e in chunks(n, per_sample):
+    for s, e in chunks(n, per_sample, LAYER_CHUNK_ELEMENTS):
         r0, r1 = s * in_rows_per_sample, e * in_rows_per_sample
         if fast or want_mask:
             x8, bits, mask = ext.sign_pack(x_rows[r0:r1], x_bits is not None, want_mask)
