@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from trainers import native
 from trainers.layers import BinaryBlock, BinaryConv2d, BinaryLinear, BlockSpec
@@ -217,6 +218,41 @@ def test_gradients_between_blocks_are_held_as_int8_power_of_two_codes(name, monk
     F.cross_entropy(model(x).float(), torch.randint(0, 10, (4,))).backward()
     blocks = [m for m in model.modules() if isinstance(m, BinaryBlock)]
     assert handed == [torch.int8] * (len(blocks) - 1)
+
+
+@pytest.mark.parametrize("name", ["cnv", "binarynet"])
+def test_conv_blocks_hand_their_output_over_as_sign_bits(name, monkeypatch):
+    """Between two conv blocks the +-1 activation exists only as packed sign bits (autograd
+    carries a stride-0 placeholder); the step equals one with the values handed over."""
+    from trainers import lowmem_fused
+
+    torch.manual_seed(0)
+    base = build_model(name, make_recipe("lowmem"))
+    x = torch.rand(3, *base.in_shape) * 2 - 1
+    y = torch.randint(0, 10, (3,))
+    runs = []
+    for hand_over in (True, False):
+        if not hand_over:
+            monkeypatch.setattr(lowmem_fused, "hands_sign_bits", lambda block: False)
+        model = copy.deepcopy(base)
+        blocks = [m for m in model.modules() if isinstance(m, BinaryBlock)]
+        inputs = []
+        for block in blocks:
+            block.register_forward_pre_hook(lambda _m, args, seen=inputs: seen.append(
+                (lowmem_fused.take_sign_bits(args[0]) is not None, args[0].stride())))
+        logits = model(x).float()
+        F.cross_entropy(logits, y).backward()
+        runs.append((inputs, logits.detach(), [b.bn.beta.grad for b in blocks],
+                     [b.layer.weight.packed_grad.data for b in blocks]))
+    (inputs, logits, beta, dw), (inputs_ref, logits_ref, beta_ref, dw_ref) = runs
+    convs = sum(not isinstance(b.layer, nn.Linear) for b in blocks)
+    assert [bits for bits, _ in inputs] == [False] + [True] * (convs - 1) + [False] * (
+        len(blocks) - convs)
+    assert all(not any(stride) for bits, stride in inputs if bits)  # placeholders
+    assert not any(bits for bits, _ in inputs_ref)
+    assert torch.equal(logits, logits_ref)
+    assert all(torch.equal(a, b) for a, b in zip(beta, beta_ref))
+    assert all(torch.equal(a, b) for a, b in zip(dw, dw_ref))
 
 
 def test_coded_gradient_rebased_by_chunks_equals_one_encoding():

@@ -184,6 +184,9 @@ class BinaryBlock(nn.Module):
         # True when the output goes to the next block alone (set by models.BlockStack): the
         # fused low-memory path may then hand it its gradient as int8 power-of-two codes.
         self.feeds_block = False
+        # ... and that next block is a conv block keeping its +-1 input as packed bits: the
+        # fused path may then hand it the output itself as those bits.
+        self.feeds_conv_block = False
 
     def extra_repr(self) -> str:
         return f"spec={self.spec}, lowmem={self.switches.any}"

@@ -169,6 +169,21 @@ def placeholder(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros((), dtype=dtype).expand(shape)
 
 
+def hands_sign_bits(block: BinaryBlock) -> bool:
+    """Whether the block gives its +-1 output to the next block as packed sign bits (rows x
+    channels, as the next block keeps its input) with a stride-0 placeholder for autograd:
+    only where the next block is a fused conv block that keeps its input as those bits
+    (`BinaryBlock.feeds_conv_block`, set by `BlockStack`) and no hook could read the
+    output's values. Between two conv blocks the activation then exists in 1 bit only."""
+    return (block.feeds_conv_block and block.spec.sign_output and block.switches.binary_inputs
+            and not block._forward_hooks)
+
+
+def take_sign_bits(x: torch.Tensor) -> torch.Tensor | None:
+    """The sign bits the block below handed over with its output placeholder, if any."""
+    return getattr(x, "_sign_bits", None)
+
+
 class CodedGradient:
     """A conv block's dX assembled chunk by chunk straight into int8 power-of-two codes: each
     chunk is coded against its own largest exponent, then all are re-based to the largest of
@@ -260,18 +275,25 @@ def layer_rows(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, s
     fast = kernels.int8_enabled() and not spec.first
     pack_input = save and not spec.first and (sw.binary_inputs or spec.sign_input)
     want_mask = save and spec.sign_input
-    x_rows = as_rows(x) if fast or want_mask else None
-    in_rows_per_sample = x_rows.shape[0] // n if x_rows is not None else 1
+    handed = take_sign_bits(x)  # the input exists only as these bits (see hands_sign_bits)
+    x_rows = as_rows(x) if (fast or want_mask) and handed is None else None
+    in_rows_per_sample = (math.prod(x.shape[2:]) if handed is not None
+                          else x_rows.shape[0] // n if x_rows is not None else 1)
     per_sample = layer_elements_per_sample(layer, tuple(x.shape[1:]), fast)
     if fast:
         w_mat = weight_matrix(weight, torch.int8).t()
-    x_bits = packed_rows(x_rows.shape[0], x_rows.shape[1]) if pack_input and fast else None
+    x_bits = (handed if handed is not None and pack_input
+              else packed_rows(x_rows.shape[0], x_rows.shape[1]) if pack_input and fast
+              else None)
     in_mask = packed_rows(x_rows.shape[0], x_rows.shape[1]) if want_mask else None
     z_rows = z_map = pool_bn = pool_map = sums = None
     z_per_sample = 1
     for s, e in chunks(n, per_sample, LAYER_CHUNK_ELEMENTS):
         r0, r1 = s * in_rows_per_sample, e * in_rows_per_sample
-        if fast or want_mask:
+        if handed is not None:
+            x8 = ext.unpack_signs(handed[r0:r1], x.shape[1],
+                                  torch.int8 if fast else torch.float32)
+        elif fast or want_mask:
             x8, bits, mask = ext.sign_pack(x_rows[r0:r1], x_bits is not None, want_mask)
             if x_bits is not None:
                 x_bits[r0:r1] = bits
@@ -281,7 +303,8 @@ def layer_rows(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, s
             x8 = nchw(x8, e - s, *x.shape[2:]) if conv else x8
             zc = int8_layer_forward(layer, x8, w_mat)
         elif conv:  # channels-last in, channels-last out: rows without a transpose
-            xc = x[s:e].float().contiguous(memory_format=torch.channels_last)
+            xc = (nchw(x8, e - s, *x.shape[2:]) if handed is not None
+                  else x[s:e].float().contiguous(memory_format=torch.channels_last))
             zc = layer_forward(layer, sign(xc) if spec.sign_input else xc, weight)
         else:
             xc = x[s:e].float()
@@ -300,7 +323,7 @@ def layer_rows(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, s
             z_per_sample = z_rows.shape[0] // n
             sums = torch.zeros(zc.shape[1], dtype=torch.float64)
         ext.store_rows(as_rows(zc), z_rows[s * z_per_sample:e * z_per_sample], sums)
-    if pack_input and not fast:  # first layer never packs; the fp32 ablation does
+    if pack_input and not fast and handed is None:  # first layer never packs; fp32 ablation
         x_rows = as_rows(x)
         _, x_bits, _ = ext.sign_pack(x_rows, True, False)
     return z_rows, z_map, sums, x_bits, in_mask, pool_bn
@@ -330,19 +353,28 @@ def fused_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
         y_bits = packed_rows(rows, channels) if save else EMPTY
         mask = packed_rows(rows, channels) if save and spec.sign_output else EMPTY
         stats = (mu.contiguous(), sigma1.contiguous(), beta.float().contiguous())
+        hand_over = save and hands_sign_bits(block)
+        handed, pool_act = None, EMPTY
         if spec.pool == "after_act":  # pooled from the kept signs: no un-pooled output
             y_bits = y_bits if save else packed_rows(rows, channels)
             abs_y = ext.bn_forward(z_rows, *stats, EMPTY_FLOAT, y_bits, mask, True)
             pooled_hw = (hw[0] // 2, hw[1] // 2)
             out_rows, out = empty_like_map(n, channels, pooled_hw, out_dtype)
-            pool_act = EMPTY
             if save:
                 pool_act, _ = empty_like_map(n, channels, pooled_hw, torch.uint8)
             ext.pool_signs(y_bits, n, *hw, out_rows, pool_act)
+            if hand_over:
+                _, handed, _ = ext.sign_pack(out_rows, True, False)
+                del out_rows
+                out = placeholder(out.shape, out_dtype)
+        elif hand_over:  # the output's sign bits are y_bits: no output values at all
+            abs_y = ext.bn_forward(z_rows, *stats, EMPTY_FLOAT, y_bits, mask, True)
+            handed, out = y_bits, placeholder(torch.Size([n, channels, *hw]), out_dtype)
         else:
             out_rows, out = empty_like_map(n, channels, hw, out_dtype)
             abs_y = ext.bn_forward(z_rows, *stats, out_rows, y_bits, mask, spec.sign_output)
-            pool_act = EMPTY
+        if handed is not None:
+            out._sign_bits = handed
         del z_rows, z_map
     if not save:
         return out

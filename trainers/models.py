@@ -53,9 +53,13 @@ class BlockStack(nn.Sequential):
 
     def __init__(self, *modules: nn.Module) -> None:
         super().__init__(*modules)
-        for below, _ in itertools.pairwise(self):  # each output feeds the next block alone
+        for below, above in itertools.pairwise(self):  # each output feeds the next block alone
             if isinstance(below, BinaryBlock):
                 below.feeds_block = True
+                below.feeds_conv_block = (
+                    isinstance(above, BinaryBlock) and not isinstance(above.layer, nn.Linear)
+                    and not above.spec.first and not above.spec.sign_input
+                )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for module in self:
