@@ -30,6 +30,7 @@ from trainers.lowmem import BACKWARD_CHUNK_ELEMENTS, DW_BLOCK_ELEMENTS
 from trainers.lowmem_fused import BACKWARD_CHUNKS
 from trainers.methods import LowMemSwitches, Recipe
 from trainers.models import LayerInfo, layer_inventory
+from trainers.real_blocks import RealConvBN
 
 BITS_PER_MIB = 8 * 2**20
 PACKED_BITS = 8  # a packed bit row is padded to whole bytes
@@ -390,16 +391,24 @@ def extended_model(model: nn.Module, recipe: Recipe, batch_size: int,
 
 
 def _real_layer_bits(model: nn.Module, in_shape: tuple[int, ...]) -> int:
-    """Per-sample fp32 bits that real-valued layers outside binary blocks save (ResNetE-18):
-    conv/dense inputs, L1 batch-norm outputs, ReLU outputs, max-pool input and indices."""
+    """Per-sample bits that real-valued layers outside binary blocks save (ResNetE-18): fp32
+    conv/dense inputs, L1 batch-norm outputs, ReLU outputs, max-pool input and indices; in a
+    low-memory `RealConvBN` stack only the conv's input and its output at 16 bits."""
     inside = {m for b in model.modules() if isinstance(b, BinaryBlock) for m in b.modules()}
+    low_stacks = [s for s in model.modules() if isinstance(s, RealConvBN) and s.low_memory]
+    recomputed = {m for s in low_stacks for m in list(s)[s.conv_at + 1:]}
+    stack_convs = {s.conv for s in low_stacks}
     total = 0
     handles = []
 
     def hook(module, inputs, output):
         nonlocal total
         x, y = inputs[0][0].numel(), output[0].numel()
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if module in recomputed:
+            return
+        if module in stack_convs:
+            total += x * 32 + y * 16
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
             total += x * 32
         elif isinstance(module, (L1BatchNorm, nn.ReLU)):
             total += y * 32

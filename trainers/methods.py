@@ -22,6 +22,7 @@ class LowMemSwitches:
 
     binary_inputs: bool = False  # keep sgn(input) packed for dW; first layer keeps its input
     bn_sign_trick: bool = False  # batch norm keeps sgn(y) bit-packed + per-channel 16-bit stats
+    # (real-valued conv -> batch norm stacks, ResNetE-18's stem and shortcuts: z at 16 bits)
     packed_masks: bool = False  # STE masks kept as packed bits, not float tensors
     fp16_grads: bool = False  # activation gradients flow as 16-bit (bfloat16) tensors
     po2_grads: bool = False  # activation gradients rounded to powers of two (int8 exponent + sign)

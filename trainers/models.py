@@ -32,6 +32,7 @@ from trainers.layers import (
     weight_shape,
 )
 from trainers.methods import LowMemSwitches, Recipe
+from trainers.real_blocks import RealConvBN
 
 DEFAULT_INPUT_SHAPES = {
     "mlp": (1, 28, 28),
@@ -147,10 +148,11 @@ class ResidualUnit(nn.Module):
         self.block = BinaryBlock(conv, BlockSpec(sign_input=True, sign_output=False), sw)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
+            self.shortcut = RealConvBN(
                 nn.AvgPool2d(stride) if stride > 1 else nn.Identity(),
                 nn.Conv2d(cin, cout, 1, bias=False),
                 L1BatchNorm(cout),
+                low_memory=sw.bn_sign_trick,
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,11 +162,12 @@ class ResidualUnit(nn.Module):
 class ResNetE18(nn.Module):
     def __init__(self, in_shape, num_classes: int, sw: LowMemSwitches) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
+        self.stem = RealConvBN(
             nn.Conv2d(in_shape[0], 64, 7, stride=2, padding=3, bias=False),
             L1BatchNorm(64),
             nn.ReLU(),
             nn.MaxPool2d(3, stride=2, padding=1),
+            low_memory=sw.bn_sign_trick,
         )
         units = []
         cin = 64
