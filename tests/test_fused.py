@@ -68,8 +68,16 @@ def run_block(function, block: BinaryBlock, x: torch.Tensor, grad_seed: int = 1)
     return result
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["whole", "blocked"])
 @pytest.mark.parametrize("name", sorted(BLOCKS))
-def test_fused_block_equals_reference(name):
+def test_fused_block_equals_reference(name, blocked, monkeypatch):
+    """`blocked`: a dense dX made a few columns of sgn(W) at a time, a conv dW summed a few
+    output channels at a time (the way the largest layers run)."""
+    if blocked:
+        from trainers import lowmem_fused
+
+        monkeypatch.setattr(lowmem_fused, "DX_BLOCK_ELEMENTS", 64)
+        monkeypatch.setattr(lowmem_fused, "CONV_DW_BLOCK_ELEMENTS", 1024)
     make, spec, shape = BLOCKS[name]
     torch.manual_seed(3)
     block = BinaryBlock(make(), spec, LowMemSwitches.all_on())

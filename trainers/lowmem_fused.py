@@ -53,6 +53,13 @@ BACKWARD_CHUNKS = 20
 # A hidden dense layer's dW is a 16-bit product: blocks of this many elements (128 KiB), so
 # a 256x256 layer is one product while a large one (binarynet's 8192x1024) stays blocked.
 HIDDEN_DW_BLOCK_ELEMENTS = 1 << 16
+# A dense block's dX = dz sgn(W) makes sgn(W) this many values at a time (2 MiB in bfloat16):
+# binarynet's first dense layer (1024 x 8192) in 8 column blocks, the other layers whole.
+DX_BLOCK_ELEMENTS = 1 << 20
+# A conv layer's 1-bit dW is summed over the batch in float32 blocks of output channels at
+# most about this large (4 MiB): binarynet's two largest layers in 2 and 3 blocks, the others
+# (and all of cnv's) in one.
+CONV_DW_BLOCK_ELEMENTS = 1 << 20
 EMPTY = torch.empty(0, dtype=torch.uint8)
 EMPTY_FLOAT = torch.empty(0)
 
@@ -169,6 +176,15 @@ def placeholder(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros((), dtype=dtype).expand(shape)
 
 
+def conv_dw_blocks(shape: torch.Size) -> list[tuple[int, int]]:
+    """Output-channel ranges a conv's 1-bit dW is summed in, so that its float32 sum over the
+    batch never exceeds CONV_DW_BLOCK_ELEMENTS (each block recomputes dz: a few blocks only
+    for the largest layers)."""
+    blocks = math.ceil(shape.numel() / CONV_DW_BLOCK_ELEMENTS)
+    size = math.ceil(shape[0] / blocks / 8) * 8
+    return [(o, min(o + size, shape[0])) for o in range(0, shape[0], size)]
+
+
 def hands_sign_bits(block: BinaryBlock) -> bool:
     """Whether the block gives its +-1 output to the next block as packed sign bits (rows x
     channels, as the next block keeps its input) with a stride-0 placeholder for autograd:
@@ -245,7 +261,7 @@ def dense_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
             grad, x_saved, ctx.x_packed, ctx.x_shape[1], weight, y_bits, mask, stats,
             spec.first, need_x, sw.po2_grads, PO2_LEVELS, sw.binary_dw,
             dw_block_rows(ctx.x_shape[1], HIDDEN_DW_BLOCK_ELEMENTS if not spec.first
-                          else DW_BLOCK_ELEMENTS), cd, coded_exp_max)
+                          else DW_BLOCK_ELEMENTS), cd, coded_exp_max, DX_BLOCK_ELEMENTS)
     return finish_backward(ctx, grad_x.to(ctx.x_dtype) if need_x else None,
                            dw if sw.binary_dw else None, None if sw.binary_dw else dw, d_beta)
 
@@ -470,33 +486,38 @@ def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
         grad_x = (torch.empty(ctx.x_shape, dtype=ctx.x_dtype,
                               memory_format=torch.channels_last)
                   if need_x and coded is None else None)
-        d_w = torch.zeros(weight.shape, dtype=torch.float32)
         w_sign = native.kernels().signs(weight.contiguous(), cd) if need_x else None
         per_sample = max(channels * math.prod(ctx.pre_pool_hw if pool_bn.numel() else (h, w)),
                          c_in * h_in * w_in)
         samples = max(math.ceil(n / BACKWARD_CHUNKS), BACKWARD_CHUNK_ELEMENTS // per_sample)
-        for s, e in chunks(n, 1, samples):
-            with phase("lowmem.backward.bn_grad"):
-                dz = grad_z(s, e, wd)
-            with phase("lowmem.backward.dw"):
-                x_in = input_chunk(ctx, x_saved, s, e, wd)
-                d_w += kernels.conv2d_weight(x_in, weight.shape, dz, layer.stride,
-                                             layer.padding)
-                del x_in
-            if need_x:
-                with phase("lowmem.backward.dx"):
-                    dx = kernels.conv2d_input((e - s, c_in, h_in, w_in), w_sign, dz.to(cd),
-                                              layer.stride, layer.padding)
-                    if spec.sign_input:
-                        keep = ext.unpack_signs(in_mask[s * h_in * w_in:e * h_in * w_in],
-                                                c_in, torch.int8)
-                        dx = dx.masked_fill(nchw(keep, e - s, h_in, w_in) < 0, 0)
-                    if coded is not None:
-                        coded.add(s, e, dx)
-                    else:
-                        grad_x[s:e] = dx
+        spans = chunks(n, 1, samples)
+        out_blocks = conv_dw_blocks(weight.shape) if sw.binary_dw else [(0, weight.shape[0])]
         if sw.binary_dw:
-            packed_dw = pack_rows(d_w >= 0)
+            packed_dw = packed_rows(weight.shape[0], math.prod(weight.shape[1:]))
+        for o0, o1 in out_blocks:  # dz is recomputed for each block of output channels
+            d_w = torch.zeros((o1 - o0, *weight.shape[1:]), dtype=torch.float32)
+            for s, e in spans:
+                with phase("lowmem.backward.bn_grad"):
+                    dz = grad_z(s, e, wd)
+                with phase("lowmem.backward.dw"):
+                    x_in = input_chunk(ctx, x_saved, s, e, wd)
+                    d_w += kernels.conv2d_weight(x_in, d_w.shape, dz[:, o0:o1], layer.stride,
+                                                 layer.padding)
+                    del x_in
+                if need_x and o0 == 0:
+                    with phase("lowmem.backward.dx"):
+                        dx = kernels.conv2d_input((e - s, c_in, h_in, w_in), w_sign,
+                                                  dz.to(cd), layer.stride, layer.padding)
+                        if spec.sign_input:
+                            keep = ext.unpack_signs(in_mask[s * h_in * w_in:e * h_in * w_in],
+                                                    c_in, torch.int8)
+                            dx = dx.masked_fill(nchw(keep, e - s, h_in, w_in) < 0, 0)
+                        if coded is not None:
+                            coded.add(s, e, dx)
+                        else:
+                            grad_x[s:e] = dx
+            if sw.binary_dw:
+                packed_dw[o0:o1] = pack_rows(d_w >= 0)
         if coded is not None:
             coded.hand_down(ctx.below)
             grad_x = placeholder(ctx.x_shape, ctx.x_dtype)

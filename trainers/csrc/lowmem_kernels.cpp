@@ -977,12 +977,29 @@ std::vector<Tensor> dense_forward(const Tensor& x, const Tensor& weight, const T
 // A dense block's backward in one call: batch-norm sums and dz (float32 on a first layer,
 // else in dtype), the 1-bit dW (or the full dW with binary_dw off) and dX.
 // Returns {grad_x (or empty), packed dW or dW, d_beta (float64)}.
+// dX = dz sgn(W), with sgn(W) made a block of input columns at a time (at most
+// `block_elements` values): a wide layer's full sign matrix is never held. Each column of dX
+// is still one product over all of W's rows, as in a single product.
+Tensor dense_grad_x(const Tensor& dz, const Tensor& weight, torch::ScalarType dtype,
+                    int64_t block_elements) {
+  const int64_t out = weight.size(0), in = weight.size(1);
+  const int64_t cols = std::max<int64_t>(8, block_elements / std::max<int64_t>(out, 1));
+  if (cols >= in) return dz.mm(signs(weight.contiguous(), dtype));
+  Tensor grad_x = torch::empty({dz.size(0), in}, dz.options());
+  for (int64_t c0 = 0; c0 < in; c0 += cols) {
+    const int64_t c1 = std::min(in, c0 + cols);
+    grad_x.slice(1, c0, c1).copy_(dz.mm(signs(weight.slice(1, c0, c1).contiguous(), dtype)));
+  }
+  return grad_x;
+}
+
 std::vector<Tensor> dense_backward(const Tensor& grad_out, const Tensor& x_saved, bool x_packed,
                                    int64_t in_features, const Tensor& weight,
                                    const Tensor& y_bits, const Tensor& mask,
                                    const Tensor& stats, bool first, bool need_x, bool po2,
                                    int64_t levels, bool binary_dw, int64_t dw_block_rows,
-                                   torch::ScalarType dtype, double coded_exp_max) {
+                                   torch::ScalarType dtype, double coded_exp_max,
+                                   int64_t dx_block_elements) {
   const Tensor sigma1 = stats[0].to(torch::kFloat).contiguous();
   const Tensor mean_abs_y = stats[1].to(torch::kFloat).contiguous();
   Tensor g = grad_out.contiguous();
@@ -1015,8 +1032,8 @@ std::vector<Tensor> dense_backward(const Tensor& grad_out, const Tensor& x_saved
   const Tensor x_in = x_packed ? unpack_signs(x_saved, in_features, wd) : x_saved.to(wd);
   const Tensor dw = binary_dw ? dense_sign_dw(dz, x_in, dw_block_rows)
                               : dz.t().mm(x_in).to(torch::kFloat);
-  Tensor grad_x = need_x ? dz.to(dtype).mm(signs(weight.contiguous(), dtype)) : empty;
-  return {grad_x, dw, sums[0]};
+  return {need_x ? dense_grad_x(dz.to(dtype), weight, dtype, dx_block_elements) : empty, dw,
+          sums[0]};
 }
 
 }  // namespace
