@@ -27,7 +27,7 @@ from torch import nn
 from trainers import native
 from trainers.layers import BinaryBlock, L1BatchNorm, weight_shape
 from trainers.lowmem import BACKWARD_CHUNK_ELEMENTS, DW_BLOCK_ELEMENTS
-from trainers.lowmem_fused import BACKWARD_CHUNKS
+from trainers.lowmem_fused import BACKWARD_CHUNKS, applies, hands_sign_bits
 from trainers.methods import LowMemSwitches, Recipe
 from trainers.models import LayerInfo, layer_inventory
 from trainers.real_blocks import RealConvBN
@@ -365,8 +365,11 @@ def extended_model(model: nn.Module, recipe: Recipe, batch_size: int,
     in_grad_bits = 32
     coded = _coded_gradients(recipe)
     largest_pair = 0
+    shares_bits = False  # the block below handed over its kept sign bits as this input
     for i, shape in enumerate(shapes):
         kept = _block_saved_bits(shape, recipe, in_bits)
+        if shares_bits:
+            kept.pop("layer_inputs", None)
         for name, bits in kept.items():
             if name.startswith("per_layer_"):
                 terms[name.removeprefix("per_layer_")] += bits
@@ -379,6 +382,8 @@ def extended_model(model: nn.Module, recipe: Recipe, batch_size: int,
         largest_pair = max(largest_pair, shape.output_elements * out_grad_bits * batch_size
                            + _backward_scratch_bits(shape, recipe, in_grad_bits, batch_size))
         in_bits, in_grad_bits = out_bits, out_grad_bits
+        shares_bits = (lowmem and applies(shape.block) and hands_sign_bits(shape.block)
+                       and shape.block.spec.pool != "after_act")  # pooled bits are new
     terms["real_layers"] = _real_layer_bits(model, in_shape) * batch_size
     terms["gradient_buffers"] = largest_pair
     groups = {
