@@ -130,19 +130,11 @@ def test_fused_path_applies_only_where_its_state_is_kept():
 def test_fused_model_step_matches_reference(name):
     """A whole model: same logits, same batch-norm gradients, 1-bit dW equal but for
     near-zero sums that the bf16 products may round across zero (< 0.2 %)."""
-    torch.manual_seed(0)
-    base = build_model(name, make_recipe("lowmem"))
-    x = torch.rand(8, *base.in_shape) * 2 - 1
-    y = torch.randint(0, 10, (8,))
+    base, x, y = lowmem_model_and_batch(name, 8)
     runs = []
     for fused in (False, True):
         native.set_fused(fused)
-        model = copy.deepcopy(base)
-        logits = model(x).float()
-        F.cross_entropy(logits, y).backward()
-        blocks = [m for m in model.modules() if isinstance(m, BinaryBlock)]
-        runs.append((logits.detach(), [b.bn.beta.grad for b in blocks],
-                     [b.layer.weight.packed_grad.data for b in blocks]))
+        runs.append(model_step(copy.deepcopy(base), x, y))
     (logits_ref, beta_ref, dw_ref), (logits, beta, dw) = runs
     assert torch.equal(logits_ref, logits)
     for a, b in zip(beta_ref, beta):
@@ -150,6 +142,22 @@ def test_fused_model_step_matches_reference(name):
     flipped = sum(bit_count(a ^ b) for a, b in zip(dw_ref, dw))
     total = sum(a.numel() * 8 for a in dw_ref)
     assert flipped / total < 2e-3
+
+
+def lowmem_model_and_batch(name: str, batch: int):
+    """A lowmem model (seed 0) and a batch of inputs in [-1, 1] with labels."""
+    torch.manual_seed(0)
+    model = build_model(name, make_recipe("lowmem"))
+    return model, torch.rand(batch, *model.in_shape) * 2 - 1, torch.randint(0, 10, (batch,))
+
+
+def model_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """Logits, batch-norm beta gradients and packed 1-bit dWs of one forward and backward."""
+    logits = model(x).float()
+    F.cross_entropy(logits, y).backward()
+    blocks = [m for m in model.modules() if isinstance(m, BinaryBlock)]
+    return (logits.detach(), [b.bn.beta.grad for b in blocks],
+            [b.layer.weight.packed_grad.data for b in blocks])
 
 
 def bit_count(t: torch.Tensor) -> int:
@@ -234,10 +242,7 @@ def test_conv_blocks_hand_their_output_over_as_sign_bits(name, monkeypatch):
     carries a stride-0 placeholder); the step equals one with the values handed over."""
     from trainers import lowmem_fused
 
-    torch.manual_seed(0)
-    base = build_model(name, make_recipe("lowmem"))
-    x = torch.rand(3, *base.in_shape) * 2 - 1
-    y = torch.randint(0, 10, (3,))
+    base, x, y = lowmem_model_and_batch(name, 3)
     runs = []
     for hand_over in (True, False):
         if not hand_over:
@@ -248,10 +253,7 @@ def test_conv_blocks_hand_their_output_over_as_sign_bits(name, monkeypatch):
         for block in blocks:
             block.register_forward_pre_hook(lambda _m, args, seen=inputs: seen.append(
                 (lowmem_fused.take_sign_bits(args[0]) is not None, args[0].stride())))
-        logits = model(x).float()
-        F.cross_entropy(logits, y).backward()
-        runs.append((inputs, logits.detach(), [b.bn.beta.grad for b in blocks],
-                     [b.layer.weight.packed_grad.data for b in blocks]))
+        runs.append((inputs, *model_step(model, x, y)))
     (inputs, logits, beta, dw), (inputs_ref, logits_ref, beta_ref, dw_ref) = runs
     convs = sum(not isinstance(b.layer, nn.Linear) for b in blocks)
     assert [bits for bits, _ in inputs] == [False] + [True] * (convs - 1) + [False] * (
