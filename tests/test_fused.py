@@ -282,3 +282,16 @@ def test_coded_gradient_rebased_by_chunks_equals_one_encoding():
     assert exp_max == max_exponent(dx)
     assert torch.equal(codes, whole)
     assert mailbox.take() is None
+
+
+def test_a_stack_cut_from_a_model_ends_in_a_block_that_hands_over_nothing():
+    """The last block of a slice (continual learning's frozen lower part) returns values."""
+    from trainers.lowmem_fused import take_sign_bits
+    from trainers.models import BlockStack
+
+    model, x, _ = lowmem_model_and_batch("cnv", 2)
+    lower = BlockStack(*list(model)[:2])
+    assert not lower[-1].feeds_block and not lower[-1].feeds_conv_block
+    out = lower(x)
+    assert take_sign_bits(out) is None and any(out.stride())
+    assert set(out.detach().float().unique().tolist()) <= {-1.0, 1.0}

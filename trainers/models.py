@@ -54,6 +54,9 @@ class BlockStack(nn.Sequential):
 
     def __init__(self, *modules: nn.Module) -> None:
         super().__init__(*modules)
+        for block in self:  # a block taken into a new stack (a slice) feeds what this one says
+            if isinstance(block, BinaryBlock):
+                block.feeds_block = block.feeds_conv_block = False
         for below, above in itertools.pairwise(self):  # each output feeds the next block alone
             if isinstance(below, BinaryBlock):
                 below.feeds_block = True
