@@ -146,7 +146,7 @@ def test_plan_show_prints_the_jobs_and_bad_plans_exit_2(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert table.returncode == 0 and "mlp-digits-lowmem-b100-s0-r0" in table.stdout
+    assert table.returncode == 0 and "mlp-digits-lowmem-b20-s0-r0" in table.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "harness", "plan", "show", str(write(tmp_path, "matrix: 3\n"))],
         cwd=REPO,

@@ -57,8 +57,8 @@ def test_default_run_completes_every_job_with_samples_and_manifest(tmp_path):
     jobs = db.execute("SELECT job_id, kind, status, attempts FROM jobs").fetchall()
     assert {j[0] for j in jobs} == {
         "idle-local",
-        "mlp-digits-standard-b100-s0-r0",
-        "mlp-digits-lowmem-b100-s0-r0",
+        "mlp-digits-standard-b20-s0-r0",
+        "mlp-digits-lowmem-b20-s0-r0",
     }
     assert all(status == "completed" and attempts == 1 for _, _, status, attempts in jobs)
     results = dict(db.execute("SELECT job_id, test_accuracy FROM results WHERE method != 'idle'"))
@@ -96,8 +96,8 @@ def test_default_run_completes_every_job_with_samples_and_manifest(tmp_path):
         assert manifest[key] is not None, key
     assert manifest["run_id"] == run_dir.name
     assert manifest["plan"]["jobs"] == [
-        "mlp-digits-standard-b100-s0-r0",
-        "mlp-digits-lowmem-b100-s0-r0",
+        "mlp-digits-standard-b20-s0-r0",
+        "mlp-digits-lowmem-b20-s0-r0",
     ]
     assert manifest["inventory"]["devices"][0]["name"] == "local"
     assert len(manifest["git"]["commit"]) == 40

@@ -125,7 +125,9 @@ def test_run_records_an_emulated_um25c_and_energy_matches_its_signal(tmp_path):
 def test_run_survives_the_meter_unplugged_mid_run(tmp_path):
     """The pty goes away every 8 s for 1.5 s and comes back at the same path."""
     link = tmp_path / "rfcomm0"
-    one_job = PLAN.replace("[standard, lowmem]", "[standard]").replace("epochs: 3", "epochs: 2")
+    # The run must outlast two unplugs whatever the engine's speed: a 20 s idle baseline.
+    one_job = (PLAN.replace("[standard, lowmem]", "[standard]").replace("epochs: 3", "epochs: 2")
+               .replace("idle_baseline_s: 4", "idle_baseline_s: 20"))
     inventory, plan = write_inputs(tmp_path, link, one_job)
     load = LoadSignal(POWER_PROFILES["pi4"], pid=os.getpid())
     faults = FaultPlan(unplug_every_s=8.0, unplug_s=1.5)
