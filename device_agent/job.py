@@ -156,6 +156,7 @@ def _run_training(spec: JobSpec, callbacks: StreamingCallbacks) -> dict[str, Any
         seed=spec.seed,
         max_steps=spec.max_steps,
         lr_plateau=spec.method.lr_plateau,
+        tensor_peak_steps=spec.telemetry.tensor_peak_steps,
     )
     result = train(config, callbacks)
     return _record_fields(result) if result is not None else {}

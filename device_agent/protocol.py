@@ -208,6 +208,9 @@ class TelemetrySpec:
     memory_hz: float = 10.0
     power_hz: float = 5.0
     step_every: int = 1  # emit a `step` event every N steps
+    # the first N training steps run under the engine's tensor ledger (a little slower), so
+    # the job reports its tensor-level peak memory beside the process-level one; 0: off
+    tensor_peak_steps: int = 2
 
     @classmethod
     def from_dict(cls, data: object, prefix: str = "telemetry.") -> TelemetrySpec:
@@ -217,6 +220,8 @@ class TelemetrySpec:
             memory_hz=_float(data.get("memory_hz", 10.0), prefix + "memory_hz", positive=True),
             power_hz=_float(data.get("power_hz", 5.0), prefix + "power_hz", positive=True),
             step_every=_int(data.get("step_every", 1), prefix + "step_every", minimum=1),
+            tensor_peak_steps=_int(data.get("tensor_peak_steps", 2),
+                                   prefix + "tensor_peak_steps", minimum=0),
         )
         for name in ("memory_hz", "power_hz"):
             if getattr(spec, name) > 1000:

@@ -8,7 +8,7 @@ Errors name the file, line and field. Example (the embedded default)::
 
     idle_baseline_s: 8
     cooldown_s: 1
-    telemetry: {memory_hz: 10, power_hz: 5}
+    telemetry: {memory_hz: 10, power_hz: 5}  # also step_every, tensor_peak_steps (2)
     datasets:
       digits: {}                     # or {from: /path/to/source/files}
     matrix:

@@ -63,6 +63,8 @@ def test_default_run_completes_every_job_with_samples_and_manifest(tmp_path):
     assert all(status == "completed" and attempts == 1 for _, _, status, attempts in jobs)
     results = dict(db.execute("SELECT job_id, test_accuracy FROM results WHERE method != 'idle'"))
     assert all(0.3 < acc <= 1.0 for acc in results.values()), results  # chance is 0.1
+    peaks = dict(db.execute("SELECT method, peak_tensor_bytes FROM results WHERE method != 'idle'"))
+    assert 0 < peaks["lowmem"] < peaks["standard"], peaks  # from the first steps' ledger
     for job_id, _, _, _ in jobs:
         rows = db.execute(
             "SELECT seq, t_host_s FROM memory_samples WHERE job_id = ? ORDER BY seq", (job_id,)

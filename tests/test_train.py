@@ -100,6 +100,26 @@ def test_callbacks_come_in_order_with_sane_records():
     assert result.test_accuracy > 0.3
 
 
+def test_first_steps_under_the_ledger_report_the_tensor_peak_and_train_the_same():
+    """`tensor_peak_steps`: those steps are real steps (same losses), with their peak."""
+    peaks, losses = {}, {}
+    for method in ("standard", "lowmem"):
+        plain, ledgered = Recorder(), Recorder()
+        train(digits_config(method, epochs=1, max_steps=4), plain)
+        train(digits_config(method, epochs=1, max_steps=4, tensor_peak_steps=2), ledgered)
+        records = [r for kind, r in ledgered.events if kind == "step"]
+        assert [r.peak_tensor_bytes is not None for r in records] == [True, True, False, False]
+        assert all(r.peak_tensor_bytes is None for kind, r in plain.events if kind == "step")
+        assert ledgered.losses() == plain.losses()
+        peaks[method] = max(r.peak_tensor_bytes for r in records[:2])
+        losses[method] = ledgered.losses()
+    model = build_model("mlp", make_recipe("standard"), in_shape=(1, 8, 8))
+    assert peaks["standard"] > sum(p.numel() * 4 for p in model.parameters())
+    assert peaks["lowmem"] < peaks["standard"] / 2
+    with pytest.raises(UsageError, match="tensor peak steps must be >= 0, got -1"):
+        train(digits_config(tensor_peak_steps=-1), Recorder())
+
+
 def test_max_steps_stops_early_and_still_evaluates():
     recorder = Recorder()
     result = train(digits_config(epochs=5, max_steps=20), recorder)

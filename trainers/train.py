@@ -38,6 +38,8 @@ class TrainConfig:
     lr_plateau: bool = False  # halve the learning rate when the test loss stops improving
     plateau_patience: int = 5  # epochs without improvement before halving
     eval_batch_size: int = 500
+    # the first N steps run under the tensor ledger (slower) and report their tensor-level peak
+    tensor_peak_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class StepRecord:
     step: int  # 1-based, counted over the whole run
     loss: float
     step_time_s: float  # the engine's train_step alone (forward, backward, update)
+    # bytes of tensors live at the step's peak, for the steps run under the tensor ledger
+    peak_tensor_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,8 @@ def check_config(config: TrainConfig, dataset: Dataset | None = None) -> None:
         raise UsageError(f"batch size {config.batch_size} is impossible; it must be >= 1")
     if config.max_steps is not None and config.max_steps < 1:
         raise UsageError(f"max steps must be >= 1, got {config.max_steps}")
+    if config.tensor_peak_steps < 0:
+        raise UsageError(f"tensor peak steps must be >= 0, got {config.tensor_peak_steps}")
     if config.plateau_patience < 0:
         raise UsageError(f"plateau patience must be >= 0, got {config.plateau_patience}")
     if config.eval_batch_size < 1:
@@ -169,6 +175,20 @@ def _warmup_batches(data: Dataset, config: TrainConfig, count: int = 20):
         end = start + config.batch_size
         yield (to_model_input(as_tensor(data.train_images[start:end])),
                as_tensor(data.train_labels[start:end]))
+
+
+def _step_under_ledger(model, optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """One real training step under `trainers.measure`'s tensor ledger: its loss and the
+    bytes of tensors live at its peak (parameters, optimizer state, batch and all)."""
+    from trainers.engine import train_step
+    from trainers.measure import track_tensor_peak
+
+    losses: list[float] = []
+    peak = track_tensor_peak(
+        model, optimizer, lambda bx, by: losses.append(float(train_step(model, optimizer, bx, by))),
+        [(x, y)],
+    )
+    return losses[0], peak.peak_bytes
 
 
 def _call(callbacks: Any, name: str, *args: Any) -> None:
@@ -232,11 +252,14 @@ def train(
             x = to_model_input(train_images[index])
             y = train_labels[index]
             step_start = time.perf_counter()
-            loss = float(train_step(model, optimizer, x, y))
+            if step < config.tensor_peak_steps:
+                loss, peak_bytes = _step_under_ledger(model, optimizer, x, y)
+            else:
+                loss, peak_bytes = float(train_step(model, optimizer, x, y)), None
             step_time_s = time.perf_counter() - step_start
             step += 1
             losses.append(loss)
-            _call(callbacks, "on_step", StepRecord(epoch, step, loss, step_time_s))
+            _call(callbacks, "on_step", StepRecord(epoch, step, loss, step_time_s, peak_bytes))
             if config.max_steps is not None and step >= config.max_steps:
                 break
         train_loss = sum(losses) / len(losses)
