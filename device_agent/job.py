@@ -214,11 +214,10 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
                     f"data set file {path} has sha256 {actual}, the job expects "
                     f"{spec.dataset.sha256}"
                 )
-        if spec.method.name != "idle":  # load the engine before the memory baseline,
-            import trainers.train  # noqa: F401
-            from trainers import native
+        if spec.method.name != "idle":  # load the engine before the memory baseline
+            from trainers.train import load_engine
 
-            native.kernels()  # its fused kernels too, whichever method runs
+            load_engine()
         baseline = read_memory()
         hwm_reset = reset_peak_rss()
         sampler.start()  # threads first: their stacks must not count against the limit
