@@ -67,9 +67,8 @@ def layer_elements_per_sample(layer: nn.Module, in_shape: tuple[int, ...], int8:
     on the int8 path, its unfolded im2col columns."""
     if isinstance(layer, nn.Linear):
         return max(math.prod(in_shape), layer.out_features)
-    _, h, w = in_shape
-    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
-    out = layer.out_channels * ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1)
+    ho, wo = kernels.conv_geometry(in_shape[1:], layer.kernel_size, layer.stride, layer.padding)
+    out = layer.out_channels * ho * wo
     elements = max(math.prod(in_shape), out)
     if int8:
         elements = max(elements, kernels.unfold_bytes_per_sample(

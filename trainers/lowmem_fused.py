@@ -43,6 +43,7 @@ from trainers.lowmem import (
     packed_rows,
     pool_positions,
 )
+from trainers.methods import LowMemSwitches
 from trainers.profiling import phase
 
 # A conv block's backward runs in at most this many chunks of samples (and in chunks of at
@@ -64,9 +65,13 @@ EMPTY = torch.empty(0, dtype=torch.uint8)
 EMPTY_FLOAT = torch.empty(0)
 
 
-def applies(block: BinaryBlock) -> bool:
-    sw = block.switches
+def runs_fused(sw: LowMemSwitches) -> bool:
+    """Whether low-memory blocks with these switches run here (else the reference path)."""
     return sw.bn_sign_trick and sw.packed_masks and native.kernels() is not None
+
+
+def applies(block: BinaryBlock) -> bool:
+    return runs_fused(block.switches)
 
 
 def low_memory_block(block: BinaryBlock, x: torch.Tensor) -> torch.Tensor:

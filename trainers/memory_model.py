@@ -24,10 +24,9 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from trainers import native
 from trainers.layers import BinaryBlock, L1BatchNorm, weight_shape
 from trainers.lowmem import BACKWARD_CHUNK_ELEMENTS, DW_BLOCK_ELEMENTS
-from trainers.lowmem_fused import BACKWARD_CHUNKS, applies, hands_sign_bits
+from trainers.lowmem_fused import BACKWARD_CHUNKS, hands_sign_bits, runs_fused
 from trainers.methods import LowMemSwitches, Recipe
 from trainers.models import LayerInfo, layer_inventory
 from trainers.real_blocks import RealConvBN
@@ -283,15 +282,9 @@ def _dense(shape: BlockShape) -> bool:
     return isinstance(shape.block.layer, nn.Linear)
 
 
-def _fused(recipe: Recipe) -> bool:
-    """Whether the low-memory blocks run on the fused kernels (trainers.lowmem_fused)."""
-    sw = recipe.switches
-    return sw.any and sw.bn_sign_trick and sw.packed_masks and native.kernels() is not None
-
-
 def _coded_gradients(recipe: Recipe) -> bool:
     """Whether gradients pass between blocks as int8 power-of-two codes."""
-    return _fused(recipe) and recipe.switches.po2_grads
+    return runs_fused(recipe.switches) and recipe.switches.po2_grads
 
 
 def _backward_scratch_bits(shape: BlockShape, recipe: Recipe, in_grad_bits: int,
@@ -306,7 +299,7 @@ def _backward_scratch_bits(shape: BlockShape, recipe: Recipe, in_grad_bits: int,
     buffer = 0 if first else shape.input_elements * in_grad_bits * batch_size
     if first and _dense(shape):
         return shape.layer_output_elements * 32 * batch_size + DW_BLOCK_ELEMENTS * (32 + 8)
-    if _fused(recipe) and not _dense(shape):
+    if runs_fused(recipe.switches) and not _dense(shape):
         per_sample = max(shape.layer_output_elements, shape.input_elements)
         samples = min(batch_size, max(math.ceil(batch_size / BACKWARD_CHUNKS),
                                       BACKWARD_CHUNK_ELEMENTS // per_sample))
@@ -382,7 +375,7 @@ def extended_model(model: nn.Module, recipe: Recipe, batch_size: int,
         largest_pair = max(largest_pair, shape.output_elements * out_grad_bits * batch_size
                            + _backward_scratch_bits(shape, recipe, in_grad_bits, batch_size))
         in_bits, in_grad_bits = out_bits, out_grad_bits
-        shares_bits = (lowmem and applies(shape.block) and hands_sign_bits(shape.block)
+        shares_bits = (runs_fused(sw) and hands_sign_bits(shape.block)
                        and shape.block.spec.pool != "after_act")  # pooled bits are new
     terms["real_layers"] = _real_layer_bits(model, in_shape) * batch_size
     terms["gradient_buffers"] = largest_pair

@@ -106,7 +106,7 @@ class ConvBNFunction(torch.autograd.Function):
             bn.update_running(mu, sigma1)
             out = None
             for s, e in spans:
-                yc = _activation(stack, z16[s:e], mu, sigma1, beta)[0]
+                yc = _activation(stack, _normalised(z16[s:e], mu, sigma1), beta)[0]
                 if out is None:
                     out = torch.empty((n, *yc.shape[1:]), dtype=x.dtype)
                 out[s:e] = yc
@@ -143,10 +143,14 @@ class ConvBNFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_beta, None
 
 
-def _activation(stack: RealConvBN, z16: torch.Tensor, mu: torch.Tensor, sigma1: torch.Tensor,
-                beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(output, pre-pool activation, pool argmax) of a chunk, from its float16 z."""
-    xhat = (z16.float() - mu.view(1, -1, 1, 1)) / sigma1.view(1, -1, 1, 1)
+def _normalised(z16: torch.Tensor, mu: torch.Tensor, sigma1: torch.Tensor) -> torch.Tensor:
+    """xhat of a chunk, from its float16 z."""
+    return (z16.float() - mu.view(1, -1, 1, 1)) / sigma1.view(1, -1, 1, 1)
+
+
+def _activation(stack: RealConvBN, xhat: torch.Tensor, beta: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(output, pre-pool activation, pool argmax) of a chunk, from its xhat."""
     y = xhat + beta.detach().float().view(1, -1, 1, 1)
     if stack.relu:
         y = y.clamp_(min=0)
@@ -161,7 +165,8 @@ def _activation(stack: RealConvBN, z16: torch.Tensor, mu: torch.Tensor, sigma1: 
 def _grad_y(stack: RealConvBN, z16: torch.Tensor, mu: torch.Tensor, sigma1: torch.Tensor,
             beta: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dy at the batch norm's output, xhat) of a chunk, recomputed from its float16 z."""
-    _, y, index = _activation(stack, z16, mu, sigma1, beta)
+    xhat = _normalised(z16, mu, sigma1)
+    _, y, index = _activation(stack, xhat, beta)
     grad = grad_out.float()
     pool = stack.pool
     if pool is not None:
@@ -170,5 +175,4 @@ def _grad_y(stack: RealConvBN, z16: torch.Tensor, mu: torch.Tensor, sigma1: torc
             index)
     if stack.relu:
         grad = grad * (y > 0)
-    xhat = (z16.float() - mu.view(1, -1, 1, 1)) / sigma1.view(1, -1, 1, 1)
     return grad, xhat

@@ -185,13 +185,9 @@ def load_engine() -> None:
     from trainers import native
 
     native.kernels()
-    from trainers.engine import train_step
-    from trainers.measure import track_tensor_peak
-
     layer = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.Adam(layer.parameters())
-    batch = (torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
-    track_tensor_peak(layer, optimizer, lambda x, y: train_step(layer, optimizer, x, y), [batch])
+    _step_under_ledger(layer, torch.optim.Adam(layer.parameters()), torch.zeros(1, 2),
+                       torch.zeros(1, dtype=torch.long))
 
 
 def _step_under_ledger(model, optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
