@@ -12,6 +12,7 @@ Native format (`inventory.yaml`)::
       workdir: bnn-harness         # relative to the remote home, or absolute
       known_hosts: known_hosts     # absent: ~/.ssh/known_hosts
       trust_on_first_use: false    # true: record unknown host keys (reported, never silent)
+      ssh_config: ~/.ssh/config    # absent: ~/.ssh/config and /etc/ssh/ssh_config
       connect_timeout_s: 10
       connect_retries: 3
       retry_backoff_s: 1.0
@@ -23,23 +24,36 @@ Native format (`inventory.yaml`)::
         key_passphrase: ${PI_KEY_PASSPHRASE}
         meter: {type: um34c, port: /dev/rfcomm0}
 
-An Ansible inventory (`all: hosts:` with `ansible_host`, `ansible_user`,
-`ansible_port`, `ansible_ssh_private_key_file`, `ansible_python_interpreter`)
-is accepted too; group names become tags and `harness_<field>` variables set
-any other field. `${VAR}` in any string is replaced by the environment
-variable at load; `Inventory.redacted()` gives the inventory with the
-references (not the values) for the manifest. Paths are relative to the file.
+Any other inventory (INI or YAML, a directory, with `group_vars/` and
+`host_vars/` beside it) is read by Ansible's own inventory code
+(`harness.ansible_inventory`), with Ansible's variable precedence:
+`ansible_host`, `ansible_user`, `ansible_port`, `ansible_ssh_private_key_file`,
+`ansible_python_interpreter`, `ansible_password`, `ansible_connection` and
+`ansible_ssh_common_args` (`-J`, `-o ProxyJump=`, `-F`) set the device's
+fields, `harness_<field>` variables set any other field, and every group the
+host is in (parent groups included) becomes a tag.
+
+For ssh devices the SSH client configuration is honoured as OpenSSH would
+(read by Fabric's SSH config support): `host` may be a `Host` alias, and its
+HostName, Port, User, IdentityFile, ProxyJump and UserKnownHostsFile fill
+whatever the inventory does not set itself.
+
+`${VAR}` in any string is replaced by the environment variable at load;
+`Inventory.redacted()` gives the inventory with the references (not the
+values) for the manifest. Paths are relative to the file.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from harness.ansible_inventory import Where
 from harness.errors import HarnessUsageError
 from harness.fleet.yaml_lines import YamlList, YamlMap, load_yaml_with_lines
 
@@ -52,7 +66,10 @@ USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 # Remote paths go into shell commands (quoted); refuse anything that is not plainly a path.
 REMOTE_PATH_RE = re.compile(r"^[A-Za-z0-9_./+~-]{1,255}$")
 ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# One ProxyJump hop: [user@]host[:port]; hops are separated by commas.
+JUMP_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.-]{0,31}@)?[A-Za-z0-9_.%-]{1,253}(:[0-9]{1,5})?$")
 SECRET_FIELDS = ("password", "key_passphrase")
+MAX_INVENTORY_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,9 @@ class Device:
     meter: Mapping[str, Any] | None = field(default=None, hash=False, compare=False)
     known_hosts: Path | None = None
     trust_on_first_use: bool = False
+    ssh_config: Path | None = None  # None: ~/.ssh/config and /etc/ssh/ssh_config
+    ssh_alias: str | None = None  # the ssh config `Host` the host was resolved from
+    proxy_jump: str | None = None  # OpenSSH ProxyJump: [user@]host[:port][,...]
     connect_timeout_s: float = 10.0
     connect_retries: int = 3
     retry_backoff_s: float = 1.0
@@ -152,6 +172,11 @@ def _redact_meter(
 
 # ---------------------------------------------------------------- loading
 
+# Where a value was set: a line of the inventory file, or (Ansible) file and line.
+Location = int | Where
+NATIVE_KEYS = ("version", "defaults", "devices")
+YAML_SUFFIXES = (".yaml", ".yml", ".json")
+
 
 @dataclass
 class _Source:
@@ -159,26 +184,44 @@ class _Source:
 
     path: Path
 
-    def error(self, line: int, field_path: str, message: str) -> HarnessUsageError:
-        return HarnessUsageError(f"{self.path}:{line}: {field_path}: {message}")
+    def error(self, line: Location, field_path: str, message: str) -> HarnessUsageError:
+        where = str(line) if isinstance(line, Where) else f"{self.path}:{line}"
+        return HarnessUsageError(f"{where}: {field_path}: {message}")
 
 
 def load_inventory(path: str | Path) -> Inventory:
-    """Read, resolve and validate an inventory file (native or Ansible-style YAML)."""
+    """Read, resolve and validate an inventory: the native YAML, or anything Ansible reads."""
     path = Path(path)
-    data = load_yaml_with_lines(path)
     source = _Source(path)
-    if not isinstance(data, YamlMap):
-        raise source.error(1, "(top level)", "expected a mapping with 'devices' or 'all'")
-    if "all" in data and "devices" not in data:
-        entries = _ansible_entries(data, source)
-    else:
+    if not path.exists():
+        raise HarnessUsageError(f"{path}: cannot read: no such file or directory")
+    data, yaml_error = None, None
+    if path.is_file():
+        try:
+            data = load_yaml_with_lines(path)
+        except HarnessUsageError as exc:
+            yaml_error = exc
+    if isinstance(data, YamlMap) and any(key in data for key in NATIVE_KEYS):
         entries = _native_entries(data, source)
+    else:
+        try:
+            entries = _ansible_entries(path)
+        except HarnessUsageError:
+            # A file meant as YAML: its own YAML or shape error says more than Ansible's.
+            if path.suffix in YAML_SUFFIXES and yaml_error is not None:
+                raise yaml_error from None
+            if path.suffix in YAML_SUFFIXES and not isinstance(data, YamlMap):
+                raise source.error(
+                    getattr(data, "line", 1) or 1, "(top level)",
+                    "expected a mapping with 'devices' (or an Ansible inventory)",
+                ) from None
+            raise
     env_refs: dict[tuple[str, str], str] = {}
     devices = [_build_device(entry, source, env_refs) for entry in entries]
     if not devices:
-        raise source.error(data.line, "devices", "no devices listed")
-    seen: dict[str, int] = {}
+        line = data.line if isinstance(data, YamlMap) else 1
+        raise source.error(line, "devices", "no devices listed")
+    seen: dict[str, Location] = {}
     for device, entry in zip(devices, entries):
         if device.name in seen:
             raise source.error(
@@ -191,15 +234,18 @@ def load_inventory(path: str | Path) -> Inventory:
 
 @dataclass
 class _Entry:
-    """One device's raw settings: field -> (value, line, field path for messages)."""
+    """One device's raw settings: field -> (value, where, field path for messages)."""
 
     label: str  # how messages name the device's section, e.g. devices[2]
-    name_line: int
-    values: dict[str, tuple[Any, int, str]]
+    name_line: Location
+    values: dict[str, tuple[Any, Location, str]]
+    base: Path | None = None  # what relative paths are relative to (None: the inventory's folder)
 
 
-_NATIVE_TOP = {"version", "defaults", "devices"}
-_DEVICE_FIELDS = {f.name for f in fields(Device)}
+_NATIVE_TOP = set(NATIVE_KEYS)
+# Set by the harness from the ssh config, never written in an inventory.
+_DERIVED_FIELDS = {"ssh_alias"}
+_DEVICE_FIELDS = {f.name for f in fields(Device)} - _DERIVED_FIELDS
 
 
 def _native_entries(data: YamlMap, source: _Source) -> list[_Entry]:
@@ -278,78 +324,114 @@ _ANSIBLE_VARS = {
     "ansible_ssh_pass": "password",
     "ansible_connection": "transport",
 }
+# ansible_connection values: Ansible's ssh-based plugins are one ssh transport here.
+_ANSIBLE_CONNECTIONS = {"ssh": "ssh", "paramiko": "ssh", "paramiko_ssh": "ssh", "smart": "ssh",
+                        "local": "local"}
+_SSH_ARGS_VARS = ("ansible_ssh_common_args", "ansible_ssh_extra_args")
 _HARNESS_PREFIX = "harness_"
 
 
-def _ansible_entries(data: YamlMap, source: _Source) -> list[_Entry]:
-    """Flatten Ansible groups: vars apply outer to inner, group names become tags."""
-    hosts: dict[str, dict[str, tuple[Any, int, str]]] = {}
-    host_lines: dict[str, int] = {}
-    host_groups: dict[str, list[str]] = {}
+def _ansible_entries(path: Path) -> list[_Entry]:
+    """Hosts of an Ansible inventory, by Ansible's own reader; groups become tags."""
+    from harness.ansible_inventory import inventory_files, read_ansible_inventory
 
-    def walk(group: str, body: Any, inherited: dict[str, tuple[Any, int, str]], label: str) -> None:
-        if body is None:
-            return
-        if not isinstance(body, YamlMap):
-            raise source.error(getattr(body, "line", 1), label, "expected a mapping")
-        scope = dict(inherited)
-        group_vars = body.get("vars") or YamlMap()
-        if not isinstance(group_vars, YamlMap):
-            raise source.error(body.line_of("vars"), f"{label}.vars", "expected a mapping")
-        for key, value in group_vars.items():
-            scope[key] = (value, group_vars.line_of(key), f"{label}.vars.{key}")
-        group_hosts = body.get("hosts") or YamlMap()
-        if not isinstance(group_hosts, YamlMap):
-            raise source.error(body.line_of("hosts"), f"{label}.hosts", "expected a mapping")
-        for host, host_vars in group_hosts.items():
-            merged = hosts.setdefault(str(host), {})
-            for key, value in scope.items():
-                merged.setdefault(key, value)
-            host_lines.setdefault(str(host), group_hosts.line_of(host))
-            if group != "all":
-                host_groups.setdefault(str(host), []).append(group)
-            if host_vars is None:
-                continue
-            if not isinstance(host_vars, YamlMap):
-                raise source.error(
-                    group_hosts.line_of(host), f"{label}.hosts.{host}", "expected a mapping"
-                )
-            for key, value in host_vars.items():
-                merged[key] = (value, host_vars.line_of(key), f"{label}.hosts.{host}.{key}")
-        children = body.get("children") or YamlMap()
-        if not isinstance(children, YamlMap):
-            raise source.error(body.line_of("children"), f"{label}.children", "expected a mapping")
-        for child, child_body in children.items():
-            walk(str(child), child_body, scope, f"{label}.children.{child}")
-
-    walk("all", data["all"], {}, "all")
+    for file in inventory_files(path):
+        _check_ansible_file(file)
     entries = []
-    for host, variables in hosts.items():
-        values: dict[str, tuple[Any, int, str]] = {
-            "name": (host, host_lines[host], f"hosts.{host}")
+    for host in read_ansible_inventory(path, ("ansible_", _HARNESS_PREFIX)):
+        label = f"host {host.name}"
+        name_where = host.where
+        values: dict[str, tuple[Any, Location, str]] = {
+            "name": (host.name, name_where, label)
         }
-        for key, (value, line, label) in variables.items():
+        # Plain Ansible variables first, harness_<field> over them.
+        for key, (value, where) in sorted(host.variables.items(),
+                                         key=lambda kv: kv[0].startswith(_HARNESS_PREFIX)):
+            var_label = f"{label}: {key}"
             if key in _ANSIBLE_VARS:
                 target = _ANSIBLE_VARS[key]
                 if target == "transport":
-                    value = "local" if value == "local" else "ssh"
-                values[target] = (value, line, label)
-            elif key.startswith(_HARNESS_PREFIX) and key[len(_HARNESS_PREFIX):] in _DEVICE_FIELDS:
-                values[key[len(_HARNESS_PREFIX):]] = (value, line, label)
+                    if value not in _ANSIBLE_CONNECTIONS:
+                        raise HarnessUsageError(
+                            f"{where}: {var_label}: the harness reaches devices over ssh or "
+                            f"runs locally; expected one of "
+                            f"{', '.join(sorted(_ANSIBLE_CONNECTIONS))}, got {value!r}"
+                        )
+                    value = _ANSIBLE_CONNECTIONS[value]
+                if target == "python" and isinstance(value, str) and value.startswith("auto"):
+                    continue  # Ansible's interpreter discovery: the harness default (python3)
+                values[target] = (value, where, var_label)
+            elif key in _SSH_ARGS_VARS:
+                for target, option in _ssh_args(value, where, var_label).items():
+                    values[target] = (option, where, var_label)
+            elif key.startswith(_HARNESS_PREFIX):
+                target = key[len(_HARNESS_PREFIX):]
+                if target in _DEVICE_FIELDS and target != "name":
+                    values[target] = (value, where, var_label)
             # Other Ansible variables (become, etc.) do not concern the harness.
-        values.setdefault("host", (host, host_lines[host], f"hosts.{host}"))
-        groups = host_groups.get(host, [])
-        if groups and "tags" not in values:
-            values["tags"] = (groups, host_lines[host], f"hosts.{host}")
-        entries.append(_Entry(f"hosts.{host}", host_lines[host], values))
+        values.setdefault("host", (host.name, name_where, label))
+        tags = list(host.groups)
+        if "tags" in values:
+            extra, where, var_label = values["tags"]
+            extra = [extra] if isinstance(extra, str) else extra
+            if isinstance(extra, list):
+                tags += [t for t in extra if t not in tags]
+                values["tags"] = (tags, where, var_label)
+        elif tags:
+            values["tags"] = (tags, name_where, f"{label}: groups")
+        entries.append(_Entry(label, name_where, values, base=_base_of(values, path)))
     return entries
+
+
+def _base_of(values: dict[str, tuple[Any, Location, str]], path: Path) -> Path | None:
+    """Relative key files are relative to the file that names them (group_vars/x.yml too)."""
+    where = values.get("key_file", (None, None, ""))[1]
+    if isinstance(where, Where) and where.path and Path(where.path).is_file():
+        return Path(where.path).parent
+    return path if path.is_dir() else None
+
+
+def _check_ansible_file(file: Path) -> None:
+    """Bounds in front of Ansible's reader: size, and YAML files through our bounded loader."""
+    try:
+        size = file.stat().st_size
+    except OSError as exc:
+        raise HarnessUsageError(f"{file}: cannot read: {exc.strerror or exc}") from exc
+    if size > MAX_INVENTORY_BYTES:
+        raise HarnessUsageError(
+            f"{file}: {size} bytes; an inventory file may have at most {MAX_INVENTORY_BYTES}"
+        )
+    if file.suffix in YAML_SUFFIXES:
+        load_yaml_with_lines(file)  # its syntax errors and limits, with our line numbers
+
+
+def _ssh_args(value: Any, where: Where, label: str) -> dict[str, str]:
+    """ProxyJump and the ssh config file from `ansible_ssh_common_args` (-J, -o ProxyJump=, -F)."""
+    if not isinstance(value, str):
+        raise HarnessUsageError(f"{where}: {label}: expected a string of ssh options, "
+                                f"got {value!r}")
+    words = shlex.split(value)
+    found: dict[str, str] = {}
+    for index, word in enumerate(words):
+        following = words[index + 1] if index + 1 < len(words) else ""
+        if word == "-J":
+            found["proxy_jump"] = following
+        elif word.startswith("-J") and len(word) > 2:
+            found["proxy_jump"] = word[2:]
+        elif word == "-F":
+            found["ssh_config"] = following
+        elif word == "-o" and following.lower().startswith("proxyjump="):
+            found["proxy_jump"] = following.split("=", 1)[1]
+        elif word.lower().startswith("-oproxyjump="):
+            found["proxy_jump"] = word.split("=", 1)[1]
+    return found
 
 
 # ---------------------------------------------------------------- validation
 
 
 def _resolve_env(
-    value: Any, line: int, label: str, source: _Source
+    value: Any, line: Location, label: str, source: _Source
 ) -> tuple[Any, str | None]:
     """Replace `${VAR}` references in a string; returns (value, original text if any)."""
     if not isinstance(value, str) or "${" not in value:
@@ -369,29 +451,80 @@ def _build_device(
 ) -> Device:
     resolved: dict[str, Any] = {}
     name_value = entry.values["name"][0]
+    base = entry.base or source.path.parent
     for key, (raw, line, label) in entry.values.items():
         value, ref = _resolve_env(raw, line, label, source)
         if ref is not None:
             env_refs[(str(name_value), key)] = ref
-        if key == "meter" and isinstance(value, YamlMap):
+        if key == "meter" and isinstance(value, Mapping):
             meter = {}
             for meter_key, meter_value in value.items():
+                meter_line = value.line_of(meter_key) if isinstance(value, YamlMap) else line
                 meter_value, meter_ref = _resolve_env(
-                    meter_value, value.line_of(meter_key), f"{label}.{meter_key}", source
+                    meter_value, meter_line, f"{label}.{meter_key}", source
                 )
                 if meter_ref is not None:
                     env_refs[(str(name_value), f"meter.{meter_key}")] = meter_ref
                 meter[meter_key] = meter_value
             value = meter
-        resolved[key] = _check_field(key, value, line, label, source)
+        resolved[key] = _check_field(key, value, line, label, source, base)
     transport = resolved.get("transport", "ssh")
     if transport == "ssh" and not resolved.get("host"):
         raise source.error(entry.name_line, f"{entry.label}.host",
                            "missing (required for transport ssh)")
+    if transport == "ssh":
+        _apply_ssh_config(resolved, source, base)
     return Device(**resolved)
 
 
-def _check_field(key: str, value: Any, line: int, label: str, source: _Source) -> Any:
+def fabric_config(ssh_config: Path | None) -> Any:
+    """Fabric's configuration with the SSH client config loaded: the given file, or
+    OpenSSH's defaults (~/.ssh/config, /etc/ssh/ssh_config) when None."""
+    from fabric import Config
+
+    if ssh_config is None:
+        return Config()
+    return Config(runtime_ssh_path=str(ssh_config))
+
+
+def _apply_ssh_config(resolved: dict[str, Any], source: _Source, base: Path) -> None:
+    """Fill what the inventory left unset from the ssh config's entry for `host`, as ssh does:
+    HostName, Port, User, IdentityFile, ProxyJump, UserKnownHostsFile."""
+    path = resolved.get("ssh_config")
+    if path is not None and not path.is_file():
+        raise source.error(1, f"device {resolved['name']}: ssh_config",
+                           f"no such file {str(path)!r}")
+    alias = resolved["host"]
+    try:
+        entry = fabric_config(path).base_ssh_config.lookup(alias)
+    except Exception as exc:  # paramiko's parser: bad lines, bad tokens
+        raise HarnessUsageError(
+            f"{path or '~/.ssh/config'}: cannot use the ssh config for {alias!r}: {exc}"
+        ) from exc
+    where = f"ssh config {path or '~/.ssh/config'}: Host {alias}"
+    hostname = entry.get("hostname", alias)
+    if hostname != alias:
+        resolved["host"] = _check_field("host", hostname, 1, f"{where}: HostName", source, base)
+        resolved["ssh_alias"] = alias
+    if "port" not in resolved and "port" in entry:
+        port = int(entry["port"]) if str(entry["port"]).isdigit() else entry["port"]
+        resolved["port"] = _check_field("port", port, 1, f"{where}: Port", source, base)
+    if "user" not in resolved and "user" in entry:
+        resolved["user"] = _check_field("user", entry["user"], 1, f"{where}: User", source, base)
+    if "key_file" not in resolved and entry.get("identityfile"):
+        resolved["key_file"] = Path(entry["identityfile"][0]).expanduser()
+    if "proxy_jump" not in resolved and entry.get("proxyjump", "none").lower() != "none":
+        resolved["proxy_jump"] = _check_field(
+            "proxy_jump", entry["proxyjump"], 1, f"{where}: ProxyJump", source, base
+        )
+    if "known_hosts" not in resolved and entry.get("userknownhostsfile"):
+        first = entry["userknownhostsfile"].split()[0]
+        resolved["known_hosts"] = Path(first).expanduser()
+
+
+def _check_field(
+    key: str, value: Any, line: Location, label: str, source: _Source, base: Path
+) -> Any:
     def fail(message: str) -> HarnessUsageError:
         return source.error(line, label, f"{message}, got {value!r}")
 
@@ -415,11 +548,17 @@ def _check_field(key: str, value: Any, line: int, label: str, source: _Source) -
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
             raise fail("expected a port number 1-65535")
         return value
-    if key in ("key_file", "known_hosts"):
+    if key in ("key_file", "known_hosts", "ssh_config"):
         if not isinstance(value, str) or not value:
             raise fail("expected a file path")
         path = Path(value).expanduser()
-        return path if path.is_absolute() else (source.path.parent / path).resolve()
+        return path if path.is_absolute() else (base / path).resolve()
+    if key == "proxy_jump":
+        if value is None:
+            return None
+        if not isinstance(value, str) or not all(JUMP_RE.match(h) for h in value.split(",")):
+            raise fail("expected ProxyJump hops [user@]host[:port], separated by commas")
+        return value
     if key in ("python", "workdir"):
         if not isinstance(value, str) or not REMOTE_PATH_RE.match(value) or value.startswith("-"):
             raise fail(

@@ -198,7 +198,7 @@ def test_ansible_inventory(tmp_path: Path):
 def test_ansible_errors_name_the_line(tmp_path: Path):
     text = "all:\n  hosts:\n    pi-a:\n      ansible_host: 10.0.0.5\n      ansible_port: ssh\n"
     path = write(tmp_path, text, "hosts.yml")
-    pattern = r":5: all.hosts.pi-a.ansible_port: expected a port"
+    pattern = r"hosts.yml:5: host pi-a: ansible_port: expected a port"
     with pytest.raises(HarnessUsageError, match=pattern):
         load_inventory(path)
 

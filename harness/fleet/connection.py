@@ -6,6 +6,10 @@ key or authentication refusal), and the socket gets TCP keepalives plus
 `TCP_USER_TIMEOUT`, while paramiko sends an SSH keepalive every
 `keepalive_s`: a dead link then fails the connection within seconds instead
 of hanging on TCP retransmissions.
+
+The SSH client config is Fabric's (`harness.inventory.fabric_config`): a
+device with a ProxyJump is reached through a chain of Fabric gateway
+connections, each hop's host key checked against the same known_hosts.
 """
 
 from __future__ import annotations
@@ -15,15 +19,20 @@ import random
 import shlex
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import paramiko
 from fabric import Connection
 
 from harness.errors import DeviceLost, DeviceUnreachable
 from harness.fleet.errors import AuthenticationFailed, HostKeyRejected
-from harness.fleet.hostkeys import HostKeyStatus, install_host_key_checking, mismatch_error
-from harness.inventory import Device
+from harness.fleet.hostkeys import (
+    HostKeyStatus,
+    host_key_name,
+    install_host_key_checking,
+    mismatch_error,
+)
+from harness.inventory import Device, fabric_config
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 30.0
@@ -143,12 +152,20 @@ class DeviceConnection:
             connect_kwargs["passphrase"] = device.key_passphrase
         if device.password:
             connect_kwargs["password"] = device.password
-        sock = _tuned_socket(device)
-        connect_kwargs["sock"] = sock
+        config = fabric_config(device.ssh_config)
+        sock = None
+        if device.proxy_jump:
+            gateway: Connection | bool = self._jump_chain(config)
+        else:
+            gateway = False  # never a gateway from a `Host *` block the inventory overrode
+            sock = _tuned_socket(device)
+            connect_kwargs["sock"] = sock
         connection = Connection(
             host=device.host,
             user=device.user,
             port=device.port,
+            config=config,
+            gateway=gateway,
             connect_kwargs=connect_kwargs,
             connect_timeout=int(device.connect_timeout_s) or None,
         )
@@ -156,32 +173,55 @@ class DeviceConnection:
         try:
             connection.open()
         except paramiko.BadHostKeyException as exc:
-            sock.close()
+            _close_chain(connection, sock)
             self.host_key.state = "mismatch"
             self.host_key.fingerprint = exc.key.fingerprint
-            raise mismatch_error(device, exc) from None
+            raise mismatch_error(_device_of(exc, device, connection), exc) from None
         except paramiko.AuthenticationException as exc:
-            sock.close()
+            _close_chain(connection, sock)
             raise AuthenticationFailed(
                 f"device {device.name}: authentication as {device.user or '(local user)'} "
-                f"failed ({exc}); check user and key_file in the inventory and the device's "
-                f"~/.ssh/authorized_keys"
+                f"failed ({exc}); check user and key_file in the inventory (or the ssh config) "
+                f"and the device's ~/.ssh/authorized_keys"
             ) from None
         except BaseException:
-            sock.close()
+            _close_chain(connection, sock)
             raise
         if self.host_key.state == "unchecked":
             self.host_key.state = "known"
             self.host_key.fingerprint = connection.transport.get_remote_server_key().fingerprint
         if device.keepalive_s:
-            connection.transport.set_keepalive(max(1, int(device.keepalive_s)))
+            hop: object = connection
+            while isinstance(hop, Connection):
+                if hop.transport is not None:
+                    hop.transport.set_keepalive(max(1, int(device.keepalive_s)))
+                hop = hop.gateway
         return connection
 
+    def _jump_chain(self, config: object) -> Connection:
+        """Fabric connections through the ProxyJump hops (first hop first), each hop's
+        host key checked like the device's own; returns the last hop, the device's gateway."""
+        device = self.device
+        previous: Connection | bool = False
+        for hop in device.proxy_jump.split(","):
+            jump = Connection(
+                hop,
+                config=config.clone(),
+                gateway=previous,
+                connect_timeout=int(device.connect_timeout_s) or None,
+                connect_kwargs={"banner_timeout": device.connect_timeout_s or None,
+                                "auth_timeout": device.connect_timeout_s or None},
+            )
+            install_host_key_checking(jump.client, _hop_device(device, jump))
+            previous = jump
+        assert isinstance(previous, Connection)
+        return previous
+
     def close(self) -> None:
-        """Close the connection; safe to call twice."""
+        """Close the connection and its jump hosts; safe to call twice."""
         connection, self._connection = self._connection, None
         if connection is not None:
-            connection.close()
+            _close_chain(connection, None)
 
     def __enter__(self) -> DeviceConnection:
         self.open()
@@ -226,6 +266,33 @@ class DeviceConnection:
             raise DeviceLost(f"device {name}: {argv[0]} failed: {exc}") from exc
         finally:
             channel.close()
+
+
+def _hop_device(device: Device, jump: Connection) -> Device:
+    """A jump host as a device, for host-key checking and its messages."""
+    return replace(device, name=f"{device.name} (jump host {jump.original_host})",
+                   host=jump.host, port=jump.port, user=jump.user, proxy_jump=None)
+
+
+def _device_of(exc: paramiko.BadHostKeyException, device: Device, connection: Connection) -> Device:
+    """The device or jump host whose key did not match (for the message's commands)."""
+    hop: object = connection.gateway
+    while isinstance(hop, Connection):
+        jump = _hop_device(device, hop)
+        if exc.hostname in (jump.host, host_key_name(jump)):
+            return jump
+        hop = hop.gateway
+    return device
+
+
+def _close_chain(connection: Connection, sock: socket.socket | None) -> None:
+    """Close a connection, then its gateways (jump hosts), then the socket given to it."""
+    hop: object = connection
+    while isinstance(hop, Connection):
+        hop.close()
+        hop = hop.gateway
+    if sock is not None:
+        sock.close()
 
 
 def _read_all(channel: paramiko.Channel, deadline: float) -> tuple[bytes, bytes]:
