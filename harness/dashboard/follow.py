@@ -50,7 +50,9 @@ def open_store(run_dir: Path) -> sqlite3.Connection:
     if path.stat().st_size == 0:
         raise StoreProblem(f"{path}: the run store is empty (no schema written yet)")
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+        # Not tied to one thread: `/metrics` keeps a follower across requests (under a lock).
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0,
+                               check_same_thread=False)
         conn.row_factory = sqlite3.Row
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.DatabaseError as exc:

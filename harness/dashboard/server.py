@@ -5,7 +5,8 @@ whose thread follows the store by id cursors (`StoreFollower`) and pushes what i
 every `PUSH_INTERVAL_S`, plus a summary every `SUMMARY_INTERVAL_S` (sooner on progress).
 Bound to 127.0.0.1 unless told otherwise; any other address needs a token, checked on
 every request (query `?token=`, then a cookie the first answer sets, or `Authorization:
-Bearer`).
+Bearer`, which is how Prometheus sends one). `/metrics` is the fleet in the Prometheus
+text format (`harness.dashboard.metrics`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from harness.dashboard.follow import StoreFollower, StoreProblem, run_overview
+from harness.dashboard.metrics import CONTENT_TYPE as METRICS_TYPE
+from harness.dashboard.metrics import FleetMetrics
 from harness.errors import HarnessUsageError
 from harness.store import DB_NAME
 
@@ -57,6 +60,7 @@ class DashboardServer(ThreadingHTTPServer):
         self.root = Path(root)
         self.token = token
         self.stopping = threading.Event()
+        self.metrics = FleetMetrics()
         super().__init__((host, port), DashboardHandler)
 
     @property
@@ -87,6 +91,7 @@ class DashboardServer(ThreadingHTTPServer):
         self.stopping.set()
         self.shutdown()
         self.server_close()
+        self.metrics.close()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -166,6 +171,9 @@ class DashboardHandler(BaseHTTPRequestHandler):
                 self._stream(self.server.runs()[parts[1]])
             else:
                 self._not_found(url.path)
+        elif parts == ["metrics"]:
+            body = self.server.metrics.render(self.server.runs(), query.get("run"))
+            self._send(HTTPStatus.OK, body, METRICS_TYPE)
         elif parts == ["api", "runs"]:
             runs = {name: run_overview(path) for name, path in self.server.runs().items()}
             self._send(HTTPStatus.OK, json.dumps(runs).encode(), "application/json")
