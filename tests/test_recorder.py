@@ -117,6 +117,50 @@ def test_unplug_and_replug_um25c_keeps_recording(tmp_path):
     assert sink.stats["gaps"] == 1
 
 
+def test_a_silent_bluetooth_link_is_noticed_and_reopened(tmp_path):
+    """An rfcomm link that dies without an error: the meter stops answering, the port stays
+    open. The driver notices the silence, the recorder reopens the port, the meter answers
+    again (the emulator stays quiet until the port is opened anew, like a dead link)."""
+    sink = TimingSink()
+    link = tmp_path / "rfcomm0"
+    config = {"type": "um34c", "port": str(link), "poll_hz": 10, "refresh_hz": 10,
+              "silent_s": 1.0}
+    with UmEmulator("um34c", ConstantSignal(2.5), refresh_hz=10, link=link) as emulator:
+        recorder = start_recorder(config, sink, "pi")
+        time.sleep(1.0)
+        t_quiet = time.time()
+        emulator.go_quiet()
+        time.sleep(3.0)
+        stats = recorder.stop()
+        assert not emulator.quiet
+    assert emulator.injected["silent_link"] == 1 and emulator.injected["relink"] == 1
+    assert stats.reconnects == 1
+    assert len(sink.gaps) == 1
+    start, end, reason = sink.gaps[0]
+    assert "link silent" in reason and str(link) in reason
+    assert t_quiet - 0.3 <= start <= t_quiet + 0.1
+    assert 1.0 <= end - t_quiet < 2.5  # noticed after silent_s, answered right after reopening
+    assert len([s for s in sink.samples if s.t_host_s >= end]) >= 5
+
+
+def test_without_silence_detection_a_dead_link_stays_silent(tmp_path):
+    """The emulator's quiet link does not come back by itself: what the test above shows
+    is the recorder's doing."""
+    sink = TimingSink()
+    link = tmp_path / "rfcomm0"
+    config = {"type": "um34c", "port": str(link), "poll_hz": 10, "refresh_hz": 10,
+              "silent_s": 60.0}
+    with UmEmulator("um34c", ConstantSignal(2.5), refresh_hz=10, link=link) as emulator:
+        recorder = start_recorder(config, sink, "pi")
+        time.sleep(0.8)
+        emulator.go_quiet()
+        t_quiet = time.time()
+        time.sleep(1.5)
+        stats = recorder.stop()
+    assert stats.reconnects == 0
+    assert not [s for s in sink.samples if s.t_host_s > t_quiet + 0.3]
+
+
 def test_a_stalled_meter_leaves_a_gap():
     sink = TimingSink()
     faults = FaultPlan(stall_every_s=1.5, stall_s=1.0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from collections.abc import Iterator
 
 import torch
@@ -193,7 +194,34 @@ def unfold_bytes_per_sample(in_shape: tuple[int, ...], kernel: tuple[int, int],
     return ho * wo * kernel[0] * kernel[1] * c
 
 
+# aarch64 HWCAP / HWCAP2 bits (Linux's asm/hwcap.h) -> /proc/cpuinfo's feature names.
+_AARCH64_HWCAP = {1: "asimd", 9: "fphp", 10: "asimdhp", 20: "asimddp", 22: "sve"}
+_AARCH64_HWCAP2 = {1: "sve2", 13: "i8mm", 14: "bf16"}
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+
+
+def _hwcap_flags() -> set[str]:
+    """aarch64 features from the kernel's auxiliary vector (right under qemu-user too, where
+    /proc/cpuinfo is the host's); empty elsewhere."""
+    if platform.machine() != "aarch64":
+        return set()
+    try:
+        import ctypes
+
+        getauxval = ctypes.CDLL(None).getauxval
+        getauxval.restype = ctypes.c_ulong
+        getauxval.argtypes = [ctypes.c_ulong]
+        hwcap, hwcap2 = getauxval(_AT_HWCAP), getauxval(_AT_HWCAP2)
+    except (OSError, AttributeError):
+        return set()
+    return ({name for bit, name in _AARCH64_HWCAP.items() if hwcap >> bit & 1}
+            | {name for bit, name in _AARCH64_HWCAP2.items() if hwcap2 >> bit & 1})
+
+
 def _cpu_flags() -> set[str]:
+    flags = _hwcap_flags()
+    if flags:
+        return flags
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -202,6 +230,11 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+# The features `describe` lists (x86 and ARM), when the CPU has them.
+_REPORTED_FLAGS = ("avx2", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "asimd", "fphp",
+                   "asimdhp", "asimddp", "i8mm", "bf16", "sve", "sve2")
 
 
 def describe() -> dict:
@@ -217,6 +250,9 @@ def describe() -> dict:
         "torch_threads": _full_threads or torch.get_num_threads(),
         "elementwise_threads": _elementwise_threads or torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+        "cpu_features": " ".join(f for f in _REPORTED_FLAGS if f in flags) or "none found",
+        "kernel_simd": native.simd_features(),
         "cpu_int8_dot": bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}),
         "cpu_bf16": bool(flags & {"avx512_bf16", "amx_bf16", "bf16"}),
         "torch_version": torch.__version__,

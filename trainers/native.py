@@ -16,10 +16,10 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+from trainers import build_flags
+
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("lowmem_kernels.cpp", "bop_kernels.cpp")]
-# Built on the machine that runs it, so tuned for its CPU (F16C, AVX, NEON dot products).
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno"]
 
 _module: ModuleType | None = None
 _error: str | None = None
@@ -41,7 +41,7 @@ def load() -> ModuleType | None:
         from torch.utils.cpp_extension import load as load_extension
 
         _module = load_extension(name="bnn_lowmem_kernels", sources=[str(p) for p in SOURCES],
-                                 extra_cflags=CFLAGS, verbose=False)
+                                 extra_cflags=build_flags.cflags(), verbose=False)
     except Exception as exc:  # compiler, ninja or headers missing: fall back, say why
         _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
         warnings.warn(f"fused low-memory kernels unavailable, using the reference path "
@@ -61,3 +61,12 @@ def status() -> str:
     if load() is None:
         return f"reference (fused kernels unavailable: {_error})"
     return "fused C++"
+
+
+def simd_features() -> str | None:
+    """The instruction-set extensions the loaded kernels were compiled for (e.g. 'neon',
+    'avx512f avx2 f16c') and the CPU-tuning flag used, or None on the reference path."""
+    module = kernels()
+    if module is None:
+        return None
+    return f"{module.simd_features()} ({build_flags.native_flag() or 'no -march/-mcpu'})"

@@ -3,7 +3,8 @@
 An inventory device's `meter` section is a mapping; `meter_from_config` validates it
 (one-line `HarnessUsageError` naming the field and value) and builds the driver:
 
-    type: um24c | um25c | um34c   port, [baud 9600], [poll_hz 4], [refresh_hz 2]
+    type: um24c | um25c | um34c   port, [baud 9600], [poll_hz 4], [refresh_hz 2],
+                                  [silent_s 5]  (no reply that long: reopen the link)
     type: line                    port, [baud 115200], [columns t_us,bus_mV,current_uA], [rate_hz]
     type: rapl                    [interval_s 0.1], [powercap_root /sys/class/powercap]
     type: modeled                 [profile pi3b+|pi4|pi5|host], [idle_w], [busy_w], [pid],
@@ -28,7 +29,7 @@ from harness.meters.um import UM_MODELS, UmMeter
 
 METER_TYPES = (*UM_MODELS, "line", "rapl", "modeled", "pmic")
 _FIELDS = {
-    **{model: {"port", "baud", "poll_hz", "refresh_hz"} for model in UM_MODELS},
+    **{model: {"port", "baud", "poll_hz", "refresh_hz", "silent_s"} for model in UM_MODELS},
     "line": {"port", "baud", "columns", "rate_hz"},
     "rapl": {"interval_s", "powercap_root"},
     "modeled": {"profile", "idle_w", "busy_w", "pid", "interval_s"},
@@ -79,6 +80,7 @@ def meter_from_config(config: Mapping[str, Any], device_name: str = "") -> Meter
             baud=_field(config, "baud", int, 9600, where),
             refresh_hz=_field(config, "refresh_hz", float, 2.0, where),
             name=name,
+            silent_s=_field(config, "silent_s", float, 5.0, where),
         )
     if kind == "line":
         columns = config.get("columns", "t_us,bus_mV,current_uA")

@@ -5,7 +5,9 @@ driver opens that path with pyserial exactly as it would open /dev/rfcomm0 or
 /dev/ttyACM0. It follows a power signal (constant, a recorded trace, or the CPU load of a
 process tree through a device power profile), can log the signal it emits, and injects
 faults: torn records, corrupt bytes, bad checksums, stalls, and the port disappearing and
-reappearing (the pty is closed and a new one is linked at the same path).
+reappearing (the pty is closed and a new one is linked at the same path), and a link
+that goes silent without an error until the host opens the port again (a Bluetooth rfcomm
+link whose meter rebooted or walked out of range).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import random
 import select
 import tempfile
+import termios
 import threading
 import time
 import tty
@@ -157,6 +160,21 @@ class PtyEndpoint:
         staging.symlink_to(self.slave_name)
         os.replace(staging, self.link)
 
+    def mark_link(self) -> None:
+        """Set a line speed no host uses (50 baud) on the slave: opening the port again
+        (pyserial sets its speed on every open) replaces it, which `reopened` notices."""
+        if self._slave is None:
+            return
+        attributes = termios.tcgetattr(self._slave)
+        attributes[4] = attributes[5] = termios.B50
+        termios.tcsetattr(self._slave, termios.TCSANOW, attributes)
+
+    def reopened(self) -> bool:
+        """True once the host has opened the port since `mark_link`."""
+        if self._slave is None:
+            return False
+        return termios.tcgetattr(self._slave)[4] != termios.B50
+
     def close(self) -> None:
         self.link.unlink(missing_ok=True)
         for fd in (self.master, self._slave):
@@ -192,6 +210,8 @@ class PtyEmulator:
         self._stop = threading.Event()
         self._unplug_requested: float | None = None
         self._stall_requested: float | None = None
+        self._quiet_requested = False
+        self.quiet = False
         self._thread: threading.Thread | None = None
 
     @property
@@ -226,6 +246,12 @@ class PtyEmulator:
     def stall(self, seconds: float) -> None:
         """Stop answering/sending now, for `seconds` (the port stays open)."""
         self._stall_requested = seconds
+
+    def go_quiet(self) -> None:
+        """The link goes silent without an error, as a Bluetooth link does when the meter
+        reboots or leaves range: no answers, the port stays open, no I/O error; it answers
+        again once the host has opened the port anew (rfcomm then sets up a new link)."""
+        self._quiet_requested = True
 
     def unplug(self, seconds: float) -> None:
         """Make the port disappear now and reappear after `seconds` (at the same path)."""
@@ -281,8 +307,15 @@ class PtyEmulator:
             if self._due(self.faults.stall_every_s, start, now, last):
                 self.injected["stall"] += 1
                 stalled_until = now + self.faults.stall_s
+            if self._quiet_requested:
+                self._quiet_requested, self.quiet = False, True
+                self.injected["silent_link"] += 1
+                self.endpoint.mark_link()
+            elif self.quiet and self.endpoint.reopened():
+                self.quiet = False
+                self.injected["relink"] += 1
             last = now
-            self._serve(stalled=now < stalled_until)
+            self._serve(stalled=self.quiet or now < stalled_until)
 
     def _idle(self, seconds: float) -> None:
         """Wait while keeping the signal (and its log) running."""

@@ -229,6 +229,12 @@ class UmMeter:
     its current display, so polling faster returns repeats: a record identical to the last
     one and younger than 0.9 refresh periods is dropped as a repeat (counted in
     `duplicates`); an identical record after that is a steady load, and is kept.
+
+    A Bluetooth link can die without an error: the rfcomm tty stays open and every poll
+    goes unanswered (the meter rebooted, walked out of range, its link supervision has not
+    timed out yet). Since the meter answers every poll, `silent_s` seconds without one
+    valid record on an open port raise `MeterDisconnected`; the recorder then closes the
+    port and opens it again, which makes rfcomm set up a new link.
     """
 
     def __init__(
@@ -240,6 +246,7 @@ class UmMeter:
         timeout_s: float = 1.0,
         refresh_hz: float = 2.0,
         name: str | None = None,
+        silent_s: float = 5.0,
     ) -> None:
         self.model = UM_MODELS[model]
         self.port = port
@@ -253,6 +260,9 @@ class UmMeter:
         self.duplicates = 0
         self.timeouts = 0
         self.wrong_model = 0
+        self.silent_s = silent_s
+        self.silent_links = 0
+        self._last_heard = 0.0  # monotonic time of the last valid record (or of connecting)
         self._serial: serial.Serial | None = None
         self._next_poll = 0.0
         self._last_raw: bytes | None = None
@@ -271,7 +281,7 @@ class UmMeter:
         except (serial.SerialException, OSError) as exc:
             raise MeterDisconnected(f"cannot open {self.port}: {exc}") from exc
         self.parser = _carry_counts(self.parser)
-        self._next_poll = time.monotonic()
+        self._next_poll = self._last_heard = time.monotonic()
 
     def close(self) -> None:
         if self._serial is not None:
@@ -298,10 +308,18 @@ class UmMeter:
                 t_host_s, t_mono_ns = host_now()
                 records = self.parser.feed(chunk)
                 if records:
+                    self._last_heard = time.monotonic()
                     return self._accept(records[-1], t_host_s, t_mono_ns)
         except (serial.SerialException, OSError) as exc:
             raise MeterDisconnected(f"{self.port}: {exc}") from exc
         self.timeouts += 1
+        silent_for = time.monotonic() - self._last_heard
+        if silent_for > self.silent_s:
+            self.silent_links += 1
+            raise MeterDisconnected(
+                f"{self.port}: link silent: no reply to {self.poll_hz:g} Hz polls for "
+                f"{silent_for:.1f} s (port open, no error); reopening it"
+            )
         return []
 
     def _accept(self, record: UmRecord, t_host_s: float, t_mono_ns: int) -> list[PowerSample]:

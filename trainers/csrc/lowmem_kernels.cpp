@@ -19,8 +19,12 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __F16C__
+#include <string>
+
+#if defined(__F16C__)
 #include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 namespace {
@@ -72,8 +76,9 @@ inline float as_float(T v) { return static_cast<float>(v); }
 template <typename T>
 inline T from_float(float v) { return static_cast<T>(v); }
 
-// Row conversions to and from float32, vectorised: float16 through F16C on x86 or the
-// compiler's _Float16 elsewhere (ARM), both rounding to nearest even like c10::Half.
+// Row conversions to and from float32, vectorised: float16 through F16C on x86, NEON's
+// fcvtl/fcvtn on aarch64 (Cortex-A72/A76: baseline ARMv8-A) or the compiler's _Float16
+// elsewhere, all rounding to nearest even like c10::Half.
 inline void load_floats(const float* src, int64_t n, float* dst) {
   std::memcpy(dst, src, n * sizeof(float));
 }
@@ -85,6 +90,9 @@ inline void load_floats(const at::Half* src, int64_t n, float* __restrict__ dst)
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
   }
+#elif defined(__ARM_NEON)
+  const auto* h = reinterpret_cast<const uint16_t*>(src);
+  for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + i))));
 #elif defined(__FLT16_MAX__)
   const auto* h = reinterpret_cast<const _Float16*>(src);
 #pragma GCC ivdep
@@ -129,6 +137,9 @@ inline void store_floats(const float* __restrict__ src, int64_t n, at::Half* dst
     const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
   }
+#elif defined(__ARM_NEON)
+  auto* h = reinterpret_cast<uint16_t*>(dst);
+  for (; i + 4 <= n; i += 4) vst1_u16(h + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(src + i))));
 #elif defined(__FLT16_MAX__)
   auto* h = reinterpret_cast<_Float16*>(dst);
 #pragma GCC ivdep
@@ -1040,8 +1051,43 @@ std::vector<Tensor> dense_backward(const Tensor& grad_out, const Tensor& x_saved
 
 void register_bop_kernels(pybind11::module& m);  // bop_kernels.cpp
 
+// The instruction-set extensions this build was compiled for (what `measure` reports).
+std::string simd_features() {
+  std::string found;
+  auto add = [&found](const char* name) { found += found.empty() ? name : std::string(" ") + name; };
+#ifdef __AVX512F__
+  add("avx512f");
+#endif
+#ifdef __AVX2__
+  add("avx2");
+#endif
+#ifdef __F16C__
+  add("f16c");
+#endif
+#ifdef __ARM_NEON
+  add("neon");
+#endif
+#ifdef __ARM_FEATURE_FP16_VECTOR_ARITHMETIC
+  add("fp16");
+#endif
+#ifdef __ARM_FEATURE_DOTPROD
+  add("dotprod");
+#endif
+#ifdef __ARM_FEATURE_MATMUL_INT8
+  add("i8mm");
+#endif
+#ifdef __ARM_FEATURE_BF16
+  add("bf16");
+#endif
+#ifdef __ARM_FEATURE_SVE
+  add("sve");
+#endif
+  return found.empty() ? "none" : found;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_bop_kernels(m);
+  m.def("simd_features", &simd_features, "instruction-set extensions compiled in");
   m.def("sign_pack", &sign_pack, "int8 signs (+ packed sign bits and |x| <= 1 mask) of rows");
   m.def("unpack_signs", &unpack_signs, "packed bits -> +-1 rows of a dtype");
   m.def("signs", &signs, "sgn(w) as +-1 of a dtype");
