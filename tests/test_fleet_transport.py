@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,8 @@ def test_devices_check_reports_every_column(metered_lab, capsys: pytest.CaptureF
         assert row["mem_available_bytes"] > 0 and row["disk_free_bytes"] > 0
         assert row["usable"] and row["meter"].startswith("um34c ")  # its pty exists
     assert rows["dev1"]["deployed"] and rows["dev1"]["clock_rtt_s"] > 0
+    if shutil.which("c++") or shutil.which("g++"):  # setup built (or found) the kernels
+        assert rows["dev1"]["fused_kernels"] == "built"
     assert not rows["dev2"]["deployed"] and rows["dev2"]["clock_rtt_s"] is None
     result = harness("devices", "check", "--devices", inventory)  # as a user runs it
     assert result.returncode == 0, result.stderr
@@ -138,15 +141,24 @@ def test_probe_reads_throttling_where_vcgencmd_exists(tmp_path: Path):
 
 
 def test_probe_says_whether_the_fused_kernels_can_be_built(tmp_path: Path):
-    """A device without a C++ compiler is told it will run the engine's reference path."""
+    """A device without a C++ compiler (and no kernels built) is told it will run the
+    engine's reference path; one whose kernels are built needs no compiler."""
+    from trainers import kernel_cache, native
+
     empty = tmp_path / "bin"
     empty.mkdir()
+    code = str(Path(__file__).resolve().parents[1])  # the engine the probe finds deployed
     runs = {}
-    for label, path in (("bare", str(empty)), ("system", os.environ.get("PATH", ""))):
+    for label, path, cache in (("bare", str(empty), tmp_path / "no-cache"),
+                               ("system", os.environ.get("PATH", ""), tmp_path / "no-cache"),
+                               ("built", str(empty), kernel_cache.cache_root())):
+        env = {"PATH": path, "PYTHONPATH": code, "BNN_KERNEL_CACHE": str(cache)}
         result = subprocess.run(probe_argv(sys.executable, str(tmp_path)), capture_output=True,
-                                text=True, check=True, env={"PATH": path})
+                                text=True, check=True, env=env)
         runs[label] = parse_probe(result.stdout)
-    assert runs["bare"].cxx is None
+    assert runs["bare"].cxx is None and runs["bare"].kernels_built is False
     assert runs["bare"].fused_kernels.startswith("reference path (missing: C++ compiler")
     if runs["system"].cxx and runs["system"].ninja:
         assert runs["system"].fused_kernels == "buildable"
+    if native.load() is not None:  # built in this machine's cache: no compiler needed
+        assert runs["built"].kernels_built and runs["built"].fused_kernels == "built"

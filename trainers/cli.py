@@ -18,7 +18,7 @@ from trainers.errors import UsageError
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # Subcommand modules under trainers.commands, in the order --help lists them.
-COMMAND_MODULES = ("train", "memory", "measure", "bop_encodings", "continual")
+COMMAND_MODULES = ("train", "memory", "measure", "bop_encodings", "continual", "kernels")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,16 +27,22 @@ def _flag(value: bool | None) -> str:
     return {True: "yes", False: "NO", None: "-"}[value]
 
 
+def _kernels(state: str | None) -> str:
+    """The fused kernels' column: built, not built (but buildable), or no compiler."""
+    return {None: "-", "built": "built", "buildable": "not built"}.get(state, "NO compiler")
+
+
 def _check_table(checks: list[DeviceCheck]) -> Table:
     table = Table(title="devices")
     for column in ("device", "address", "reach", "auth", "host key", "python", "torch",
-                   "psutil", "deployed", "mem free", "disk free", "temp", "throttled", "meter",
-                   "clock offset", "rtt", "usable"):
+                   "psutil", "deployed", "kernels", "mem free", "disk free", "temp", "throttled",
+                   "meter", "clock offset", "rtt", "usable"):
         table.add_column(column)
     for c in checks:
         table.add_row(
             c.name, c.address, _flag(c.reachable), _flag(c.authenticated), c.host_key,
             c.python or "-", c.torch or "-", c.psutil or "-", _flag(c.deployed),
+            _kernels(c.fused_kernels),
             _size(c.mem_available_bytes), _size(c.disk_free_bytes),
             "-" if c.cpu_temp_c is None else f"{c.cpu_temp_c:.1f} °C",
             c.throttled or "-", c.meter,
@@ -65,8 +71,11 @@ def _check(args: argparse.Namespace) -> int:
     else:
         console = Console(width=200)
         console.print(_check_table(checks))
-        for c in checks:  # usable, but lowmem will be slower there
-            if c.fused_kernels and c.fused_kernels != "buildable":
+        for c in checks:  # usable, but lowmem will be slower there (or build in its first job)
+            if c.fused_kernels == "buildable" and c.deployed:
+                console.print(f"{c.name}: fused kernels not built; `harness devices setup` "
+                              "builds them (else the first lowmem job does, before its clock)")
+            elif c.fused_kernels and c.fused_kernels not in ("built", "buildable"):
                 console.print(f"{c.name}: lowmem blocks will run the {c.fused_kernels}; install "
                               "g++ and ninja on the device for the fused kernels")
     return ExitStatus.OK if all(c.usable for c in checks) else ExitStatus.PARTIAL
@@ -78,10 +87,39 @@ class SetupResult:
     copied: int = 0
     skipped: int = 0
     installed: str | None = None
+    kernels: str | None = None  # "built" (now or before), or why not
     problem: str | None = None
 
 
-def _setup_one(device: Device, datasets: list[Path], install: bool, hint: str) -> SetupResult:
+# A Pi builds the kernels in a few minutes (one compiler job); this bounds a stuck build.
+KERNEL_BUILD_TIMEOUT_S = 3600
+
+
+def _build_kernels(transport, device: Device, say) -> str:
+    """Build the deployed engine's fused kernels on the device unless they are built: once
+    per device and source (the device's cache is keyed by the sources' hash)."""
+    from harness.fleet.deploy import remote_python_env
+
+    probe = transport.probe
+    state = probe.fused_kernels if probe is not None else None
+    if state != "buildable":
+        return state or "-"
+    say(f"{device.name}: building the fused kernels (one compiler job; a few minutes on a Pi)")
+    outcome = transport.connection.run(
+        [*remote_python_env(transport.workdir), device.python, "-m", "trainers", "kernels",
+         "build", "--format", "json"], timeout_s=KERNEL_BUILD_TIMEOUT_S)
+    try:
+        info = json.loads(outcome.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        info = {"error": (outcome.stderr or outcome.stdout).strip()[-300:]}
+    if outcome.exit_code != 0 or "error" in info:
+        raise HarnessError(f"device {device.name}: kernel build: {info.get('error')}")
+    say(f"{device.name}: fused kernels built in {info.get('build_seconds', 0):.0f} s")
+    return "built"
+
+
+def _setup_one(device: Device, datasets: list[Path], install: bool, hint: str,
+               kernels: bool = True, say=print) -> SetupResult:
     from harness.fleet.errors import DeviceNotReady
     from harness.fleet.probe import install_command
     from harness.fleet.transport import SshTransport
@@ -113,6 +151,8 @@ def _setup_one(device: Device, datasets: list[Path], install: bool, hint: str) -
         if transport.last_deploy is not None:
             result.copied = len(transport.last_deploy.copied)
             result.skipped = len(transport.last_deploy.skipped)
+        if kernels:
+            result.kernels = _build_kernels(transport, device, say)
     except HarnessError as exc:
         result.problem = str(exc)
     finally:
@@ -126,9 +166,15 @@ def _setup(args: argparse.Namespace) -> int:
     for path in datasets:
         if not path.is_file():
             raise HarnessUsageError(f"--data: {path} is not a file (prepare it with harness data)")
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(devices)))) as pool:
-        results = list(pool.map(lambda d: _setup_one(d, datasets, args.install, hint), devices))
     err = Console(stderr=True)
+
+    def say(message: str) -> None:
+        err.print(message, highlight=False)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(devices)))) as pool:
+        results = list(pool.map(
+            lambda d: _setup_one(d, datasets, args.install, hint, not args.no_kernels, say),
+            devices))
     for result in results:
         if result.problem:
             err.print(f"[red]{result.name}[/red]: {result.problem}", highlight=False)
@@ -136,10 +182,11 @@ def _setup(args: argparse.Namespace) -> int:
         print(json.dumps({"devices": [asdict(r) for r in results]}))
     else:
         table = Table(title="setup")
-        for column in ("device", "copied", "already there", "installed", "ready"):
+        for column in ("device", "copied", "already there", "installed", "kernels", "ready"):
             table.add_column(column)
         for r in results:
             table.add_row(r.name, str(r.copied), str(r.skipped), r.installed or "-",
+                          r.kernels or "-",
                           "yes" if r.problem is None else "[red]NO[/red]")
         Console(width=200).print(table)
     return ExitStatus.OK if all(r.problem is None for r in results) else ExitStatus.PARTIAL
@@ -161,11 +208,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.set_defaults(handler=_check)
     setup = commands.add_parser(
         "setup", parents=[common],
-        help="deploy the device code (and data sets) and check the Python packages",
+        help="deploy the device code (and data sets), check the Python packages, build the "
+        "fused kernels",
     )
     setup.add_argument("--install", action="store_true",
                        help="pip-install missing Python packages on the devices")
     setup.add_argument("--data", action="append", metavar="FILE",
                        help="a prepared data set file to push too (repeatable)")
+    setup.add_argument("--no-kernels", action="store_true",
+                       help="do not build the engine's fused C++ kernels (by default each "
+                       "device builds them once per source; its first lowmem job would)")
     setup.set_defaults(handler=_setup)
 

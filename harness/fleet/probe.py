@@ -51,6 +51,11 @@ except (OSError, ValueError):
 # without them it runs its slower reference path.
 found["cxx"] = shutil.which("c++") or shutil.which("g++")
 found["ninja"] = bool(shutil.which("ninja") or importlib.util.find_spec("ninja"))
+try:  # the deployed engine's kernel cache (stdlib only): are this source's kernels built?
+    from trainers import kernel_cache
+    found["kernels_built"] = kernel_cache.current_build().built
+except Exception:
+    found["kernels_built"] = None
 found["throttled"] = None
 if shutil.which("vcgencmd"):
     try:
@@ -77,10 +82,14 @@ class DeviceProbe:
     throttled: str | None  # `vcgencmd get_throttled` value, e.g. "0x50000"
     cxx: str | None = None  # the C++ compiler the engine's fused kernels would build with
     ninja: bool = False
+    kernels_built: bool | None = None  # None: the engine is not deployed there
 
     @property
     def fused_kernels(self) -> str:
-        """Whether `trainers` can build its fused low-memory kernels here, or what is missing."""
+        """Whether the deployed engine's fused kernels are built ("built"), can be built
+        ("buildable"), or what is missing for them."""
+        if self.kernels_built:
+            return "built"
         missing = [name for name, have in (("C++ compiler", self.cxx), ("ninja", self.ninja))
                    if not have]
         return "buildable" if not missing else f"reference path (missing: {', '.join(missing)})"

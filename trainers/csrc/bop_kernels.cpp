@@ -11,7 +11,7 @@
 // int16 codes (16-bit formats), else an MSB-first bitstream of `bits` bits a code; float32
 // momentum when there is no format.
 
-#include <torch/extension.h>
+#include "torch_lite.h"
 
 #include <algorithm>
 #include <bit>

@@ -10,7 +10,7 @@
 // float64 sums, in the same order; compiled with -ffp-contract=off so that no fused
 // multiply-add changes a rounding.
 
-#include <torch/extension.h>
+#include "torch_lite.h"
 
 #include <bit>
 #include <cmath>
