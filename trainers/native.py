@@ -121,14 +121,6 @@ def status() -> str:
     return "fused C++"
 
 
-def simd_features() -> str | None:
-    """The instruction-set extensions the loaded kernels were compiled for (e.g. 'neon',
-    'avx512f avx2 f16c') and the CPU-tuning flag used, or None on the reference path."""
-    module = kernels()
-    if module is None:
-        return None
-    return f"{module.simd_features()} ({build_flags.native_flag() or 'no -march/-mcpu'})"
-
 
 def simd_features() -> str | None:
     """The instruction-set extensions the loaded kernels were compiled for (e.g. 'neon',
