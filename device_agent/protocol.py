@@ -59,6 +59,12 @@ MAX_EVENT_LINE_BYTES = 1 << 20
 # Job ids become file and directory names on the device: keep them to a safe alphabet.
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+# Integers travel into SQLite, whose integers are 64-bit: anything beyond is refused here.
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+MAX_EPOCHS = 1_000_000
+MAX_BATCH_SIZE = 1_000_000
+MAX_SEED = 2**32 - 1  # numpy's and most generators' seed range
 
 
 class AgentExit(IntEnum):
@@ -99,14 +105,29 @@ def _reject_unknown(data: dict, cls: type, prefix: str) -> None:
             raise SpecError(f"{prefix}{key}", data[key], f"one of the fields {sorted(known)}")
 
 
-def _int(value: object, name: str, minimum: int | None = None, optional: bool = False):
+def _int(
+    value: object,
+    name: str,
+    minimum: int | None = None,
+    optional: bool = False,
+    maximum: int = INT64_MAX,
+):
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(name, value, "an integer" + (" or null" if optional else ""))
     if minimum is not None and value < minimum:
         raise SpecError(name, value, f"an integer >= {minimum}")
+    if value > maximum:
+        raise SpecError(name, value, f"an integer <= {maximum}")
     return value
+
+
+def fits_int64(value: object) -> bool:
+    """True for an int (not bool) SQLite can store: -2**63 .. 2**63 - 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return False
+    return INT64_MIN <= value <= INT64_MAX
 
 
 def _float(value: object, name: str, positive: bool = False, optional: bool = False):
@@ -288,7 +309,8 @@ class JobSpec:
         dataset = None if idle and raw_dataset is None else DatasetSpec.from_dict(raw_dataset)
         if idle and (model is not None or dataset is not None):
             raise SpecError("model" if model else "dataset", model or raw_dataset, "null for idle")
-        epochs = _int(data.get("epochs", 1), "epochs", minimum=1, optional=True)
+        epochs = _int(data.get("epochs", 1), "epochs", minimum=1, optional=True,
+                      maximum=MAX_EPOCHS)
         max_steps = _int(data.get("max_steps"), "max_steps", minimum=1, optional=True)
         if not idle and epochs is None and max_steps is None:
             raise SpecError("epochs", None, "epochs or max_steps (or both)")
@@ -297,10 +319,11 @@ class JobSpec:
             method=method,
             model=model,
             dataset=dataset,
-            batch_size=_int(data.get("batch_size", 100), "batch_size", minimum=1),
+            batch_size=_int(data.get("batch_size", 100), "batch_size", minimum=1,
+                            maximum=MAX_BATCH_SIZE),
             epochs=epochs,
             max_steps=max_steps,
-            seed=_int(data.get("seed", 0), "seed", minimum=0),
+            seed=_int(data.get("seed", 0), "seed", minimum=0, maximum=MAX_SEED),
             eval_every_epochs=_int(data.get("eval_every_epochs", 1), "eval_every_epochs", 1),
             telemetry=TelemetrySpec.from_dict(data.get("telemetry", {})),
             limits=LimitsSpec.from_dict(data.get("limits", {})),
@@ -309,9 +332,11 @@ class JobSpec:
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_refuse_constant)
         except json.JSONDecodeError as exc:
             raise SpecError("job", text[:40], f"valid JSON ({exc.msg} at {exc.pos})") from exc
+        except (ValueError, RecursionError) as exc:  # NaN / Infinity, absurd nesting
+            raise SpecError("job", text[:40], f"valid JSON ({exc})") from exc
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -379,8 +404,8 @@ def parse_event_line(line: str | bytes) -> Event | MalformedLine:
         line = line.decode("utf-8", "replace")
     raw = line[:1000]
     try:
-        obj = json.loads(line)
-    except ValueError as exc:  # JSONDecodeError, and NaN-free decoding issues
+        obj = json.loads(line, parse_constant=_refuse_constant)
+    except ValueError as exc:  # JSONDecodeError, NaN / Infinity, over-long integer text
         return MalformedLine(f"not JSON: {exc}", raw, length)
     except RecursionError:
         return MalformedLine("not JSON: nested too deeply", raw, length)
@@ -388,6 +413,11 @@ def parse_event_line(line: str | bytes) -> Event | MalformedLine:
         return _event_from_obj(obj)
     except SpecError as exc:
         return MalformedLine(str(exc), raw, length)
+
+
+def _refuse_constant(name: str) -> float:
+    """JSON has no NaN or Infinity; Python's decoder accepts them unless told not to."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _event_from_obj(obj: object) -> Event:

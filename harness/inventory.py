@@ -70,6 +70,7 @@ ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 JUMP_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.-]{0,31}@)?[A-Za-z0-9_.%-]{1,253}(:[0-9]{1,5})?$")
 SECRET_FIELDS = ("password", "key_passphrase")
 MAX_INVENTORY_BYTES = 1 << 20
+MAX_SECONDS = 86_400  # timeouts, back-off and keepalive periods: at most a day
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,8 @@ class _Source:
 
     def error(self, line: Location, field_path: str, message: str) -> HarnessUsageError:
         where = str(line) if isinstance(line, Where) else f"{self.path}:{line}"
-        return HarnessUsageError(f"{where}: {field_path}: {message}")
+        text = f"{where}: {field_path}: {message}"
+        return HarnessUsageError(text.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def load_inventory(path: str | Path) -> Inventory:
@@ -585,8 +587,12 @@ def _check_field(
             raise fail("expected true or false")
         return value
     if key in ("connect_timeout_s", "retry_backoff_s", "keepalive_s"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise fail("expected a non-negative number of seconds")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 <= value <= MAX_SECONDS
+        ):
+            raise fail(f"expected a number of seconds 0-{MAX_SECONDS}")
         return float(value)
     if key == "connect_retries":
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:

@@ -60,6 +60,8 @@ METHOD_KEYS = (
     "lr_plateau",
 )
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,40}$")
+# A plan expands to at most this many jobs (a typo in `repeats` must not eat the machine).
+MAX_PLAN_JOBS = 10_000
 PLACEHOLDER_SHA256 = "0" * 64
 
 
@@ -92,7 +94,8 @@ class _Where:
     def error(self, node: Any, key: Any, field_name: str, message: str) -> HarnessUsageError:
         line = node.line_of(key) if isinstance(node, (YamlMap, YamlList)) else 0
         where = f"{self.path}:{line}" if line else f"{self.path}"
-        return HarnessUsageError(f"{where}: field {field_name!r}: {message}")
+        text = f"{where}: field {field_name!r}: {message}"
+        return HarnessUsageError(text.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def _as_list(value: Any) -> list:
@@ -185,7 +188,8 @@ def load_plan(path: Path) -> Plan:
     jobs: list[PlannedJob] = []
     seen: dict[str, str] = {}
     for index, entry in enumerate(matrix):
-        for job in _expand_entry(where, entry, f"matrix[{index}]", telemetry, datasets):
+        budget = MAX_PLAN_JOBS - len(jobs)
+        for job in _expand_entry(where, entry, f"matrix[{index}]", telemetry, datasets, budget):
             if job.job_id in seen:
                 raise where.error(
                     entry,
@@ -228,7 +232,12 @@ def _datasets(where: _Where, doc: YamlMap, path: Path) -> dict[str, Path | None]
 
 
 def _expand_entry(
-    where: _Where, entry: Any, name: str, telemetry: dict, datasets: dict[str, Path | None]
+    where: _Where,
+    entry: Any,
+    name: str,
+    telemetry: dict,
+    datasets: dict[str, Path | None],
+    budget: int = MAX_PLAN_JOBS,
 ) -> list[PlannedJob]:
     if not isinstance(entry, YamlMap):
         raise HarnessUsageError(f"{where.path}: field {name!r}: expected a mapping, got {entry!r}")
@@ -259,6 +268,20 @@ def _expand_entry(
     pinned = tuple(
         _name_list(where, entry, "devices", f"{name}.devices", []) if "devices" in entry else ()
     )
+    limits = entry.get("limits", {}) or {}
+    if not isinstance(limits, dict):
+        raise where.error(entry, "limits", f"{name}.limits", f"expected a mapping, got {limits!r}")
+    count = (
+        len(methods) * len(models) * len(data_names) * len(batch_sizes) * len(seeds) * repeats
+    )
+    if count > budget:
+        raise where.error(
+            entry,
+            entry.line,
+            name,
+            f"expands to {count:,} jobs; a plan may have at most {MAX_PLAN_JOBS:,} "
+            f"({MAX_PLAN_JOBS - budget:,} before this entry)",
+        )
     jobs = []
     for method, model, data_name, batch, seed, repeat in itertools.product(
         methods, models, data_names, batch_sizes, seeds, range(repeats)
@@ -280,7 +303,7 @@ def _expand_entry(
             "seed": seed,
             "eval_every_epochs": entry.get("eval_every_epochs", 1),
             "telemetry": dict(telemetry),
-            "limits": dict(entry.get("limits", {}) or {}),
+            "limits": dict(limits),
         }
         try:
             checked = JobSpec.from_dict(spec)

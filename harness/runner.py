@@ -12,6 +12,7 @@ number. Meters are recorded for the whole run, through `harness.meters`.
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -20,7 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_agent.protocol import AgentExit, Event, JobSpec, MalformedLine, parse_event_line
+from device_agent.protocol import (
+    AgentExit,
+    Event,
+    JobSpec,
+    MalformedLine,
+    fits_int64,
+    parse_event_line,
+)
 from harness.clock import ClockEstimate, estimate_offset
 from harness.errors import DeviceLost, DeviceUnreachable, HarnessUsageError
 from harness.plan import eligible
@@ -183,14 +191,14 @@ class StreamRecorder:
         elif kind == "job_start":
             self.t_start_host_s = t_host
             self.progress.state = "running"
-        elif kind == "epoch_start" and isinstance(data.get("epoch"), int):
+        elif kind == "epoch_start" and fits_int64(data.get("epoch")):
             self._epoch_start_host_s[data["epoch"]] = t_host
             self.progress.epoch = data["epoch"]
         elif kind == "step":
             self.progress.step = data.get("global_step")
             loss = data.get("loss")
             self.progress.loss = loss if isinstance(loss, (int, float)) else None
-        elif kind == "epoch_end" and isinstance(data.get("epoch"), int):
+        elif kind == "epoch_end" and fits_int64(data.get("epoch")):
             start = self._epoch_start_host_s.get(data["epoch"])
             if start is not None:
                 self.store.add_phase(
@@ -221,7 +229,7 @@ class StreamRecorder:
                     )
                 ]
             )
-        elif kind == "power" and isinstance(data.get("power_w"), (int, float)):
+        elif kind == "power" and _finite(data.get("power_w")):
             self.store.add_power_samples(
                 self.device,
                 str(data.get("source", "agent")),
@@ -251,7 +259,16 @@ class _AgentPower:
 
 
 def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if fits_int64(value) else None
+
+
+def _finite(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and abs(value) < 1e300
+    )
 
 
 class DeviceWorker:

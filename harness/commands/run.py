@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from harness.errors import HarnessUsageError
+from harness.errors import HarnessError, HarnessUsageError
 from harness.exit_codes import ExitStatus
 from harness.manifest import build_manifest
 from harness.plan import idle_job, load_plan
@@ -194,6 +194,10 @@ def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say
                 runner.start()
                 while runner.alive():
                     live.update(_progress_table(runner))
+                    if store.fatal_error is not None:
+                        say(f"{store.fatal_error}: stopping the agents ...")
+                        runner.stop()
+                        break
                     time.sleep(0.25)
                 live.update(_progress_table(runner))
             except KeyboardInterrupt:
@@ -205,6 +209,14 @@ def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say
         for recorder in recorders:
             recorder.stop()
         store.flush()
+    if store.fatal_error is not None:
+        raise HarnessError(
+            f"{store.fatal_error}; the run stopped, everything recorded before is kept "
+            f"({store.lost_rows} record(s) could not be written). Free space, then "
+            f"`harness run --resume {run_dir}`"
+        )
+    if store.rejected_rows:
+        say(f"run store: {store.rejected_rows} bad record(s) rejected (see the messages above)")
     print_comparison(store, run_dir, devices)
     if interrupted:
         return ExitStatus.INTERRUPTED

@@ -11,6 +11,8 @@ documents every table and column.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import queue
@@ -31,6 +33,8 @@ DB_NAME = "run.sqlite"
 MANIFEST_NAME = "manifest.json"
 COMMIT_INTERVAL_S = 0.25
 BUSY_TIMEOUT_S = 10.0
+# At most this many rejected-record messages are kept and printed (all are counted).
+MAX_WRITE_ERRORS_KEPT = 100
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -89,6 +93,9 @@ class RunStore:
         self._queue: queue.Queue[_Write | threading.Event | None] = queue.Queue()
         self._closed = False
         self.write_errors: list[str] = []
+        self.rejected_rows = 0  # bad records dropped alone (see _commit)
+        self.fatal_error: str | None = None  # set when nothing more can be written (disk full)
+        self.lost_rows = 0  # rows not written because of `fatal_error`
         self._read_lock = threading.Lock()
         self._reader: sqlite3.Connection | None = None
         self._writer = threading.Thread(target=self._write_loop, name="run-store", daemon=True)
@@ -180,18 +187,57 @@ class RunStore:
                     stopping = True
 
     def _commit(self, writes: list[_Write]) -> None:
-        if not writes:
+        """Commit a batch; a write that fails is retried alone, then row by row.
+
+        Whatever a bad record raises (sqlite3.Error, OverflowError for an integer beyond
+        64 bits, TypeError for a value SQLite cannot bind), only that record is dropped and
+        counted (`rejected_rows`, `write_errors`); the writer thread never dies. A full disk
+        is not a bad record: it sets `fatal_error` and nothing more is written.
+        """
+        if not writes or self.fatal_error is not None:
+            self.lost_rows += sum(len(w.rows) for w in writes)
             return
         try:
             self._execute(writes)
-        except sqlite3.Error:
-            for write in writes:  # find the bad write, keep the rest
+            return
+        except Exception as exc:
+            if self._is_fatal(exc, writes):
+                return
+        for write in writes:  # find the bad write, keep the rest
+            try:
+                self._execute([write])
+                continue
+            except Exception as exc:
+                if self._is_fatal(exc, [write]):
+                    return
+            for row in write.rows:  # find the bad row(s) of that write
                 try:
-                    self._execute([write])
-                except sqlite3.Error as exc:
-                    message = f"run store: dropped a write ({exc}): {write.sql.split('(')[0]}"
-                    self.write_errors.append(message)
-                    print(message, file=sys.stderr)
+                    self._execute([_Write(write.sql, [row])])
+                except Exception as exc:
+                    if self._is_fatal(exc, [_Write(write.sql, [row])]):
+                        return
+                    self._reject(write, exc)
+
+    def _reject(self, write: _Write, exc: Exception) -> None:
+        self.rejected_rows += 1
+        table = write.sql.split("(")[0].strip()
+        message = f"run store: rejected a record ({type(exc).__name__}: {exc}): {table}"
+        if len(self.write_errors) < MAX_WRITE_ERRORS_KEPT:
+            self.write_errors.append(message)
+            print(message, file=sys.stderr)
+
+    def _is_fatal(self, exc: Exception, writes: list[_Write]) -> bool:
+        """A full disk (or a store that cannot be written at all) stops the writing."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY) or (
+            isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+        ):
+            what = "the disk is full" if code == sqlite3.SQLITE_FULL else "cannot write"
+            self.fatal_error = f"{self.db_path}: {what} ({exc})"
+            self.lost_rows += sum(len(w.rows) for w in writes)
+            print(f"run store: {self.fatal_error}; nothing more is recorded", file=sys.stderr)
+            return True
+        return False
 
     def _execute(self, writes: list[_Write]) -> None:
         conn = self._conn
@@ -201,7 +247,9 @@ class RunStore:
                 conn.executemany(write.sql, write.rows)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite may have rolled back already (a full disk)
+                with contextlib.suppress(sqlite3.Error):  # the original error is reported
+                    conn.execute("ROLLBACK")
             raise
 
     # ------------------------------------------------------------ run, devices, jobs
