@@ -43,6 +43,28 @@ def total_memory_bytes() -> int | None:
         return None
 
 
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686")
+
+
+def emulation(machine: str | None = None, cpuinfo: str | None = None) -> str | None:
+    """How this process is emulated, or None when it runs on its own CPU.
+
+    Under qemu-user a foreign program sees the host's /proc/cpuinfo: an aarch64 Python
+    reading x86 `vendor_id` lines is being emulated (as on the lab's arm64 devices), and its
+    speed is not the target's."""
+    machine = machine or platform.machine()
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    if machine in X86_MACHINES or "vendor_id" not in cpuinfo:
+        return None
+    host = next((line.partition(":")[2].strip() for line in cpuinfo.splitlines()
+                 if line.startswith("model name")), "an x86 host")
+    return f"qemu-user on {host}"
+
+
 def pi_model() -> str | None:
     """'Raspberry Pi 5 Model B Rev 1.0' and the like, or None off a Pi."""
     try:
@@ -63,6 +85,7 @@ def device_facts() -> dict:
         "total_memory_bytes": total_memory_bytes(),
         "os": f"{platform.system()} {platform.release()}",
         "machine": platform.machine(),
+        "emulation": emulation(),
         "hostname": platform.node(),
         "pi_model": pi_model(),
         "pid": os.getpid(),

@@ -21,7 +21,13 @@ from typing import Any
 from device_agent.events import EventWriter
 from device_agent.facts import pi_model
 from device_agent.protocol import AgentExit, JobSpec
-from device_agent.sampler import MemorySampler, PmicSampler, read_memory, reset_peak_rss
+from device_agent.sampler import (
+    BoardStateSampler,
+    MemorySampler,
+    PmicSampler,
+    read_memory,
+    reset_peak_rss,
+)
 
 UNBOUNDED_EPOCHS = 1_000_000
 OOM_MESSAGES = ("can't allocate memory", "out of memory", "cannot allocate memory")
@@ -194,12 +200,15 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
     sampler = MemorySampler(writer, spec.telemetry.memory_hz)
     pmic_path = PmicSampler.available(pi_model())
     power = PmicSampler(writer, spec.telemetry.power_hz, pmic_path) if pmic_path else None
+    board = BoardStateSampler.for_this_board(writer)  # temperature, throttling: <= 1 Hz
     callbacks = StreamingCallbacks(writer, sampler, spec.telemetry.step_every)
 
     def stop_samplers() -> None:  # before the last event, so it is the last line
         sampler.stop()
         if power:
             power.stop()
+        if board:
+            board.stop()
 
     outcome: dict[str, Any]
     started = time.monotonic()
@@ -227,6 +236,8 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
         sampler.start()  # threads first: their stacks must not count against the limit
         if power:
             power.start()
+        if board:
+            board.start()
         limit = _apply_limits(spec)
         writer.emit(
             "job_start",
@@ -240,6 +251,8 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
         sampler.begin()
         if power:
             power.begin()
+        if board:
+            board.begin()
         if spec.method.name == "idle":
             result = _run_idle(spec, writer)
         else:
@@ -256,6 +269,10 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
                 else None
             ),
         )
+        if board:
+            metrics.update(board.state.to_metrics())
+        if power:
+            metrics.update(pmic_reads=power.reads, pmic_cpu_share=power.cpu_share)
         outcome = {"status": "completed", "exit_code": int(AgentExit.OK), "metrics": metrics}
         writer.emit("job_end", **metrics)
     except JobInterrupted as exc:

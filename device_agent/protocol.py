@@ -50,6 +50,7 @@ EVENT_KINDS = (
     "epoch_end",
     "memory",
     "power",
+    "board",
     "job_end",
     "error",
     "interrupted",

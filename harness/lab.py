@@ -8,6 +8,12 @@ work against them. Devices listen on 127.0.0.1, or, with `netns=True` (root
 only), each sits in its own network namespace behind a veth pair, so a test
 can cut its link or add `tc netem` delay. The state survives the process
 (`root/lab.json`), so `harness lab down` can stop a lab started earlier.
+
+With `arch="arm64"` each device is an emulated aarch64 Debian bookworm machine: the cached
+root of `harness.arm64_root` (built once per machine) under a per-device overlay (its
+writes land in `devices/<name>/upper/`, the cache stays clean), chrooted in a private mount
+namespace, running the root's own aarch64 sshd through qemu-user. The device's Python,
+torch, g++ and everything the agent runs are aarch64 programs; its speed is emulated.
 """
 
 from __future__ import annotations
@@ -28,12 +34,27 @@ from pathlib import Path
 
 import yaml
 
+from harness.arm64_root import PYTHON as ARM64_PYTHON
+from harness.arm64_root import Arm64Root, ensure_binfmt
 from harness.errors import HarnessError, HarnessUsageError
 
 SSHD = Path(os.environ.get("BNN_SSHD", "/usr/sbin/sshd"))
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
 STATE_FILE = "lab.json"
 NETNS_PREFIX = "bnnlab"
+NATIVE_ARCH = "native"
+ARCHES = (NATIVE_ARCH, "arm64")
+ARM64_FILES = "/etc/bnn-lab"  # an arm64 device's sshd files, inside its root
+ARM64_WORKDIR = "/root/bnn-work"
+ARM64_SSHD_START_S = 90.0  # an emulated sshd takes seconds to start on a busy host
+# Mount the device's overlay (lower: the cached root), /proc, /dev and /sys in a private
+# mount namespace, then run the root's own sshd there; it daemonises and keeps the namespace.
+_ARM64_START = (
+    'lower=$1 upper=$2 work=$3 merged=$4; shift 4; '
+    'mount -t overlay overlay -o "lowerdir=$lower,upperdir=$upper,workdir=$work" "$merged" && '
+    'mount -t proc proc "$merged/proc" && mount --rbind /dev "$merged/dev" && '
+    'mount -t sysfs sysfs "$merged/sys" && exec chroot "$merged" "$@"'
+)
 
 
 @dataclass
@@ -47,18 +68,38 @@ class LabDevice:
     workdir: str
     netns: str | None = None
     host_veth: str | None = None
+    arch: str = NATIVE_ARCH
+    lower_root: str | None = None  # arm64: the cached root under this device's overlay
+
+    def host_path(self, device_path: str) -> Path:
+        """Where a path of the device is on this machine (arm64: in its overlay's upper
+        layer, which holds everything the device wrote; native: the same path)."""
+        if self.lower_root is None:
+            return Path(device_path)
+        return Path(self.directory) / "upper" / device_path.lstrip("/")
+
+    @property
+    def _files(self) -> Path:
+        """The device's sshd files, as this machine sees them."""
+        return self.host_path(ARM64_FILES) if self.lower_root else Path(self.directory)
 
     @property
     def pid_file(self) -> Path:
-        return Path(self.directory) / "sshd.pid"
+        return self._files / "sshd.pid"
 
     @property
     def config_file(self) -> Path:
-        return Path(self.directory) / "sshd_config"
+        return self._files / "sshd_config"
 
     @property
     def host_key_file(self) -> Path:
-        return Path(self.directory) / "ssh_host_ed25519_key"
+        return self._files / "ssh_host_ed25519_key"
+
+    def device_file(self, host_file: Path) -> str:
+        """The path the device's own sshd uses for one of its files."""
+        if self.lower_root is None:
+            return str(host_file)
+        return f"{ARM64_FILES}/{host_file.name}"
 
 
 def _free_port() -> int:
@@ -141,8 +182,14 @@ class Lab:
 
     # ------------------------------------------------------------ up / down
 
-    def up(self, count: int, *, netns: bool = False, python: str | None = None) -> Path:
-        """Start `count` devices and write the inventory; returns its path."""
+    def up(self, count: int, *, netns: bool = False, python: str | None = None,
+           arch: str = NATIVE_ARCH, root_builder: Arm64Root | None = None) -> Path:
+        """Start `count` devices and write the inventory; returns its path.
+
+        `arch="arm64"`: emulated aarch64 devices on the root `root_builder` provides
+        (built first if this machine has none: once, with progress)."""
+        if arch not in ARCHES:
+            raise HarnessUsageError(f"--arch: {arch!r} (choices: {', '.join(ARCHES)})")
         if count < 1:
             raise HarnessUsageError(f"--devices: expected at least 1 device, got {count}")
         if not SSHD.exists():
@@ -155,6 +202,14 @@ class Lab:
             )
         if netns and not netns_available():
             raise HarnessError("network namespaces need root and iproute2; run without --netns")
+        lower_root = None
+        if arch == "arm64":
+            if os.geteuid() != 0:
+                raise HarnessError("arm64 lab devices need root (overlay mounts, chroot)")
+            builder = root_builder or Arm64Root()
+            lower_root = str(builder.ensure())
+            ensure_binfmt()  # after a reboot the registration is gone, the cached root is not
+            python = python or ARM64_PYTHON
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         (self.root / "keys").mkdir(parents=True, exist_ok=True)
@@ -165,7 +220,7 @@ class Lab:
         octet = _unused_private_octet() if netns else 0
         try:
             for index in range(1, count + 1):
-                device = self._make_device(index, public_key, lab_id, octet)
+                device = self._make_device(index, public_key, lab_id, octet, lower_root)
                 self.devices.append(device)
                 self._save_state()
                 self.start(device.name)
@@ -178,12 +233,18 @@ class Lab:
             raise
         return self.inventory_path
 
-    def _make_device(self, index: int, public_key: str, lab_id: str, octet: int) -> LabDevice:
-        """One device's keys and sshd config; in a namespace at 10.<octet>.<index>.2 if octet."""
+    def _make_device(self, index: int, public_key: str, lab_id: str, octet: int,
+                     lower_root: str | None = None) -> LabDevice:
+        """One device's keys and sshd config; in a namespace at 10.<octet>.<index>.2 if octet.
+
+        With `lower_root` (arm64) the device's files live in its overlay's upper layer."""
         name = f"dev{index}"
         directory = self.root / "devices" / name
-        workdir = directory / "work"
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir = str(directory / "work")
+        if lower_root is not None:
+            workdir = ARM64_WORKDIR
+            for sub in ("upper", "overlay-work", "merged"):
+                (directory / sub).mkdir(parents=True, exist_ok=True)
         host, port, namespace, host_veth = "127.0.0.1", _free_port(), None, None
         if octet:
             namespace = f"{NETNS_PREFIX}-{lab_id}-{index}"
@@ -202,17 +263,23 @@ class Lab:
                 ["ip", "-n", namespace, "link", "set", "lo", "up"],
             ):
                 subprocess.run(command, check=True, capture_output=True)
-        device = LabDevice(name, host, port, str(directory), str(workdir), namespace, host_veth)
+        device = LabDevice(name, host, port, str(directory), workdir, namespace, host_veth,
+                           arch="arm64" if lower_root else NATIVE_ARCH, lower_root=lower_root)
+        device.host_path(workdir).mkdir(parents=True, exist_ok=True)
+        device.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        if lower_root is not None:
+            device.host_path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
         if not device.host_key_file.exists():
             _keygen(device.host_key_file, f"bnn-lab-{name}")
-        (directory / "authorized_keys").write_text(public_key)
+        authorized = device.pid_file.parent / "authorized_keys"
+        authorized.write_text(public_key)
         device.config_file.write_text(
             "\n".join([
                 f"Port {port}",
                 f"ListenAddress {host}",
-                f"HostKey {device.host_key_file}",
-                f"PidFile {device.pid_file}",
-                f"AuthorizedKeysFile {directory / 'authorized_keys'}",
+                f"HostKey {device.device_file(device.host_key_file)}",
+                f"PidFile {device.device_file(device.pid_file)}",
+                f"AuthorizedKeysFile {device.device_file(authorized)}",
                 "PubkeyAuthentication yes",
                 "PasswordAuthentication no",
                 "KbdInteractiveAuthentication no",
@@ -236,6 +303,16 @@ class Lab:
         device = self.device(name)
         command = [str(SSHD), "-f", str(device.config_file), "-E",
                    str(Path(device.directory) / "sshd.log")]
+        if device.lower_root is not None:
+            directory = Path(device.directory)
+            command = [
+                "unshare", "--mount", "--propagation", "private", "sh", "-c", _ARM64_START, "sh",
+                device.lower_root, str(directory / "upper"), str(directory / "overlay-work"),
+                str(directory / "merged"),
+                "env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG=C.UTF-8",
+                "/usr/sbin/sshd", "-f", device.device_file(device.config_file),
+                "-E", device.device_file(device.pid_file.with_name("sshd.log")),
+            ]
         if device.netns:
             command = ["ip", "netns", "exec", device.netns, *command]
         result = subprocess.run(command, capture_output=True, text=True)
@@ -243,7 +320,9 @@ class Lab:
             raise HarnessError(f"lab device {name}: sshd failed to start: {result.stderr.strip()}")
         self._wait_listening(device)
 
-    def _wait_listening(self, device: LabDevice, timeout_s: float = 10.0) -> None:
+    def _wait_listening(self, device: LabDevice, timeout_s: float | None = None) -> None:
+        if timeout_s is None:
+            timeout_s = ARM64_SSHD_START_S if device.lower_root else 10.0
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -346,7 +425,8 @@ class Lab:
             },
             "devices": [
                 {"name": d.name, "host": d.host, "port": d.port, "workdir": d.workdir,
-                 "tags": ["lab", "netns" if d.netns else "loopback"]}
+                 "tags": ["lab", "netns" if d.netns else "loopback",
+                          *(["arm64", "emulated"] if d.lower_root else [])]}
                 for d in self.devices
             ],
         }
