@@ -6,7 +6,10 @@ and its n. Against the baseline method: memory as a reduction factor
 difference (method - baseline, in accuracy units). When both methods ran the same
 (seed, repeat) pairs the interval is over the paired ratios or differences;
 otherwise a difference uses Welch's interval and a ratio is the ratio of the means
-with no interval.
+with no interval. An energy metric also carries each job's measurement interval (the
+`*_lo_j` / `*_hi_j` columns of the job table, from `analysis.energy`): with one job it is
+the figure's interval; with more, its mean half-width is added in quadrature to the
+t-interval's. Jobs whose energy was withheld are left out and counted (`withheld`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-GROUP_KEYS = ("device", "meter", "model", "dataset", "batch_size")
+GROUP_KEYS = ("device", "meter", "meter_kind", "model", "dataset", "batch_size")
 PAIR_KEYS = ("seed", "repeat")
 CONFIDENCE = 0.95
 
@@ -42,6 +45,9 @@ METRICS = (
     Metric("energy_above_idle_per_sample_j", "J / sample (above idle)", "ratio"),
     Metric("test_accuracy", "test accuracy", "difference"),
 )
+
+
+ENERGY_PER_EPOCH = next(m for m in METRICS if m.column == "energy_per_epoch_j")
 
 
 @dataclass(frozen=True)
@@ -84,8 +90,40 @@ def welch_difference(a: np.ndarray, b: np.ndarray, confidence: float = CONFIDENC
     return Interval(diff, diff - half, diff + half, n)
 
 
+def _bounds(metric: Metric, frame: pd.DataFrame) -> tuple[str, str] | None:
+    """The job table's measurement-interval columns of an energy metric, if it has them."""
+    lo, hi = f"{metric.column[:-2]}_lo_j", f"{metric.column[:-2]}_hi_j"
+    return (lo, hi) if metric.column.endswith("_j") and lo in frame and hi in frame else None
+
+
+def with_measurement(own: Interval, frame: pd.DataFrame, metric: Metric) -> Interval:
+    """The t-interval over jobs widened by the jobs' own measurement intervals."""
+    bounds = _bounds(metric, frame)
+    if bounds is None or own.n == 0:
+        return own
+    data = frame.dropna(subset=[metric.column])
+    lo = pd.to_numeric(data[bounds[0]], errors="coerce")
+    hi = pd.to_numeric(data[bounds[1]], errors="coerce")
+    if own.n == 1:
+        return Interval(own.mean, float(lo.iloc[0]), float(hi.iloc[0]), 1)
+    half = float(((hi - lo) / 2).mean())
+    t_half = (own.high - own.low) / 2 if not math.isnan(own.low) else 0.0
+    total = math.hypot(t_half, half)
+    return Interval(own.mean, own.mean - total, own.mean + total, own.n)
+
+
 def _versus(metric: Metric, method: pd.DataFrame, base: pd.DataFrame) -> tuple[Interval, str]:
     col = metric.column
+    bounds = _bounds(metric, method)
+    if bounds is not None and len(method.dropna(subset=[col])) == 1 == len(
+            base.dropna(subset=[col])):
+        # one job each: the ratio's interval from the two measurement intervals (conservative:
+        # the meter's accuracy class, common to both, would cancel)
+        m = method.dropna(subset=[col]).iloc[0]
+        b = base.dropna(subset=[col]).iloc[0]
+        if b[col] and b[bounds[0]] > 0:
+            return Interval(float(m[col] / b[col]), float(m[bounds[0]] / b[bounds[1]]),
+                            float(m[bounds[1]] / b[bounds[0]]), 1), "measurement intervals"
     m = method.dropna(subset=[col]).set_index(list(PAIR_KEYS))[col].astype(float)
     b = base.dropna(subset=[col]).set_index(list(PAIR_KEYS))[col].astype(float)
     m = m[~m.index.duplicated()]
@@ -115,21 +153,24 @@ def compare_methods(jobs: pd.DataFrame, baseline: str = "standard") -> pd.DataFr
         group = dict(zip(keys, group if isinstance(group, tuple) else (group,)))
         base = frame[frame["method"] == baseline]
         for method, mframe in frame.groupby("method"):
+            withheld = (int((mframe["energy_status"] == "withheld").sum())
+                        if "energy_status" in mframe else 0)
             for metric in METRICS:
-                own = t_interval(mframe[metric.column])
+                own = with_measurement(t_interval(mframe[metric.column]), mframe, metric)
                 if own.n == 0:
                     continue
                 row = {**group, "method": method, "metric": metric.column,
                        "label": metric.label, "n": own.n, "mean": own.mean,
                        "ci_low": own.low, "ci_high": own.high, "baseline": baseline,
-                       "versus": metric.versus}
+                       "versus": metric.versus,
+                       "withheld": withheld if _bounds(metric, mframe) else 0}
                 if method != baseline and not base.empty:
                     vs, how = _versus(metric, mframe, base)
                     row.update(vs_mean=vs.mean, vs_ci_low=vs.low, vs_ci_high=vs.high,
                                vs_n=vs.n, vs_how=how)
                 rows.append(row)
-    columns = [*keys, "method", "metric", "label", "n", "mean", "ci_low", "ci_high", "baseline",
-               "versus", "vs_mean", "vs_ci_low", "vs_ci_high", "vs_n", "vs_how"]
+    columns = [*keys, "method", "metric", "label", "n", "withheld", "mean", "ci_low", "ci_high",
+               "baseline", "versus", "vs_mean", "vs_ci_low", "vs_ci_high", "vs_n", "vs_how"]
     return pd.DataFrame(rows).reindex(columns=columns)
 
 
@@ -167,6 +208,8 @@ def headline(comparison: pd.DataFrame) -> pd.DataFrame:
         row = dict(zip([*keys, "method"], group))
         by_metric = frame.set_index("metric")
         row["n"] = int(frame["n"].max())
+        withheld = int(frame["withheld"].max()) if "withheld" in frame else 0
+        row["energy withheld"] = withheld
         for label, metric, which, scale in HEADLINE:
             if metric not in by_metric.index:
                 row[label] = "n/a"

@@ -1,41 +1,86 @@
-"""Energy of time windows from power samples: the one implementation used everywhere.
+"""Energy of a time window from power samples, with its interval: the one definition.
 
-A window (a job, an epoch, an evaluation, an idle baseline) is integrated with the
-trapezoid rule over the samples inside it, with its edges interpolated from the
-neighbouring samples. Gaps are reported, not filled: an interval between samples that
-is longer than `max_gap_s` or that overlaps a recorded meter gap is left out of the
-integral, and the figure says how much of the window that was. Every figure carries its
-sample count, achieved rate and largest gap, and is flagged low-confidence, with the
-reason, when the window holds too few samples for its length, when the clock-offset
-error bound is a large part of it, or when part of it was not covered.
+A window (idle baseline, job setup, job, epoch, a user window) is integrated with the
+trapezoid rule over the samples inside it, its edges interpolated from the neighbouring
+samples. Every figure carries an interval (default 95 %) summed from four terms, each
+derived in docs/energy.md:
+
+- accuracy: the meter's accuracy class (`MeterAccuracy`: a fraction of the reading plus
+  an offset in watts, from its datasheet, written beside its driver);
+- sampling: each sample interval's energy is known only as well as the power between its
+  two samples; the power is taken as uniform between them (standard deviation
+  |dp| / sqrt(12)), independent from interval to interval, at the chosen coverage;
+- clock: the bound of the clock offset at each edge times the power there;
+- gaps: a stretch without samples (longer than `max_gap_s`, or a recorded meter gap) is
+  bridged linearly, with the whole observed power range (at least `BRIDGE_FLOOR` of the
+  mean power) over its length added to the interval, when it is at most
+  `MAX_BRIDGED_FRACTION` of the window; more, or a window whose edges no sample reaches
+  (meter started late, died, unplugged at the end), is withheld: no energy, status
+  `withheld`, and the reason. Never 0 J, never `ok`.
+
+Status: `ok`; `low_confidence` (gaps bridged, fewer than `MIN_SAMPLES` samples, or a
+clock bound above `MAX_CLOCK_ERROR_FRACTION` of the window); `withheld`.
 Pure functions of numpy arrays (host wall-clock seconds and watts).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
-MIN_SAMPLES = 10
+MIN_SAMPLES = 4
 MAX_CLOCK_ERROR_FRACTION = 0.02
+MAX_BRIDGED_FRACTION = 0.25
+BRIDGE_FLOOR = 0.1  # a bridged stretch's power is uncertain by at least 10 % of the mean
+CONFIDENCE = 0.95
+STATUSES = ("ok", "low_confidence", "withheld")
+
+
+@dataclass(frozen=True)
+class MeterAccuracy:
+    """A meter's accuracy class as a bound on each reading: `relative` x reading +
+    `offset_w`; `source` says where the figures come from (datasheet, or why assumed)."""
+
+    relative: float
+    offset_w: float
+    source: str
+
+
+UNKNOWN_ACCURACY = MeterAccuracy(0.0, 0.0, "unknown: the run did not record the meter's class")
 
 
 @dataclass(frozen=True)
 class Window:
-    """A named interval in host time; `clock_error_s` bounds the error of its edges."""
+    """A named interval in host time; `clock_error_s` bounds the error of its start edge,
+    `clock_error_end_s` that of its end edge (the start's bound when None)."""
 
     name: str
     t_start_s: float
     t_end_s: float
     clock_error_s: float = 0.0
+    clock_error_end_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.t_end_s > self.t_start_s:
             raise ValueError(
                 f"window {self.name!r}: end {self.t_end_s} is not after start {self.t_start_s}"
             )
+
+    @property
+    def end_error_s(self) -> float:
+        return self.clock_error_s if self.clock_error_end_s is None else self.clock_error_end_s
+
+
+@dataclass(frozen=True)
+class IdlePower:
+    """Mean power over the idle baseline and the random half-width of that mean (W)."""
+
+    power_w: float
+    half_width_w: float
 
 
 @dataclass(frozen=True)
@@ -44,16 +89,33 @@ class WindowEnergy:
     t_start_s: float
     t_end_s: float
     duration_s: float
-    energy_j: float  # gross, over the covered part of the window
-    covered_s: float  # time integrated (duration minus gaps and unreachable edges)
-    mean_power_w: float  # energy_j / covered_s (nan when nothing was covered)
+    energy_j: float  # gross, over the whole window (gaps bridged); nan when withheld
+    energy_lo_j: float
+    energy_hi_j: float
+    covered_s: float  # time with samples (duration minus gaps and unreached edges)
+    mean_power_w: float
     idle_power_w: float | None
-    energy_above_idle_j: float | None  # energy_j - idle_power_w * covered_s
+    energy_above_idle_j: float | None  # energy_j - idle_power_w * duration_s
+    above_idle_lo_j: float | None
+    above_idle_hi_j: float | None
     samples: int  # samples inside the window
     achieved_hz: float  # samples / duration_s
     largest_gap_s: float  # longest stretch of the window without a sample
-    low_confidence: bool
-    reason: str | None  # why it is low-confidence ("; "-separated), else None
+    accuracy_j: float  # half-widths of the interval's terms (J)
+    sampling_j: float
+    clock_j: float
+    gap_j: float
+    status: str  # ok | low_confidence | withheld
+    reason: str | None  # why it is not ok ("; "-separated), else None
+
+    @property
+    def low_confidence(self) -> bool:
+        """Anything but `ok` (a withheld figure is not confident either)."""
+        return self.status != "ok"
+
+    @property
+    def half_width_j(self) -> float:
+        return self.accuracy_j + self.sampling_j + self.clock_j + self.gap_j
 
 
 def _as_series(t_s: np.ndarray, power_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -87,78 +149,129 @@ def _is_gap(
     return gap
 
 
+def _z(confidence: float) -> float:
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def _withheld(window: Window, reasons: list[str], samples: int, covered: float,
+              largest_gap: float, idle: IdlePower | None) -> WindowEnergy:
+    nan = math.nan
+    duration = window.t_end_s - window.t_start_s
+    return WindowEnergy(
+        window.name, window.t_start_s, window.t_end_s, duration, nan, nan, nan, covered, nan,
+        idle.power_w if idle else None, None, None, None, samples, samples / duration,
+        largest_gap, nan, nan, nan, nan, "withheld", "; ".join(reasons),
+    )
+
+
 def window_energy(
     t_s: np.ndarray,
     power_w: np.ndarray,
     window: Window,
-    idle_power_w: float | None = None,
+    idle: IdlePower | None = None,
     gaps: Sequence[tuple[float, float]] = (),
     max_gap_s: float | None = None,
+    accuracy: MeterAccuracy = UNKNOWN_ACCURACY,
     min_samples: int = MIN_SAMPLES,
-    max_clock_error_fraction: float = MAX_CLOCK_ERROR_FRACTION,
+    confidence: float = CONFIDENCE,
 ) -> WindowEnergy:
-    """Integrate one window; see the module docstring for the rules."""
+    """The window's figure and interval; see the module docstring for the rules.
+    `max_gap_s` defaults to `default_max_gap_s` of the samples given."""
     t, p = _as_series(t_s, power_w)
     if max_gap_s is None:
         max_gap_s = default_max_gap_s(t)
     a, b = window.t_start_s, window.t_end_s
     duration = b - a
-    reasons: list[str] = []
-
-    inside = (t > a) & (t < b)
-    samples = int(np.count_nonzero(inside)) + int(np.count_nonzero((t == a) | (t == b)))
-    # Sample intervals that overlap the window: [t[i], t[i+1]] with t[i] < b and t[i+1] > a.
-    energy = covered = skipped = 0.0
-    if t.size >= 2:
-        left, right = t[:-1], t[1:]
-        overlap = (left < b) & (right > a) & (right > left)
-        lo, hi = left[overlap], right[overlap]
-        p_lo, p_hi = p[:-1][overlap], p[1:][overlap]
-        bad = _is_gap(lo, hi, max_gap_s, gaps)
-        # Clip each interval to the window, interpolating power linearly at the cut.
-        x0, x1 = np.maximum(lo, a), np.minimum(hi, b)
-        slope = (p_hi - p_lo) / (hi - lo)
-        y0 = p_lo + slope * (x0 - lo)
-        y1 = p_lo + slope * (x1 - lo)
-        good = ~bad
-        energy = float(np.sum(0.5 * (y0[good] + y1[good]) * (x1[good] - x0[good])))
-        covered = float(np.sum(x1[good] - x0[good]))
-        skipped = float(np.sum(x1[bad] - x0[bad]))
-        if skipped > 0:
-            reasons.append(
-                f"{skipped:.3g} s of the window ({100 * skipped / duration:.1f} %) fall in gaps "
-                "and are not integrated"
-            )
-    if t.size == 0 or t[0] > a or t[-1] < b:
-        unreached = duration - covered - skipped
-        reasons.append(
-            f"no samples on both sides of the window's edges ({unreached:.3g} s not covered)"
-        )
-    if samples < min_samples:
-        reasons.append(f"only {samples} samples in a {duration:.3g} s window (need {min_samples})")
-    if window.clock_error_s > max_clock_error_fraction * duration:
-        reasons.append(
-            f"clock-offset error ±{window.clock_error_s:.3g} s is "
-            f"{100 * window.clock_error_s / duration:.1f} % of the {duration:.3g} s window"
-        )
+    inside = (t >= a) & (t <= b)
+    samples = int(np.count_nonzero(inside))
     points = np.concatenate(([a], t[inside], [b]))
     largest_gap = float(np.max(np.diff(points)))
-    mean_power = energy / covered if covered > 0 else float("nan")
-    above = energy - idle_power_w * covered if idle_power_w is not None else None
+    if t.size < 2 or t[0] > a or t[-1] < b:
+        first = f"{t[0] - a:.3g} s after" if t.size and t[0] > a else None
+        reason = (
+            "no power samples" if t.size == 0
+            else f"the meter's samples start {first} the window's start" if first
+            else f"no sample after {t[-1] - a:.3g} s of the {duration:.3g} s window "
+            "(the meter stopped or the samples are not in yet)"
+            if t[-1] < b else "a single sample cannot span the window"
+        )
+        covered = float(max(0.0, min(b, t[-1]) - max(a, t[0]))) if t.size else 0.0
+        return _withheld(window, [reason], samples, covered, largest_gap, idle)
+
+    left, right = t[:-1], t[1:]
+    overlap = (left < b) & (right > a) & (right > left)
+    lo, hi = left[overlap], right[overlap]
+    p_lo, p_hi = p[:-1][overlap], p[1:][overlap]
+    bad = _is_gap(lo, hi, max_gap_s, gaps)
+    # Clip each interval to the window, interpolating power linearly at the cut.
+    x0, x1 = np.maximum(lo, a), np.minimum(hi, b)
+    slope = (p_hi - p_lo) / (hi - lo)
+    y0 = p_lo + slope * (x0 - lo)
+    y1 = p_lo + slope * (x1 - lo)
+    width = x1 - x0
+    energy = float(np.sum(0.5 * (y0 + y1) * width))
+    gap_s = float(np.sum(width[bad]))
+    reasons: list[str] = []
+    if gap_s > MAX_BRIDGED_FRACTION * duration:
+        reasons.append(
+            f"{gap_s:.3g} s of the {duration:.3g} s window ({100 * gap_s / duration:.0f} %) "
+            f"have no samples (more than {100 * MAX_BRIDGED_FRACTION:.0f} % cannot be bridged)"
+        )
+        return _withheld(window, reasons, samples, duration - gap_s, largest_gap, idle)
+    good = ~bad
+    z = _z(confidence)
+    observed = np.concatenate((y0, y1))
+    spread_w = max(float(observed.max() - observed.min()),
+                   BRIDGE_FLOOR * abs(float(observed.mean())))
+    gap_j = gap_s * spread_w if gap_s > 0 else 0.0
+    if gap_s > 0:
+        reasons.append(
+            f"{gap_s:.3g} s of the window ({100 * gap_s / duration:.1f} %) had no samples and "
+            "are bridged (interval widened by the observed power range)"
+        )
+    sampling_j = z * float(np.sqrt(np.sum((width[good] * np.abs(y1 - y0)[good]) ** 2) / 12.0))
+    p_a, p_b = float(y0[0]), float(y1[-1])
+    clock_j = window.clock_error_s * abs(p_a) + window.end_error_s * abs(p_b)
+    accuracy_j = accuracy.relative * abs(energy) + accuracy.offset_w * duration
+    half = accuracy_j + sampling_j + clock_j + gap_j
+    if accuracy is UNKNOWN_ACCURACY:
+        reasons.append("the meter's accuracy class is unknown (the interval leaves it out)")
+    if samples < min_samples:
+        reasons.append(f"only {samples} samples in a {duration:.3g} s window (need {min_samples})")
+    clock_bound = max(window.clock_error_s, window.end_error_s)
+    if clock_bound > MAX_CLOCK_ERROR_FRACTION * duration:
+        reasons.append(
+            f"clock-offset error ±{clock_bound:.3g} s is "
+            f"{100 * clock_bound / duration:.1f} % of the {duration:.3g} s window"
+        )
+    above = above_lo = above_hi = None
+    if idle is not None:
+        above = energy - idle.power_w * duration
+        random_j = math.hypot(sampling_j, idle.half_width_w * duration)
+        above_half = accuracy.relative * abs(above) + clock_j + gap_j + random_j
+        above_lo, above_hi = above - above_half, above + above_half
     return WindowEnergy(
         name=window.name,
         t_start_s=a,
         t_end_s=b,
         duration_s=duration,
         energy_j=energy,
-        covered_s=covered,
-        mean_power_w=mean_power,
-        idle_power_w=idle_power_w,
+        energy_lo_j=max(0.0, energy - half),
+        energy_hi_j=energy + half,
+        covered_s=duration - gap_s,
+        mean_power_w=energy / duration,
+        idle_power_w=idle.power_w if idle else None,
         energy_above_idle_j=above,
+        above_idle_lo_j=above_lo,
+        above_idle_hi_j=above_hi,
         samples=samples,
         achieved_hz=samples / duration,
         largest_gap_s=largest_gap,
-        low_confidence=bool(reasons),
+        accuracy_j=accuracy_j,
+        sampling_j=sampling_j,
+        clock_j=clock_j,
+        gap_j=gap_j,
+        status="low_confidence" if reasons else "ok",
         reason="; ".join(reasons) if reasons else None,
     )
 
@@ -169,43 +282,18 @@ def idle_power(
     idle_windows: Sequence[Window],
     gaps: Sequence[tuple[float, float]] = (),
     max_gap_s: float | None = None,
-) -> float | None:
-    """Mean power over the idle baseline windows (energy over covered time), None if none."""
+    confidence: float = CONFIDENCE,
+) -> IdlePower | None:
+    """Mean power over the idle baseline windows that are not withheld, with the random
+    half-width of that mean (the windows' sampling terms over their total length)."""
     figures = [
-        window_energy(t_s, power_w, window, gaps=gaps, max_gap_s=max_gap_s)
+        window_energy(t_s, power_w, window, gaps=gaps, max_gap_s=max_gap_s,
+                      confidence=confidence)
         for window in idle_windows
     ]
-    covered = sum(figure.covered_s for figure in figures)
-    if covered <= 0:
+    figures = [f for f in figures if f.status != "withheld"]
+    duration = sum(f.duration_s for f in figures)
+    if duration <= 0:
         return None
-    return sum(figure.energy_j for figure in figures) / covered
-
-
-def window_energies(
-    t_s: np.ndarray,
-    power_w: np.ndarray,
-    windows: Sequence[Window],
-    idle_windows: Sequence[Window] = (),
-    gaps: Sequence[tuple[float, float]] = (),
-    max_gap_s: float | None = None,
-    min_samples: int = MIN_SAMPLES,
-    max_clock_error_fraction: float = MAX_CLOCK_ERROR_FRACTION,
-) -> list[WindowEnergy]:
-    """Every window's figure, above the idle power measured over `idle_windows`."""
-    t, p = _as_series(t_s, power_w)
-    if max_gap_s is None:
-        max_gap_s = default_max_gap_s(t)
-    idle = idle_power(t, p, idle_windows, gaps=gaps, max_gap_s=max_gap_s)
-    return [
-        window_energy(
-            t,
-            p,
-            window,
-            idle_power_w=idle,
-            gaps=gaps,
-            max_gap_s=max_gap_s,
-            min_samples=min_samples,
-            max_clock_error_fraction=max_clock_error_fraction,
-        )
-        for window in windows
-    ]
+    random_j = math.sqrt(sum(f.sampling_j**2 + f.gap_j**2 for f in figures))
+    return IdlePower(sum(f.energy_j for f in figures) / duration, random_j / duration)

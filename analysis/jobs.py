@@ -15,30 +15,58 @@ from analysis.load import Run
 JOB_KEYS = ("device", "model", "dataset", "batch_size", "method", "seed", "repeat")
 
 
+ENERGY_JOB_COLUMNS = (
+    "job_id", "attempt", "meter", "meter_kind", "epochs_metered", "epochs_withheld",
+    "epoch_energy_j", "epoch_energy_above_idle_j", "energy_per_epoch_j", "energy_per_epoch_lo_j",
+    "energy_per_epoch_hi_j", "energy_above_idle_per_epoch_j",
+    "energy_above_idle_per_epoch_lo_j", "energy_above_idle_per_epoch_hi_j", "job_energy_j",
+    "job_energy_lo_j", "job_energy_hi_j", "setup_energy_j", "energy_status", "energy_reason",
+)
+
+
 def _epoch_energy(energy: pd.DataFrame) -> pd.DataFrame:
-    """Per (job, attempt, meter): mean energy per epoch and the totals over the epochs."""
-    ep = energy[energy["kind"] == "epoch"]
-    if ep.empty:
-        return pd.DataFrame(columns=["job_id", "attempt", "meter", "epochs_metered",
-                                     "epoch_energy_j", "epoch_energy_above_idle_j",
-                                     "energy_per_epoch_j", "energy_above_idle_per_epoch_j",
-                                     "energy_low_confidence", "energy_reason"])
-    ep = ep.assign(above=pd.to_numeric(ep["energy_above_idle_j"], errors="coerce"))
-    grouped = ep.groupby(["job_id", "attempt", "meter"])
-    out = grouped.agg(
-        epochs_metered=("energy_j", "size"),
-        epoch_energy_j=("energy_j", "sum"),
-        epoch_energy_above_idle_j=("above", lambda s: s.sum(min_count=len(s))),
-        energy_per_epoch_j=("energy_j", "mean"),
-        energy_above_idle_per_epoch_j=("above", "mean"),
-        energy_low_confidence=("low_confidence", "any"),
-        energy_reason=("reason", _reasons),
-    )
-    return out.reset_index()
+    """Per (job, attempt, meter): energy per epoch (mean over the epochs whose figure is not
+    withheld, with the mean of their interval bounds), the job's and its setup's figures,
+    and the worst status (`withheld` when no epoch has a figure) with the reasons."""
+    rows = []
+    for (job, attempt, meter), frame in energy.groupby(["job", "attempt", "meter"]):
+        ep = frame[frame["phase"] == "epoch"]
+        if ep.empty:
+            continue
+        have = ep[ep["status"] != "withheld"]
+        job_row = frame[frame["phase"] == "job"]
+        setup = frame[frame["phase"] == "setup"]
+        statuses = set(ep["status"]) | set(job_row["status"])
+        status = ("withheld" if have.empty else "low_confidence"
+                  if statuses - {"ok"} else "ok")
+        above = pd.to_numeric(have["above_idle_j"], errors="coerce")
+        job_figure = job_row.iloc[0] if len(job_row) else None
+        rows.append({
+            "job_id": job, "attempt": int(attempt), "meter": meter,
+            "meter_kind": frame["meter_kind"].iloc[0],
+            "epochs_metered": len(have), "epochs_withheld": len(ep) - len(have),
+            "epoch_energy_j": have["energy_j"].sum() if len(have) else np.nan,
+            "epoch_energy_above_idle_j": above.sum(min_count=len(have)) if len(have) else np.nan,
+            "energy_per_epoch_j": have["energy_j"].mean(),
+            "energy_per_epoch_lo_j": have["energy_lo_j"].mean(),
+            "energy_per_epoch_hi_j": have["energy_hi_j"].mean(),
+            "energy_above_idle_per_epoch_j": above.mean(),
+            "energy_above_idle_per_epoch_lo_j":
+                pd.to_numeric(have["above_idle_lo_j"], errors="coerce").mean(),
+            "energy_above_idle_per_epoch_hi_j":
+                pd.to_numeric(have["above_idle_hi_j"], errors="coerce").mean(),
+            "job_energy_j": job_figure["energy_j"] if job_figure is not None else np.nan,
+            "job_energy_lo_j": job_figure["energy_lo_j"] if job_figure is not None else np.nan,
+            "job_energy_hi_j": job_figure["energy_hi_j"] if job_figure is not None else np.nan,
+            "setup_energy_j": setup["energy_j"].iloc[0] if len(setup) else np.nan,
+            "energy_status": status,
+            "energy_reason": _reasons(pd.concat([ep["reason"], job_row["reason"]])),
+        })
+    return pd.DataFrame(rows, columns=list(ENERGY_JOB_COLUMNS))
 
 
 def _reasons(reasons: pd.Series) -> str | None:
-    """The distinct low-confidence reasons of a job's epochs, joined."""
+    """The distinct reasons of a job's figures that are not ok, joined."""
     return "; ".join(sorted({r for r in reasons if isinstance(r, str)}))[:300] or None
 
 
@@ -56,7 +84,7 @@ def _memory_peaks(run: Run) -> pd.DataFrame:
 
 
 def job_table(run: Run, energy: pd.DataFrame) -> pd.DataFrame:
-    """Training jobs with their figures; `energy` is `run_energy.phase_energies(run)`."""
+    """Training jobs with their figures; `energy` is `run_energy.energy_table(run)`."""
     jobs = run.jobs[run.jobs["kind"] == "train"].copy()
     jobs = jobs.rename(columns={"status": "job_status", "reason": "job_reason"})
     res = run.results.drop(columns=["method", "device"]).rename(columns={"status": "result_status"})
@@ -76,16 +104,26 @@ def job_table(run: Run, energy: pd.DataFrame) -> pd.DataFrame:
     per_sample = table["samples_trained"] * metered / epochs.replace(0, np.nan)
     table["energy_per_sample_j"] = table["epoch_energy_j"] / per_sample
     table["energy_above_idle_per_sample_j"] = table["epoch_energy_above_idle_j"] / per_sample
+    for col in ("energy_per_sample_j", "energy_above_idle_per_sample_j"):
+        per_epoch = col.replace("per_sample", "per_epoch")
+        scale = table[col] / table[per_epoch].replace(0, np.nan)
+        table[f"{col[:-2]}_lo_j"] = table[f"{per_epoch[:-2]}_lo_j"] * scale
+        table[f"{col[:-2]}_hi_j"] = table[f"{per_epoch[:-2]}_hi_j"] * scale
     for col in ("batch_size", "seed", "repeat"):
         table[col] = pd.to_numeric(table[col], errors="coerce").astype("Int64")
     table["missing"] = [_missing(row) for row in table.itertuples()]
     columns = [
-        "job_id", *JOB_KEYS, "attempt", "job_status", "result_status", "meter", "test_accuracy",
-        "train_accuracy", "epochs", "steps", "epoch_s", "step_s", "seconds_total",
-        "samples_trained", "peak_tensor_bytes", "peak_hwm_bytes", "peak_rss_delta_bytes",
-        "sampled_hwm_bytes", "memory_samples", "epochs_metered", "energy_per_epoch_j",
-        "energy_above_idle_per_epoch_j", "energy_per_sample_j", "energy_above_idle_per_sample_j",
-        "energy_low_confidence", "energy_reason", "missing",
+        "job_id", *JOB_KEYS, "attempt", "job_status", "result_status", "meter", "meter_kind",
+        "test_accuracy", "train_accuracy", "epochs", "steps", "epoch_s", "step_s",
+        "seconds_total", "samples_trained", "peak_tensor_bytes", "peak_hwm_bytes",
+        "peak_rss_delta_bytes", "sampled_hwm_bytes", "memory_samples", "epochs_metered",
+        "epochs_withheld", "energy_per_epoch_j", "energy_per_epoch_lo_j",
+        "energy_per_epoch_hi_j", "energy_above_idle_per_epoch_j",
+        "energy_above_idle_per_epoch_lo_j", "energy_above_idle_per_epoch_hi_j",
+        "energy_per_sample_j", "energy_per_sample_lo_j", "energy_per_sample_hi_j",
+        "energy_above_idle_per_sample_j", "energy_above_idle_per_sample_lo_j",
+        "energy_above_idle_per_sample_hi_j", "job_energy_j", "job_energy_lo_j",
+        "job_energy_hi_j", "setup_energy_j", "energy_status", "energy_reason", "missing",
     ]
     return table[columns].sort_values(["device", "model", "method", "seed", "repeat"],
                                       na_position="last").reset_index(drop=True)
@@ -97,6 +135,8 @@ def _missing(row) -> str | None:
         notes.append("no result")
     if pd.isna(row.meter):
         notes.append("no energy (no power samples or no epoch phases)")
+    elif row.energy_status == "withheld":
+        notes.append("energy withheld (see energy_reason)")
     elif pd.isna(row.energy_above_idle_per_epoch_j):
         notes.append("no idle baseline (energy above idle unknown)")
     if pd.isna(row.memory_samples):

@@ -26,10 +26,10 @@ MANIFEST_NAME = "manifest.json"
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "run_info": ("key", "value"),
     "devices": ("name", "transport", "host", "tags_json", "meter_json", "facts_json", "status",
-                "reason"),
+                "reason", "updated_host_s"),
     "jobs": ("job_id", "plan_index", "kind", "method", "model", "dataset", "batch_size", "epochs",
-             "max_steps", "seed", "repeat", "status", "device", "attempts", "exit_code", "reason",
-             "t_start_host_s", "t_end_host_s"),
+             "max_steps", "seed", "repeat", "pinned_json", "spec_json", "status", "device",
+             "attempts", "exit_code", "reason", "t_start_host_s", "t_end_host_s"),
     "events": ("device", "job_id", "attempt", "line_no", "seq", "kind", "t_host_s",
                "malformed_reason", "raw_json"),
     "memory_samples": ("device", "job_id", "attempt", "seq", "t_host_s", "rss_bytes", "hwm_bytes",

@@ -22,7 +22,7 @@ from analysis.compare import compare_methods, headline
 from analysis.jobs import job_table
 from analysis.load import Run, load_run
 from analysis.reproduction import modeled_table, reproduction_table, run_combos
-from analysis.run_energy import devices_without_power, phase_energies
+from analysis.run_energy import devices_without_power, energy_table
 
 
 @dataclass
@@ -48,10 +48,10 @@ def missing_notes(run: Run, jobs: pd.DataFrame, energy: pd.DataFrame) -> list[st
     for r in jobs.itertuples():
         if isinstance(r.missing, str) and "no result" in r.missing:
             notes.append(f"job {r.job_id} on {r.device}: no result (status {r.job_status})")
-    low = energy[energy["low_confidence"].astype(bool)] if not energy.empty else energy
-    for r in low.itertuples():
-        notes.append(f"low-confidence energy {r.device}/{r.meter} {r.job_id} {r.kind} {r.idx}: "
-                     f"{r.reason}")
+    for r in energy[energy["status"] != "ok"].itertuples():
+        where = f"epoch {r.epoch}" if r.phase == "epoch" else r.phase
+        label = "withheld" if r.status == "withheld" else "low-confidence"
+        notes.append(f"{label} energy {r.device}/{r.meter} {r.job} {where}: {r.reason}")
     return notes
 
 
@@ -60,7 +60,7 @@ def analyse(path: str | Path, modeled: bool = True, baseline: str = "standard",
     """Everything the report shows; `modeled=False` skips the engine's memory model,
     `extra_models` adds models the run did not train to the reproduction table."""
     run = load_run(path)
-    energy = phase_energies(run)
+    energy = energy_table(run)
     jobs = job_table(run, energy)
     comparison = compare_methods(jobs, baseline=baseline)
     notes: list[str] = []

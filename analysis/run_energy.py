@@ -1,121 +1,260 @@
-"""Energy of every phase of a run (job, epoch, eval, idle), per device and meter.
+"""The energy table of a run: every recorded window (idle, setup, job, epoch, user window)
+on every meter of its device, through `analysis.energy.window_energy` (the one definition).
 
-Applies `analysis.energy` (the one integration) to the phases the harness recorded:
-idle power from the device's `idle` phases, recorded meter gaps left out, each
-window's clock error taken from the job's clock-offset bounds. Traces are sliced to
-each window (plus one sample either side for the interpolated edges) so that a
-store with millions of samples is summarised in one pass.
+The windows are the `phases` the harness recorded from the device's own events, mapped
+to host time with the job's `before` clock offset; each edge's clock bound grows from the
+`before` estimate's error to the `after` one's (plus the offset's drift between them).
+Idle power comes from the device's `idle` phases. What produced a figure goes with it:
+the meter, its kind (`measured` or `modeled`) and accuracy class, recorded by the
+harness in `run_info.meters`. `figure_for` and `device_idle` are what every view (this
+table, the end-of-run table, the report, compare, export, the dashboard) computes with.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from analysis.energy import Window, WindowEnergy, default_max_gap_s, idle_power, window_energy
+from analysis.energy import (
+    UNKNOWN_ACCURACY,
+    IdlePower,
+    MeterAccuracy,
+    Window,
+    WindowEnergy,
+    default_max_gap_s,
+    idle_power,
+    window_energy,
+)
 from analysis.load import PowerTrace, Run
 
 ENERGY_COLUMNS = (
-    "device", "meter", "job_id", "attempt", "kind", "idx", "t_start_host_s", "t_end_host_s",
-    "duration_s", "energy_j", "energy_above_idle_j", "covered_s", "mean_power_w", "idle_power_w",
-    "samples", "achieved_hz", "largest_gap_s", "low_confidence", "reason",
+    "device", "job", "method", "model", "phase", "epoch", "window", "t_start_s",
+    "t_end_s", "duration_s", "energy_j", "energy_lo_j", "energy_hi_j", "above_idle_j",
+    "above_idle_lo_j", "above_idle_hi_j", "meter", "meter_kind", "samples", "status", "reason",
+    "attempt", "achieved_hz", "largest_gap_s", "covered_s", "mean_power_w", "idle_power_w",
+    "accuracy_j",
+    "sampling_j", "clock_j", "gap_j", "accuracy_source",
 )
 
 
-def _slice(trace: PowerTrace, t_start_s: float, t_end_s: float) -> tuple[np.ndarray, np.ndarray]:
-    t = trace.t_host_s
+@dataclass(frozen=True)
+class MeterInfo:
+    """What produced a trace: kind `measured` or `modeled`, and its accuracy class."""
+
+    name: str
+    type: str
+    kind: str
+    accuracy: MeterAccuracy
+
+
+@dataclass(frozen=True)
+class PhaseWindow:
+    device: str
+    job: str
+    attempt: int
+    phase: str
+    idx: int
+    t_start_s: float
+    t_end_s: float
+
+
+@dataclass(frozen=True)
+class ClockBound:
+    """A job attempt's clock-offset error bound, from `t_before_s` to `t_after_s`."""
+
+    t_before_s: float
+    error_before_s: float
+    t_after_s: float | None = None
+    error_after_s: float | None = None
+
+    def at(self, t_s: float) -> float:
+        if self.t_after_s is None or self.error_after_s is None:
+            return self.error_before_s
+        span = self.t_after_s - self.t_before_s
+        f = 0.0 if span <= 0 else min(1.0, max(0.0, (t_s - self.t_before_s) / span))
+        return self.error_before_s + f * (self.error_after_s - self.error_before_s)
+
+
+def clock_bounds(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int], ClockBound]:
+    """Per (job, attempt) from `clock_offsets` rows. The events are mapped with the `before`
+    offset, so at the end the error is bounded by the drift to `after` plus its error."""
+    before: dict[tuple[str, int], Mapping[str, Any]] = {}
+    after: dict[tuple[str, int], Mapping[str, Any]] = {}
+    for row in rows:
+        if row["job_id"] is None or _nan(row["job_id"]):
+            continue
+        key = (str(row["job_id"]), int(row["attempt"]))
+        (before if row["phase"] == "before" else after)[key] = row
+    out = {}
+    for key, b in before.items():
+        a = after.get(key)
+        if a is None:
+            out[key] = ClockBound(float(b["t_host_s"]), float(b["error_s"]))
+        else:
+            drift = abs(float(a["offset_s"]) - float(b["offset_s"]))
+            out[key] = ClockBound(float(b["t_host_s"]), float(b["error_s"]),
+                                  float(a["t_host_s"]), drift + float(a["error_s"]))
+    return out
+
+
+def _nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def meter_infos(info: Mapping[str, Any], devices: pd.DataFrame) -> dict[tuple[str, str], MeterInfo]:
+    """(device, meter name) -> MeterInfo, from `run_info.meters` (written by the harness);
+    for a store without it, from the inventory's meter section (accuracy unknown)."""
+    return meter_infos_from_rows(info.get("meters") or {},
+                                 zip(devices["name"], devices["meter_json"]))
+
+
+def meter_infos_from_rows(recorded: Mapping[str, Any], devices: Iterable[tuple[str, Any]]
+                          ) -> dict[tuple[str, str], MeterInfo]:
+    """`meter_infos` from the `meters` run_info value and (device name, meter_json) pairs."""
+    out: dict[tuple[str, str], MeterInfo] = {}
+    for device, meters in recorded.items():
+        for m in meters:
+            acc = m.get("accuracy") or {}
+            accuracy = MeterAccuracy(float(acc.get("relative", 0.0)),
+                                     float(acc.get("offset_w", 0.0)),
+                                     str(acc.get("source", UNKNOWN_ACCURACY.source)))
+            out[(device, m["name"])] = MeterInfo(m["name"], m.get("type", m["name"]),
+                                                 m.get("kind", "measured"), accuracy)
+    for name, meter_json in devices:
+        if not isinstance(meter_json, str):
+            continue
+        try:
+            meter = json.loads(meter_json) or {}
+        except ValueError:
+            continue
+        kind = meter.get("type", "unknown")
+        meter_name = meter.get("name", kind)
+        out.setdefault((name, meter_name), unknown_meter(meter_name, kind))
+    return out
+
+
+def unknown_meter(name: str, kind: str | None = None) -> MeterInfo:
+    """A meter the run did not describe: its kind from its type, its accuracy unknown."""
+    kind = kind or name
+    return MeterInfo(name, kind, "modeled" if kind == "modeled" else "measured",
+                     UNKNOWN_ACCURACY)
+
+
+def slice_trace(t: np.ndarray, p: np.ndarray, t_start_s: float, t_end_s: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The samples of [start, end] plus one neighbour each side (for edge interpolation)."""
     lo = max(int(np.searchsorted(t, t_start_s, "left")) - 1, 0)
     hi = min(int(np.searchsorted(t, t_end_s, "right")) + 1, t.size)
-    return t[lo:hi], trace.power_w[lo:hi]
+    return t[lo:hi], p[lo:hi]
 
 
-def _gaps(run: Run, device: str, meter: str, t_last_s: float) -> list[tuple[float, float]]:
-    rows = run.gaps[(run.gaps["device"] == device) & (run.gaps["meter"] == meter)]
+def device_idle(t: np.ndarray, p: np.ndarray, idle_phases: Sequence[PhaseWindow],
+                gaps: Sequence[tuple[float, float]]) -> IdlePower | None:
+    """The device's idle power over its idle phases on this trace (None without any)."""
+    if not idle_phases:
+        return None
+    start = min(w.t_start_s for w in idle_phases)
+    end = max(w.t_end_s for w in idle_phases)
+    ts, ps = slice_trace(t, p, start, end)
+    windows = [Window(f"{w.job}/idle", w.t_start_s, w.t_end_s) for w in idle_phases]
+    return idle_power(ts, ps, windows, gaps=gaps, max_gap_s=default_max_gap_s(ts))
+
+
+def figure_for(t: np.ndarray, p: np.ndarray, phase: PhaseWindow, *, idle: IdlePower | None,
+               gaps: Sequence[tuple[float, float]], accuracy: MeterAccuracy,
+               clock: ClockBound | None) -> WindowEnergy:
+    """One phase window's figure on one trace (sorted host times, watts)."""
+    start_error = 0.0 if phase.phase == "setup" or clock is None else clock.at(phase.t_start_s)
+    end_error = 0.0 if clock is None else clock.at(phase.t_end_s)
+    window = Window(f"{phase.job}/{phase.phase}/{phase.idx}", phase.t_start_s, phase.t_end_s,
+                    start_error, end_error)
+    ts, ps = slice_trace(t, p, phase.t_start_s, phase.t_end_s)
+    return window_energy(ts, ps, window, idle=idle, gaps=gaps,
+                         max_gap_s=default_max_gap_s(ts), accuracy=accuracy)
+
+
+def figure_row(figure: WindowEnergy, phase: PhaseWindow, meter: MeterInfo,
+               job: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A figure as a row of the energy table (the columns of `ENERGY_COLUMNS`)."""
+    job = job or {}
+    return {
+        "device": phase.device, "job": phase.job, "attempt": phase.attempt,
+        "method": job.get("method"), "model": job.get("model"), "phase": phase.phase,
+        "epoch": phase.idx if phase.phase == "epoch" else None,
+        "window": str(phase.idx) if phase.phase == "window" else None,
+        "t_start_s": figure.t_start_s, "t_end_s": figure.t_end_s,
+        "duration_s": figure.duration_s, "energy_j": figure.energy_j,
+        "energy_lo_j": figure.energy_lo_j, "energy_hi_j": figure.energy_hi_j,
+        "above_idle_j": figure.energy_above_idle_j, "above_idle_lo_j": figure.above_idle_lo_j,
+        "above_idle_hi_j": figure.above_idle_hi_j, "meter": meter.name,
+        "meter_kind": meter.kind, "samples": figure.samples, "status": figure.status,
+        "reason": figure.reason, "achieved_hz": figure.achieved_hz,
+        "largest_gap_s": figure.largest_gap_s, "covered_s": figure.covered_s,
+        "mean_power_w": figure.mean_power_w, "idle_power_w": figure.idle_power_w,
+        "accuracy_j": figure.accuracy_j, "sampling_j": figure.sampling_j,
+        "clock_j": figure.clock_j, "gap_j": figure.gap_j,
+        "accuracy_source": meter.accuracy.source,
+    }
+
+
+def recorded_gaps(gaps: pd.DataFrame, device: str, meter: str, t_last_s: float
+                  ) -> list[tuple[float, float]]:
+    """A meter's recorded gaps; one still open ends after the last sample."""
+    rows = gaps[(gaps["device"] == device) & (gaps["meter"] == meter)]
     out = []
     for start, end in zip(rows["t_start_s"], rows["t_end_s"]):
-        end = t_last_s + 1.0 if end is None or (isinstance(end, float) and math.isnan(end)) else end
+        end = t_last_s + 1.0 if end is None or _nan(end) else end
         out.append((float(start), float(end)))
     return out
 
 
-def _clock_errors(run: Run) -> dict[tuple[str, int], float]:
-    """Largest clock-offset error bound per (job, attempt)."""
-    off = run.offsets.dropna(subset=["job_id"])
-    if off.empty:
-        return {}
-    worst = off.groupby(["job_id", "attempt"])["error_s"].max()
-    return {(str(j), int(a)): float(e) for (j, a), e in worst.items()}
+def phase_windows(run: Run, device: str) -> list[PhaseWindow]:
+    """The device's recorded phases in time order."""
+    ph = run.phases[(run.phases["device"] == device)
+                    & (run.phases["t_end_host_s"] > run.phases["t_start_host_s"])]
+    ph = ph.sort_values(["t_start_host_s", "kind"])
+    return [PhaseWindow(device, str(r.job_id), int(r.attempt), str(r.kind), int(r.idx),
+                        float(r.t_start_host_s), float(r.t_end_host_s))
+            for r in ph.itertuples()]
 
 
-def phase_windows(run: Run, device: str) -> pd.DataFrame:
-    """The device's phases, plus a `job` window from the jobs table for a job without one."""
-    ph = run.phases[run.phases["device"] == device].copy()
-    have_job = set(ph.loc[ph["kind"] == "job", "job_id"])
-    extra = run.jobs[
-        (run.jobs["device"] == device)
-        & (run.jobs["kind"] == "train")
-        & ~run.jobs["job_id"].isin(have_job)
-        & run.jobs["t_start_host_s"].notna()
-        & run.jobs["t_end_host_s"].notna()
-    ]
-    rows = [
-        {"device": device, "job_id": r.job_id, "attempt": int(r.attempts or 1), "kind": "job",
-         "idx": 0, "t_start_host_s": r.t_start_host_s, "t_end_host_s": r.t_end_host_s}
-        for r in extra.itertuples()
-    ]
-    if rows:
-        ph = pd.concat([ph, pd.DataFrame(rows)], ignore_index=True)
-    ph = ph[ph["t_end_host_s"] > ph["t_start_host_s"]]
-    return ph.sort_values(["t_start_host_s", "kind"]).reset_index(drop=True)
-
-
-def trace_energies(run: Run, trace: PowerTrace) -> list[dict]:
-    """Every phase window of the trace's device, integrated over that trace."""
+def trace_rows(run: Run, trace: PowerTrace, meter: MeterInfo,
+               clocks: Mapping[tuple[str, int], ClockBound],
+               jobs: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every phase window of the trace's device, on that trace."""
     windows = phase_windows(run, trace.device)
-    if windows.empty or trace.t_host_s.size == 0:
+    if not windows:
         return []
-    max_gap_s = default_max_gap_s(trace.t_host_s)
-    gaps = _gaps(run, trace.device, trace.meter, float(trace.t_host_s[-1]))
-    errors = _clock_errors(run)
-    idle_rows = windows[windows["kind"] == "idle"]
-    idle_w = None
-    if not idle_rows.empty:
-        idle_windows = [
-            Window(f"{r.job_id}/idle/{r.idx}", float(r.t_start_host_s), float(r.t_end_host_s))
-            for r in idle_rows.itertuples()
-        ]
-        t, p = _slice(trace, idle_rows["t_start_host_s"].min(), idle_rows["t_end_host_s"].max())
-        idle_w = idle_power(t, p, idle_windows, gaps=gaps, max_gap_s=max_gap_s)
-    out = []
-    for r in windows.itertuples():
-        window = Window(
-            f"{r.job_id}/{r.kind}/{r.idx}",
-            float(r.t_start_host_s),
-            float(r.t_end_host_s),
-            errors.get((str(r.job_id), int(r.attempt)), 0.0),
-        )
-        t, p = _slice(trace, window.t_start_s, window.t_end_s)
-        figure: WindowEnergy = window_energy(
-            t, p, window, idle_power_w=idle_w, gaps=gaps, max_gap_s=max_gap_s
-        )
-        row = asdict(figure)
-        row.update(device=trace.device, meter=trace.meter, job_id=r.job_id,
-                   attempt=int(r.attempt), kind=r.kind, idx=int(r.idx),
-                   t_start_host_s=figure.t_start_s, t_end_host_s=figure.t_end_s)
-        out.append(row)
-    return out
+    t, p = trace.t_host_s, trace.power_w
+    gaps = recorded_gaps(run.gaps, trace.device, trace.meter,
+                         float(t[-1]) if t.size else 0.0)
+    idle = device_idle(t, p, [w for w in windows if w.phase == "idle"], gaps)
+    return [
+        figure_row(figure_for(t, p, w, idle=idle, gaps=gaps, accuracy=meter.accuracy,
+                              clock=clocks.get((w.job, w.attempt))), w, meter, jobs.get(w.job))
+        for w in windows
+    ]
 
 
-def phase_energies(run: Run) -> pd.DataFrame:
-    """One row per (device, meter, phase window); empty (with columns) without power."""
-    rows = [row for trace in run.traces for row in trace_energies(run, trace)]
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return pd.DataFrame(columns=list(ENERGY_COLUMNS))
-    return frame[list(ENERGY_COLUMNS)]
+def energy_table(run: Run) -> pd.DataFrame:
+    """One row per (device, meter, window): the run's energy figures with their intervals."""
+    meters = meter_infos(run.info, run.devices)
+    clocks = clock_bounds(run.offsets.to_dict("records"))
+    jobs = {str(r["job_id"]): r for r in run.jobs.to_dict("records")}
+    rows = []
+    for trace in run.traces:
+        meter = meters.get((trace.device, trace.meter)) or unknown_meter(trace.meter)
+        rows += trace_rows(run, trace, meter, clocks, jobs)
+    frame = pd.DataFrame(rows, columns=list(ENERGY_COLUMNS))
+    for col in ("attempt", "epoch", "samples"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
+    return frame
 
 
 def devices_without_power(run: Run) -> list[str]:

@@ -22,6 +22,10 @@ import numpy as np
 from harness.store import EventRecord, MemorySample, PlannedJob, RunStore
 
 T0_S = 1_790_000_000.0
+# The synthetic meter reads the signal exactly: no accuracy term.
+SYNTHETIC_METER = {"name": "synthetic", "type": "synthetic", "kind": "measured",
+                   "accuracy": {"relative": 0.0, "offset_w": 0.0,
+                                "source": "synthetic: the signal itself, exact"}}
 MIB = 2**20
 
 
@@ -104,7 +108,8 @@ def build_synthetic_run(
     out = SyntheticRun(Path(run_dir), idle_power_w)
     store = RunStore.create(Path(run_dir))
     try:
-        store.set_run_info(run_id=Path(run_dir).name, created_host_s=T0_S, synthetic=True)
+        store.set_run_info(run_id=Path(run_dir).name, created_host_s=T0_S, synthetic=True,
+                           meters={d: [SYNTHETIC_METER] for d in devices if d not in unmetered})
         planned = []
         for i, (method, s) in enumerate((m, s) for m in methods for s in seeds):
             planned.append(PlannedJob(
@@ -113,7 +118,8 @@ def build_synthetic_run(
         for device in devices:
             meter = None if device in unmetered else {"type": "synthetic", "hz": hz}
             store.add_device(device, "synthetic", None, ["synthetic"], meter)
-            store.set_device_facts(device, {"cpu_model": "synthetic", "cpu_cores": 4})
+            store.set_device_facts(device, {"cpu_model": "synthetic", "cpu_cores": 4,
+                                            "machine": "synthetic"})
             store.add_jobs([_on_device(job, device, len(devices)) for job in planned]
                            + [PlannedJob(f"idle-{device}", -1, "idle", "idle", None, None, None,
                                          None, None, None, None, (device,), {})])

@@ -25,7 +25,7 @@ import pandas as pd
 from analysis.compare import compare_methods, headline
 from analysis.jobs import job_table
 from analysis.load import Run, load_run
-from analysis.run_energy import phase_energies
+from analysis.run_energy import energy_table
 from analysis.synthetic import DEFAULT_METHODS, build_synthetic_run
 
 IDLE_W = 2.0  # build_synthetic_run's default idle power
@@ -39,7 +39,7 @@ def _worst_error(run: Run, energy: pd.DataFrame) -> float:
     method = run.jobs.set_index("job_id")["method"]
     worst = 0.0
     for row in energy.itertuples():
-        watts = IDLE_W if row.kind == "idle" else DEFAULT_METHODS[method[row.job_id]].power_w
+        watts = IDLE_W if row.phase == "idle" else DEFAULT_METHODS[method[row.job]].power_w
         worst = max(worst, abs(row.energy_j - watts * row.duration_s) / (watts * row.duration_s))
     return worst
 
@@ -63,7 +63,7 @@ def main() -> int:
         t0 = time.perf_counter()
         run = load_run(run_dir)
         t1 = time.perf_counter()
-        energy = phase_energies(run)
+        energy = energy_table(run)
         t2 = time.perf_counter()
         jobs = job_table(run, energy)
         table = headline(compare_methods(jobs))

@@ -126,8 +126,10 @@ class StreamRecorder:
         attempt: int,
         clock: ClockEstimate,
         progress: Progress,
+        t_attempt_host_s: float | None = None,
     ) -> None:
         self.store = store
+        self.t_attempt_host_s = t_attempt_host_s  # when the host started the agent
         self.device = device
         self.job = job
         self.attempt = attempt
@@ -139,6 +141,7 @@ class StreamRecorder:
         self.t_start_host_s: float | None = None
         self.t_end_host_s: float | None = None
         self._epoch_start_host_s: dict[int, float] = {}
+        self.t_work_host_s: float | None = None  # where setup ends and the job's work begins
         self.malformed = 0
 
     def line(self, line_no: int, line: str) -> None:
@@ -191,8 +194,11 @@ class StreamRecorder:
         elif kind == "job_start":
             self.t_start_host_s = t_host
             self.progress.state = "running"
+            if self.job.kind == "idle":
+                self._end_setup(t_host)
         elif kind == "epoch_start" and fits_int64(data.get("epoch")):
             self._epoch_start_host_s[data["epoch"]] = t_host
+            self._end_setup(t_host)
             self.progress.epoch = data["epoch"]
         elif kind == "step":
             self.progress.step = data.get("global_step")
@@ -240,11 +246,24 @@ class StreamRecorder:
             self.metrics = dict(data)
             if kind == "error":
                 self.error = f"{data.get('type')}: {data.get('message')}"
-        if kind == "job_end" and self.t_start_host_s is not None:
-            phase = "idle" if self.job.kind == "idle" else "job"
-            self.store.add_phase(
-                self.device, self.job.job_id, self.attempt, phase, 0, self.t_start_host_s, t_host
-            )
+        if kind == "job_end":
+            self._end_setup(self.t_start_host_s or t_host)
+            start = self.t_work_host_s if self.job.kind != "idle" else self.t_start_host_s
+            if start is not None and t_host > start:
+                phase = "idle" if self.job.kind == "idle" else "job"
+                self.store.add_phase(
+                    self.device, self.job.job_id, self.attempt, phase, 0, start, t_host
+                )
+
+    def _end_setup(self, t_host: float) -> None:
+        """The setup phase (agent start-up, engine, data and kernel loading) ends where the
+        job's work starts: its first epoch (an idle baseline: its job_start)."""
+        if self.t_work_host_s is not None:
+            return
+        self.t_work_host_s = t_host
+        if self.t_attempt_host_s is not None and t_host > self.t_attempt_host_s:
+            self.store.add_phase(self.device, self.job.job_id, self.attempt, "setup", 0,
+                                 self.t_attempt_host_s, t_host)
 
 
 @dataclass(frozen=True)
@@ -372,10 +391,11 @@ class DeviceWorker:
             before.samples,
         )
         spec = run.device_spec(job)
-        store.start_job(job.job_id, name, attempt, time.time())
+        t_attempt = time.time()
+        store.start_job(job.job_id, name, attempt, t_attempt)
         self.progress.state = "starting"
         remote = transport.start_job(spec)
-        recorder = StreamRecorder(store, name, job, attempt, before, self.progress)
+        recorder = StreamRecorder(store, name, job, attempt, before, self.progress, t_attempt)
         with run.lock:
             run.running[name] = remote
             stopped_before_registered = run.stop_requested.is_set()

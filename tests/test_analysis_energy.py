@@ -12,7 +12,7 @@ from analysis.compare import compare_methods, t_interval, welch_difference
 from analysis.jobs import job_table
 from analysis.load import load_run
 from analysis.report import missing_notes
-from analysis.run_energy import devices_without_power, phase_energies
+from analysis.run_energy import devices_without_power, energy_table
 from analysis.synthetic import DEFAULT_METHODS, build_synthetic_run
 
 GAP = (1.0, 2.0)  # seconds into the first job on each device
@@ -24,12 +24,13 @@ def synthetic(tmp_path_factory):
     truth = build_synthetic_run(run_dir, devices=("pi-a", "pi-b"), unmetered=("pi-b",), gap=GAP,
                                 without_results=("mlp-digits-lowmem-b100-s2-r0@pi-a",))
     run = load_run(run_dir)
-    energy = phase_energies(run)
+    energy = energy_table(run)
     return truth, run, energy, job_table(run, energy)
 
 
 def _row(energy, job_id, kind, idx):
-    sel = energy[(energy["job_id"] == job_id) & (energy["kind"] == kind) & (energy["idx"] == idx)]
+    index = energy["epoch"] if kind == "epoch" else 0
+    sel = energy[(energy["job"] == job_id) & (energy["phase"] == kind) & (index == idx)]
     assert len(sel) == 1, (job_id, kind, idx)
     return sel.iloc[0]
 
@@ -44,27 +45,30 @@ def test_every_window_without_a_gap_matches_the_analytic_energy_to_0_1_percent(s
             continue
         row = _row(energy, t.job_id, t.kind, t.idx)
         assert row["energy_j"] == pytest.approx(t.energy_j, rel=1e-3)
-        assert row["energy_above_idle_j"] == pytest.approx(t.energy_above_idle_j, rel=1e-3,
-                                                           abs=1e-6)
+        assert row["above_idle_j"] == pytest.approx(t.energy_above_idle_j, rel=1e-3, abs=1e-6)
         assert row["duration_s"] == pytest.approx(t.duration_s)
-        assert not row["low_confidence"], row["reason"]
+        assert row["status"] == "ok", row["reason"]
+        assert row["energy_lo_j"] <= t.energy_j * (1 + 1e-9) and t.energy_j <= row["energy_hi_j"]
         checked += 1
     assert checked == 1 + 5 * 4 + 2  # idle, 5 whole jobs x (job + 3 epochs), 2 epochs of the 1st
     assert _row(energy, "idle-pi-a", "idle", 0)["mean_power_w"] == pytest.approx(2.0, rel=1e-3)
 
 
-def test_a_meter_gap_is_reported_and_not_interpolated_across(synthetic):
+def test_a_meter_gap_is_bridged_or_withheld_never_silent(synthetic):
     _, _, energy, jobs = synthetic
-    row = _row(energy, "mlp-digits-standard-b100-s0-r0@pi-a", "epoch", 1)
+    job_id = "mlp-digits-standard-b100-s0-r0@pi-a"
+    epoch = _row(energy, job_id, "epoch", 1)  # 1 s of a 4 s epoch: more than a quarter
+    assert epoch["status"] == "withheld" and "cannot be bridged" in epoch["reason"]
+    assert math.isnan(epoch["energy_j"])
+    whole = _row(energy, job_id, "job", 0)  # 1 s of 12 s: bridged, with a wider interval
     watts = DEFAULT_METHODS["standard"].power_w
-    gap_s = GAP[1] - GAP[0]
-    assert row["low_confidence"] and "gaps and are not integrated" in row["reason"]
-    # the integral covers only the time with samples: about a second less than the epoch
-    assert row["duration_s"] - row["covered_s"] == pytest.approx(gap_s, abs=0.2)
-    assert row["energy_j"] == pytest.approx(watts * row["covered_s"], rel=1e-3)
-    assert row["energy_j"] < 0.9 * watts * row["duration_s"]
-    job = jobs[jobs["job_id"] == "mlp-digits-standard-b100-s0-r0@pi-a"].iloc[0]
-    assert job["energy_low_confidence"] and "gaps" in job["energy_reason"]
+    assert whole["status"] == "low_confidence" and "bridged" in whole["reason"]
+    assert whole["energy_j"] == pytest.approx(watts * whole["duration_s"], rel=1e-3)
+    assert whole["gap_j"] > 0
+    job = jobs[jobs["job_id"] == job_id].iloc[0]
+    assert job["energy_status"] == "low_confidence" and "cannot be bridged" in job["energy_reason"]
+    assert (job["epochs_metered"], job["epochs_withheld"]) == (2, 1)
+    assert job["energy_per_epoch_j"] == pytest.approx(watts * 4.0, rel=1e-3)  # the other two
 
 
 def test_per_epoch_and_per_sample_energy_gross_and_above_idle(synthetic):
@@ -91,7 +95,7 @@ def test_jobs_without_results_and_devices_without_meters_are_named(synthetic):
     notes = missing_notes(run, jobs, energy)
     assert any("device pi-b: no power samples" in n for n in notes)
     assert any("mlp-digits-lowmem-b100-s2-r0@pi-a" in n and "no result" in n for n in notes)
-    assert any("low-confidence energy" in n and "gaps" in n for n in notes)
+    assert any("withheld energy" in n and "cannot be bridged" in n for n in notes)
 
 
 def test_method_comparison_factors_with_t_intervals(synthetic):
@@ -133,7 +137,7 @@ def test_several_metered_devices_each_get_their_own_time_ordered_trace(tmp_path)
                                                         ("pi-c", "synthetic")]
     assert all(np.all(np.diff(t.t_host_s) > 0) for t in run.traces)
     assert sum(t.t_host_s.size for t in run.traces) == truth.samples
-    energy = phase_energies(run)
+    energy = energy_table(run)
     for t in truth.truth:
         if t.device == "pi-b":
             continue

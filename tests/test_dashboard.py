@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.energy import Window, window_energy
+from analysis.run_energy import PhaseWindow, figure_for, unknown_meter
 from harness.dashboard import start_dashboard
 from harness.dashboard.follow import StoreFollower, StoreProblem, open_store
 from harness.errors import HarnessUsageError
@@ -46,6 +46,7 @@ def write_run(run_dir: Path, t0: float, n: int = 50) -> RunStore:
     store.set_device_status("pi-1", "running")
     store.start_job("job-a", "pi-1", 1, t0)
     store.add_power_samples("pi-1", "um25c", [Sample(t0 + i * 0.1, 3.0 + i % 5) for i in range(n)])
+    store.add_phase("pi-1", "job-a", 1, "setup", 0, t0, t0 + 0.5)
     store.add_phase("pi-1", "job-a", 1, "epoch", 1, t0 + 0.5, t0 + 2.5)
     store.flush()
     return store
@@ -85,7 +86,7 @@ def test_follower_returns_only_new_rows_and_energy_so_far_matches_analysis(tmp_p
         rows, more = follower.poll()
         assert not more
         ((device, meter, t_s, power_w, volts, amps),) = rows["power"]  # one series, columns
-        assert (device, meter, len(t_s), len(rows["phases"])) == ("pi-1", "um25c", 50, 1)
+        assert (device, meter, len(t_s), len(rows["phases"])) == ("pi-1", "um25c", 50, 2)
         assert (t_s[0], power_w[:6], volts[0], amps[0]) == (t0, [3, 4, 5, 6, 7, 3], 5.1, None)
         assert follower.poll()[0]["power"] == []  # the cursor moved on: nothing re-read
         later = [Sample(t0 + 5.0 + i * 0.1, 4.0) for i in range(7)]
@@ -99,8 +100,13 @@ def test_follower_returns_only_new_rows_and_energy_so_far_matches_analysis(tmp_p
         (figure,) = job["energy"]
         t = np.array([t0 + i * 0.1 for i in range(50)] + [t0 + 5.0 + i * 0.1 for i in range(7)])
         w = np.array([3.0 + i % 5 for i in range(50)] + [4.0] * 7)
-        expected = window_energy(t, w, Window("job-a", t0, t[-1]))
+        # the work so far: from the end of setup to the meter's latest sample
+        so_far = PhaseWindow("pi-1", "job-a", 1, "job", 0, t0 + 0.5, t[-1])
+        expected = figure_for(t, w, so_far, idle=None, gaps=[],
+                              accuracy=unknown_meter("um25c").accuracy, clock=None)
         assert figure["so_far"] and figure["energy_j"] == pytest.approx(expected.energy_j)
+        assert (figure["energy_lo_j"], figure["energy_hi_j"]) == pytest.approx(
+            (expected.energy_lo_j, expected.energy_hi_j))
         assert summary["devices"][0]["category"] == "running"
         assert not follower.run_finished()
         follower.close()

@@ -153,6 +153,7 @@ def test_finished_run_status_gaps_and_wheel_zoom(tmp_path, browser):
     store.add_meter_gap("pi-1", "um25c", t0 + 19.95, t0 + 22.0, "port disappeared")
     store.add_power_samples("pi-1", "um25c", [Sample(t0 + 22 + i * 0.1, 4.0) for i in range(200)])
     store.set_meter_stats("pi-1", "um25c", 400, 9.52, 3, 1)
+    store.add_phase("pi-1", "job-a", 1, "job", 0, t0 + 0.5, t0 + 40)
     store.finish_job("job-a", "completed", 0, None, t0 + 40)
     store.set_device_status("pi-1", "unreachable", "ssh: connection refused")
     store.add_device("pi-2", "ssh", "10.0.0.2", [], None)
@@ -172,8 +173,8 @@ def test_finished_run_status_gaps_and_wheel_zoom(tmp_path, browser):
             "9.52 Hz",
             "1",
         )
-        energy = page.inner_text(f"{row} td.energy")  # the gap is not integrated: flagged
-        assert energy.startswith("≈") and energy.endswith(" J (um25c)"), energy
+        energy = page.inner_text(f"{row} td.energy")  # the 2 s gap is bridged: flagged
+        assert " J [" in energy and energy.endswith(" low-confidence (um25c)"), energy
         labels = page.eval_on_selector(selector, "c => c.dataset.labels").split("|")
         assert "gap" in labels and "epoch 1" in labels and "standard · mlp" in labels
         box = page.query_selector(selector).bounding_box()

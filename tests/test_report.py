@@ -59,7 +59,8 @@ def test_report_command_writes_html_and_csv_and_prints_the_headline(run_dir, tmp
         assert (out / f"{name}.csv").is_file()
     head = pd.read_csv(out / "headline.csv")
     row = head[(head["device"] == "pi-a") & (head["method"] == "standard")].iloc[0]
-    assert row["J / epoch above idle"].startswith("11.6 [")  # (5 W - 2 W) x 4 s, one gapped
+    # (5 W - 2 W) x 4 s: the epoch with a meter gap is withheld, not averaged in as less
+    assert row["J / epoch above idle"].startswith("12 [")
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 6
     assert "no result" in page and "<script" not in page

@@ -25,10 +25,12 @@ def test_default_run_is_reported_with_energy_memory_and_the_reproduction_table(t
     assert sorted(a.jobs["method"]) == ["lowmem", "standard"]
     assert (a.jobs["result_status"] == "completed").all()
     assert (a.jobs["energy_per_epoch_j"] > 0).all()
-    assert a.energy.loc[a.energy["kind"] == "idle", "mean_power_w"].iloc[0] > 0
-    epochs = a.energy[a.energy["kind"] == "epoch"]
-    assert len(epochs) == 10 and (epochs["samples"] >= 10).all()  # confident epoch windows
-    assert not epochs["low_confidence"].any(), epochs["reason"].tolist()
+    assert a.energy.loc[a.energy["phase"] == "idle", "mean_power_w"].iloc[0] > 0
+    epochs = a.energy[a.energy["phase"] == "epoch"]
+    assert len(epochs) == 10 and (epochs["samples"] >= 10).all()
+    # every figure of the embedded default run is confident (issue 15 point 8)
+    assert (a.energy["status"] == "ok").all(), a.energy["reason"].dropna().tolist()
+    assert set(a.energy["phase"]) == {"idle", "setup", "job", "epoch"}
     row = a.reproduction.iloc[0]
     assert row["model"] == "mlp" and row["modeled_published_factor"] > 1
     assert row["measured_rss_delta_standard_mib"] > 0

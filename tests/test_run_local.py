@@ -235,6 +235,38 @@ def test_malformed_event_lines_are_recorded_and_never_crash(tmp_path):
     assert recorder.malformed == 4 and recorder.last_kind == "job_end"
 
 
+def test_setup_is_its_own_phase_never_inside_the_jobs(tmp_path):
+    """Agent start-up, engine, kernel and data loading run before the first epoch: the
+    `setup` window; the `job` window is the work, first epoch_start to job_end."""
+    store = RunStore.create(tmp_path / "r")
+    job = PlannedJob("j", 0, "train", "standard", "mlp", "digits", 100, 2, None, 0, 0, (), {})
+    clock = ClockEstimate(0.0, 0.0, 0.002, 0.001, 8)
+    recorder = StreamRecorder(store, "dev", job, 1, clock, Progress("dev"), t_attempt_host_s=90.0)
+    events = [
+        Event("job_start", "j", 0, 1, 100.0, {}), Event("epoch_start", "j", 1, 2, 130.0,
+                                                        {"epoch": 1}),
+        Event("epoch_end", "j", 2, 3, 140.0, {"epoch": 1}),
+        Event("epoch_start", "j", 3, 4, 140.5, {"epoch": 2}),
+        Event("epoch_end", "j", 4, 5, 150.0, {"epoch": 2}),
+        Event("job_end", "j", 5, 6, 151.0, {}),
+    ]
+    for line_no, event in enumerate(events):
+        recorder.line(line_no, event.to_line())
+    idle_job = PlannedJob("idle-dev", -1, "idle", "idle", None, None, None, None, None, None,
+                          None, ("dev",), {})
+    idle = StreamRecorder(store, "dev", idle_job, 1, clock, Progress("dev"), t_attempt_host_s=1.0)
+    for line_no, event in enumerate([Event("job_start", "idle-dev", 0, 1, 3.0, {}),
+                                     Event("job_end", "idle-dev", 1, 2, 8.0, {})]):
+        idle.line(line_no, event.to_line())
+    store.close()
+    db = sqlite3.connect(tmp_path / "r" / "run.sqlite")
+    phases = db.execute("SELECT job_id, kind, idx, t_start_host_s, t_end_host_s FROM phases "
+                        "ORDER BY t_start_host_s, kind").fetchall()
+    assert phases == [("idle-dev", "setup", 0, 1.0, 3.0), ("idle-dev", "idle", 0, 3.0, 8.0),
+                      ("j", "setup", 0, 90.0, 130.0), ("j", "epoch", 1, 130.0, 140.0),
+                      ("j", "job", 0, 130.0, 151.0), ("j", "epoch", 2, 140.5, 150.0)]
+
+
 def test_bad_command_line_input_is_one_line_exit_2_and_creates_no_run(tmp_path):
     (tmp_path / "bad-plan.yaml").write_text("matrix:\n  - methods: [standard]\n    models: [mlp]\n")
     cases = [

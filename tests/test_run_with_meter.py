@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.energy import Window, window_energy
+from analysis.energy import MeterAccuracy, Window, window_energy
+from harness.meters import um
 from harness.meters.emulator import FaultPlan, LoadSignal, UmEmulator
 from harness.meters.modeled import POWER_PROFILES
 from harness.store import RunStore
@@ -66,6 +67,9 @@ def write_inputs(tmp_path: Path, link: Path, plan_text: str) -> tuple[Path, Path
     return inventory, plan
 
 
+UM25C = MeterAccuracy(**um.ACCURACY["um25c"])
+
+
 def harness_run(tmp_path: Path, inventory: Path, plan: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "harness", "run", "--devices", str(inventory),
@@ -107,8 +111,8 @@ def test_run_records_an_emulated_um25c_and_energy_matches_its_signal(tmp_path):
     assert stats["achieved_hz"] == pytest.approx(REFRESH_HZ, rel=0.15)
     for job in jobs:
         window = Window(job["job_id"], job["t_start_host_s"], job["t_end_host_s"])
-        measured = window_energy(t, power, window)
-        emitted = window_energy(t_signal, p_signal, window)
+        measured = window_energy(t, power, window, accuracy=UM25C)
+        emitted = window_energy(t_signal, p_signal, window, accuracy=UM25C)
         # power samples throughout the job, at the meter's rate
         assert measured.achieved_hz == pytest.approx(REFRESH_HZ, rel=0.15), job["job_id"]
         assert measured.largest_gap_s < 3 / REFRESH_HZ, job["job_id"]

@@ -1,8 +1,11 @@
 """`harness export RUN --format parquet|csv [--out DIR]`: every table of a run as tidy files.
 
-One file per table (`jobs`, `events`, `power_samples`, `memory_samples`, ...),
-one row per observation, columns named with their units as in the store. The
-store is opened read-only, so exporting a run that is still being written is safe.
+One file per store table (`events`, `power_samples`, `memory_samples`, ...), one row per
+observation, columns named with their units as in the store; `jobs` and `devices` add
+the columns scripts want (`job`, `implementation`, `throttled`; `device`, `machine`);
+and `energy`: one row per window and meter, the figures of `analysis.run_energy` (the
+same the report, compare and the dashboard show), with their intervals and status.
+The store is opened read-only, so exporting a run that is still being written is safe.
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ from harness.store import connect_read_only
 
 TABLES = (
     "run_info",
-    "devices",
-    "jobs",
     "events",
     "memory_samples",
     "power_samples",
@@ -38,17 +39,30 @@ def export_run(run_dir: Path, fmt: str, out_dir: Path | None = None) -> list[Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     try:
-        for table in TABLES:
-            frame = pd.read_sql_query(f"SELECT * FROM {table}", conn)  # names from TABLES only
-            path = out_dir / f"{table}.{fmt}"
-            if fmt == "parquet":
-                frame.to_parquet(path, index=False)
-            else:
-                frame.to_csv(path, index=False)
-            written.append(path)
+        frames = {table: pd.read_sql_query(f"SELECT * FROM {table}", conn)  # names: TABLES only
+                  for table in TABLES}
     finally:
         conn.close()
+    frames.update(tidy_tables(run_dir))
+    for table, frame in frames.items():
+        path = out_dir / f"{table}.{fmt}"
+        if fmt == "parquet":
+            frame.to_parquet(path, index=False)
+        else:
+            frame.to_csv(path, index=False)
+        written.append(path)
     return written
+
+
+def tidy_tables(run_dir: Path) -> dict:
+    """`energy`, `jobs` and `devices` as analysis reads them (see docs/run-store.md)."""
+    from analysis.conditions import device_table, job_conditions
+    from analysis.load import load_run
+    from analysis.run_energy import energy_table
+
+    run = load_run(run_dir)
+    return {"energy": energy_table(run), "jobs": job_conditions(run),
+            "devices": device_table(run)}
 
 
 def _export(args: argparse.Namespace) -> int:

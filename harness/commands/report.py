@@ -15,7 +15,8 @@ from pathlib import Path
 
 from harness.errors import HarnessUsageError
 
-TERMINAL_COLUMNS = ("device", "method", "n", "s / epoch", "J / epoch", "J / epoch above idle",
+TERMINAL_COLUMNS = ("device", "meter", "meter_kind", "method", "n", "energy withheld",
+                    "s / epoch", "J / epoch", "J / epoch above idle",
                     "test accuracy", "accuracy diff", "RSS+ reduction", "energy ratio")
 
 
@@ -72,12 +73,12 @@ def _compare(args: argparse.Namespace) -> int:
     from analysis.compare import compare_runs
     from analysis.jobs import job_table
     from analysis.load import load_run
-    from analysis.run_energy import phase_energies
+    from analysis.run_energy import energy_table
 
     tables = []
     for value in (args.run_a, args.run_b):
         run = load_run(_run_dir(value))
-        tables.append((run, job_table(run, phase_energies(run))))
+        tables.append((run, job_table(run, energy_table(run))))
     frame = compare_runs(tables[0][1], tables[1][1], by_device=args.by_device)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -48,17 +48,19 @@ def new_run_id() -> str:
 def _start_meters(devices: list[Any], store: RunStore, say) -> tuple[list[Any], dict[str, Any]]:
     """A recorder per device with a meter, for the whole run (None: power not recorded)."""
     try:
-        from harness.meters import start_recorder
+        from harness.meters import describe_meter, start_recorder
     except ImportError as exc:
         say(f"power: not recorded (the meters package is not available: {exc})")
         return [], {"recorded": False, "reason": f"harness.meters unavailable: {exc}"}
-    recorders, sources = [], {}
+    recorders, sources, described = [], {}, {}
     for device in devices:
         if not device.meter:
             sources[device.name] = None
             continue
         recorders.append(start_recorder(dict(device.meter), store, device.name))
         sources[device.name] = dict(device.meter)
+        described[device.name] = [describe_meter(dict(device.meter), device.name)]
+    store.set_run_info(meters=described)  # what produced each figure (analysis.run_energy)
     if not recorders:
         say("power: no device has a meter in the inventory; energy is not measured")
     return recorders, {"recorded": bool(recorders), "meters": sources}
@@ -241,114 +243,60 @@ def _sha(path: Path) -> str:
     return file_sha256(path)
 
 
-def _energy_per_epoch(
-    store: RunStore, device: str, job_id: str, attempt: int, meter: str
-) -> tuple[float | None, bool]:
-    """Mean gross energy of the job's epochs (J) and whether any figure is low-confidence."""
-    try:
-        import numpy as np
-
-        from analysis.energy import Window, window_energy
-    except ImportError:
-        return None, False
-    phases = store.query(
-        "SELECT idx, t_start_host_s, t_end_host_s FROM phases WHERE device = ? "
-        "AND job_id = ? AND attempt = ? AND kind = 'epoch' ORDER BY idx",
-        (device, job_id, attempt),
-    )
-    if not phases:
-        return None, False
-    start, end = phases[0]["t_start_host_s"] - 5, phases[-1]["t_end_host_s"] + 5
-    rows = store.query(
-        "SELECT t_host_s, power_w FROM power_samples WHERE device = ? AND meter = ? "
-        "AND t_host_s BETWEEN ? AND ? ORDER BY t_host_s",
-        (device, meter, start, end),
-    )
-    if len(rows) < 2:
-        return None, False
-    t = np.array([r["t_host_s"] for r in rows])
-    w = np.array([r["power_w"] for r in rows])
-    clock = store.query(
-        "SELECT error_s FROM clock_offsets WHERE device = ? AND job_id = ? AND "
-        "attempt = ? ORDER BY id LIMIT 1",
-        (device, job_id, attempt),
-    )
-    error_s = clock[0]["error_s"] if clock else 0.0
-    figures = [
-        window_energy(
-            t, w, Window(f"epoch {p['idx']}", p["t_start_host_s"], p["t_end_host_s"], error_s)
-        )
-        for p in phases
-    ]
-    return (sum(f.energy_j for f in figures) / len(figures), any(f.low_confidence for f in figures))
-
-
 def print_comparison(store: RunStore, run_dir: Path, devices: list[Any]) -> None:
-    """Per method (and model, data set): peak memory, time and energy per epoch, accuracy."""
-    meters = {d.name: (d.meter or {}) for d in devices}
-    rows = store.query(
-        "SELECT j.job_id, j.method, j.model, j.dataset, j.status, r.device, r.attempt, "
-        "r.test_accuracy, r.mean_epoch_s, r.peak_tensor_bytes, r.peak_rss_delta_bytes "
-        "FROM jobs j LEFT JOIN results r ON r.job_id = j.job_id WHERE j.kind = 'train' "
-        "ORDER BY j.plan_index"
-    )
-    groups: dict[tuple, list] = {}
-    for row in rows:
-        groups.setdefault((row["method"], row["model"], row["dataset"]), []).append(row)
-    any_modeled = any(m.get("type") == "modeled" for m in meters.values())
-    table = Table(title="comparison per method")
-    for column in (
-        "method",
-        "model",
-        "data",
-        "jobs ok",
-        "peak tensor MiB",
-        "peak RSS+ MiB",
-        "s / epoch",
-        "J / epoch" + (" (modeled)" if any_modeled else ""),
-        "test accuracy",
-    ):
+    """Per device, meter, method, model and data set: jobs, peak memory, time and energy per
+    epoch (with its interval, from `analysis`: the figures the report and export show),
+    accuracy; then how many energy figures are ok, low-confidence or withheld, and why."""
+    from analysis.compare import ENERGY_PER_EPOCH, t_interval, with_measurement
+    from analysis.jobs import job_table
+    from analysis.load import load_run
+    from analysis.run_energy import energy_table
+
+    store.flush()
+    run = load_run(run_dir)
+    energy = energy_table(run)
+    jobs = job_table(run, energy)
+    console = Console(width=160)
+    table = Table(title="comparison per method (within a device and meter)")
+    for column in ("device", "meter", "method", "model", "data", "jobs ok", "peak tensor MiB",
+                   "peak RSS+ MiB", "s / epoch", "J / epoch [95 %]", "test accuracy"):
         table.add_column(column, justify="right")
-    low_confidence = False
-    for (method, model, dataset), members in groups.items():
-        done = [m for m in members if m["status"] == "completed"]
-        energies = []
-        for member in done:
-            meter = meters.get(member["device"], {})
-            if meter:
-                energy, low = _energy_per_epoch(
-                    store,
-                    member["device"],
-                    member["job_id"],
-                    member["attempt"],
-                    meter.get("name", meter.get("type")),
-                )
-                low_confidence |= low
-                if energy is not None:
-                    energies.append(energy)
-        table.add_row(
-            method,
-            model,
-            dataset,
-            f"{len(done)}/{len(members)}",
-            _mean(done, "peak_tensor_bytes", MIB),
-            _mean(done, "peak_rss_delta_bytes", MIB),
-            _mean(done, "mean_epoch_s"),
-            f"{sum(energies) / len(energies):.2f}" if energies else "n/a",
-            _mean(done, "test_accuracy"),
-        )
-    console = Console(width=140)
+    keys = ["device", "meter", "meter_kind", "method", "model", "dataset"]
+    for key, frame in jobs.groupby(keys, dropna=False, sort=False):
+        device, meter, kind, method, model, dataset = key
+        done = frame[frame["result_status"] == "completed"]
+        figure = with_measurement(t_interval(done[ENERGY_PER_EPOCH.column]), done,
+                                  ENERGY_PER_EPOCH)
+        withheld = int((done["energy_status"] == "withheld").sum())
+        if figure.n:
+            text = f"{figure.mean:.3g} [{figure.low:.3g}, {figure.high:.3g}]"
+            text += " modeled" if kind == "modeled" else ""
+            text += f" ({withheld} withheld)" if withheld else ""
+        else:
+            text = "withheld" if withheld else "n/a"
+        table.add_row(str(device), meter if isinstance(meter, str) else "-", str(method),
+                      str(model), str(dataset), f"{len(done)}/{len(frame)}",
+                      _mean(done["peak_tensor_bytes"], MIB),
+                      _mean(done["peak_rss_delta_bytes"], MIB), _mean(done["epoch_s"]), text,
+                      _mean(done["test_accuracy"]))
     console.print(table)
-    if low_confidence:
+    if energy.empty:
+        console.print("energy: no figures (no power samples or no recorded phases)")
+    else:
+        counts = energy["status"].value_counts()
         console.print(
-            "some energy figures are low-confidence (too few samples per epoch); "
-            "see analysis.energy for the reasons"
+            f"energy figures: {counts.get('ok', 0)} ok, {counts.get('low_confidence', 0)} "
+            f"low-confidence, {counts.get('withheld', 0)} withheld (of {len(energy)} windows; "
+            "`harness export` writes them all to energy.csv)"
         )
+        for r in energy[energy["status"] != "ok"].head(10).itertuples():
+            where = f"epoch {r.epoch}" if r.phase == "epoch" else r.phase
+            console.print(f"  {r.status}: {r.device}/{r.meter} {r.job} {where}: {r.reason}")
     print(f"run directory: {run_dir}")
 
 
-def _mean(rows: list, key: str, scale: float = 1.0) -> str:
-    values = [r[key] for r in rows if r[key] is not None]
+def _mean(values, scale: float = 1.0) -> str:
+    values = [v for v in values if v is not None and v == v]
     if not values:
         return "n/a"
     return f"{sum(values) / len(values) / scale:.3f}"

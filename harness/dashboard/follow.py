@@ -2,8 +2,10 @@
 
 The dashboard never re-reads the whole store: each streamed table (power and memory
 samples, phases, meter gaps, progress events) is read from the last id seen, and the
-summary (devices, jobs, meter statistics) is a handful of small tables. Energy so far per
-job comes from `analysis.energy.window_energy` over the samples this follower already holds.
+summary (devices, jobs, meter statistics) is a handful of small tables. Each job's energy
+is `analysis.run_energy.figure_for` (the one definition, the report's figure) over the
+samples this follower already holds: a finished job's recorded `job` (or `idle`) phase;
+a running job's work so far, from the end of its setup to its meter's latest sample.
 A store that is missing, empty or of another schema version is a `StoreProblem` with a
 message for the page, never a stack trace.
 """
@@ -19,7 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from analysis.energy import Window, window_energy
+from analysis.run_energy import (
+    PhaseWindow,
+    clock_bounds,
+    device_idle,
+    figure_for,
+    meter_infos_from_rows,
+    unknown_meter,
+)
 from harness.store import DB_NAME, SCHEMA_VERSION
 
 # Event kinds that carry a device's progress (the rest stay in the store).
@@ -139,6 +148,7 @@ class StoreFollower:
         self.series: dict[tuple[str, str], Series] = {}
         self.gaps: dict[tuple[str, str], list[tuple[float, float]]] = {}
         self.progress: dict[str, Progress] = {}
+        self.phases: list[PhaseWindow] = []
         self._final_energy: dict[tuple[str, str, float], dict[str, Any]] = {}
         self.progress_changed = False  # a progress event arrived since the last summary
 
@@ -188,9 +198,14 @@ class StoreFollower:
         )
         phases = self._rows(
             "phases",
-            "SELECT id, device, job_id, kind, idx, t_start_host_s, t_end_host_s FROM phases "
-            "WHERE id > ? ORDER BY id LIMIT ?",
+            "SELECT id, device, job_id, attempt, kind, idx, t_start_host_s, t_end_host_s "
+            "FROM phases WHERE id > ? ORDER BY id LIMIT ?",
         )
+        self.phases += [
+            PhaseWindow(r["device"], r["job_id"], r["attempt"], r["kind"], r["idx"],
+                        r["t_start_host_s"], r["t_end_host_s"])
+            for r in phases if r["t_end_host_s"] > r["t_start_host_s"]
+        ]
         gaps = self._rows(
             "gaps",
             "SELECT id, device, meter, t_start_s, t_end_s, reason FROM meter_gaps "
@@ -303,48 +318,90 @@ class StoreFollower:
         for device in devices:
             device["category"] = STATUS_CATEGORY.get(device["status"], device["status"])
             device["progress"] = vars(self.progress.get(device["name"], Progress()))
+        context = self._energy_context()
         for job in jobs:
             job["result"] = results.get(job["job_id"])
-            job["energy"] = self._job_energy(job, now)
+            job["energy"] = self._job_energy(job, now, context)
         return {"t_server_s": now, "devices": devices, "meter_stats": stats, "jobs": jobs}
 
-    def _job_energy(self, job: dict[str, Any], now: float) -> list[dict[str, Any]]:
-        """Energy of the job's window per meter; a running job's window ends at its meter's
-        latest sample (so far). A finished job's figure is kept once its samples are in."""
-        device, start = job["device"], job["t_start_host_s"]
-        if device is None or start is None:
+    def _energy_context(self) -> dict[str, Any]:
+        """What every figure needs besides the samples: meters, clock bounds."""
+        info_rows = self.conn.execute("SELECT value FROM run_info WHERE key = 'meters'").fetchall()
+        recorded = json.loads(info_rows[0]["value"]) if info_rows else {}
+        devices = self.conn.execute("SELECT name, meter_json FROM devices").fetchall()
+        offsets = self.conn.execute(
+            "SELECT job_id, attempt, phase, t_host_s, offset_s, error_s FROM clock_offsets"
+        ).fetchall()
+        return {
+            "meters": meter_infos_from_rows(recorded, [(r["name"], r["meter_json"])
+                                                       for r in devices]),
+            "clocks": clock_bounds(dict(r) for r in offsets),
+        }
+
+    def _job_energy(self, job: dict[str, Any], now: float, context: dict[str, Any]
+                    ) -> list[dict[str, Any]]:
+        """The job's figure per meter: its recorded `job` (or `idle`) phase once finished;
+        while it runs, its work so far (setup end to the meter's latest sample)."""
+        device = job["device"]
+        if device is None or job["t_start_host_s"] is None:
             return []
-        finished = job["t_end_host_s"] is not None
+        mine = [w for w in self.phases if w.job == job["job_id"]]
+        attempt = max((w.attempt for w in mine), default=None)
+        mine = [w for w in mine if w.attempt == attempt]
+        done = next((w for w in mine if w.phase in ("job", "idle")), None)
+        setup = next((w for w in mine if w.phase == "setup"), None)
+        idle_phases = [w for w in self.phases if w.device == device and w.phase == "idle"]
         figures = []
-        for (series_device, meter), series in sorted(self.series.items()):
+        for (series_device, meter_name), series in sorted(self.series.items()):
             if series_device != device or series.size == 0:
                 continue
             latest = float(series.t_s[-1])
-            end = job["t_end_host_s"] if finished else min(now, latest)
-            key = (job["job_id"], meter, end)
+            if done is not None:
+                window = done
+            elif setup is not None and job["t_end_host_s"] is None:
+                end = min(now, latest)
+                if end <= setup.t_end_s:
+                    continue
+                window = PhaseWindow(device, job["job_id"], setup.attempt, "job", 0,
+                                     setup.t_end_s, end)
+            else:
+                continue
+            key = (job["job_id"], meter_name, window.t_end_s)
             if key in self._final_energy:
                 figures.append(self._final_energy[key])
                 continue
-            t, w = series.window(start, end)
-            if t.size < 2 or end <= start:
-                continue
-            gaps = [(a, min(b, end)) for a, b in self.gaps.get((device, meter), [])]
-            energy = window_energy(t, w, Window(job["job_id"], start, end), gaps=gaps)
+            meter = context["meters"].get((device, meter_name)) or unknown_meter(meter_name)
+            gaps = [(a, min(b, latest + 1.0)) for a, b in self.gaps.get((device, meter_name), [])]
+            t, w = series.t_s, series.power_w
+            idle = device_idle(t, w, idle_phases, gaps) if window.phase != "idle" else None
+            energy = figure_for(t, w, window, idle=idle, gaps=gaps, accuracy=meter.accuracy,
+                                clock=context["clocks"].get((window.job, window.attempt)))
             figure = {
-                "meter": meter,
-                "energy_j": energy.energy_j,
+                "meter": meter_name,
+                "meter_kind": meter.kind,
+                "phase": window.phase,
+                "energy_j": _finite(energy.energy_j),
+                "energy_lo_j": _finite(energy.energy_lo_j),
+                "energy_hi_j": _finite(energy.energy_hi_j),
                 "covered_s": energy.covered_s,
                 "duration_s": energy.duration_s,
-                "mean_power_w": None if np.isnan(energy.mean_power_w) else energy.mean_power_w,
+                "mean_power_w": _finite(energy.mean_power_w),
                 "samples": energy.samples,
+                "status": energy.status,
                 "low_confidence": energy.low_confidence,
                 "reason": energy.reason,
-                "so_far": not finished,
+                "so_far": done is None,
             }
-            if finished and latest >= end:
+            if done is not None and latest >= done.t_end_s and not self._idle_pending(
+                    device, window):
                 self._final_energy[key] = figure
             figures.append(figure)
         return figures
+
+    def _idle_pending(self, device: str, window: PhaseWindow) -> bool:
+        """A figure above idle is final only once the device's idle phase is in."""
+        return window.phase != "idle" and not any(
+            w.device == device and w.phase == "idle" for w in self.phases)
 
     def run_finished(self) -> bool:
         """No job is pending or running (the page stops showing 'live')."""
@@ -353,6 +410,11 @@ class StoreFollower:
         ).fetchone()
         total = self.conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
         return total > 0 and row[0] == 0
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no nan: a withheld figure's energy is null."""
+    return None if value is None or np.isnan(value) else float(value)
 
 
 def _number(value: Any) -> float | int | None:

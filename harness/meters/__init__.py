@@ -10,7 +10,9 @@ An inventory device's `meter` section is a mapping; `meter_from_config` validate
     type: modeled                 [profile pi3b+|pi4|pi5|host], [idle_w], [busy_w], [pid],
                                   [interval_s 0.5]  (idle_w/busy_w: your board's own figures)
     type: pmic                    read on the device by the agent (Pi 5); nothing to do here
-    any type                      [name], [gap_s]
+    any type                      [name], [gap_s], [accuracy_pct], [accuracy_w]
+                                  (your meter's accuracy class: % of the reading + watts;
+                                  default: the driver's datasheet figures, `ACCURACY`)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from harness.errors import HarnessUsageError
+from harness.meters import line, modeled, pmic, rapl, um
 from harness.meters.base import Meter, PowerSample
 from harness.meters.line import LineFormat, LineMeter
 from harness.meters.modeled import POWER_PROFILES, ModeledMeter, PowerProfile, default_profile
@@ -35,7 +38,9 @@ _FIELDS = {
     "modeled": {"profile", "idle_w", "busy_w", "pid", "interval_s"},
     "pmic": set(),
 }
-_COMMON = {"type", "name", "gap_s"}
+_COMMON = {"type", "name", "gap_s", "accuracy_pct", "accuracy_w"}
+_ACCURACY = {**um.ACCURACY, "line": line.ACCURACY, "rapl": rapl.ACCURACY,
+             "modeled": modeled.ACCURACY, "pmic": pmic.ACCURACY}
 
 
 def _field(config: Mapping[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
@@ -129,6 +134,31 @@ def _power_profile(config: Mapping[str, Any], where: str) -> PowerProfile:
     return replace(profile, name=f"{profile.name} (calibrated)", idle_w=idle_w, busy_w=busy_w)
 
 
+def describe_meter(config: Mapping[str, Any], device_name: str = "") -> dict[str, Any]:
+    """What the run records about a device's meter, so that every energy figure can say
+    what produced it: name, type, kind (`measured` or `modeled`) and accuracy class."""
+    where = f"device {device_name}: " if device_name else ""
+    kind = config.get("type")
+    accuracy = dict(_ACCURACY[kind])
+    pct = _field(config, "accuracy_pct", float, None, where)
+    watts = config.get("accuracy_w")
+    if watts is not None and (isinstance(watts, bool) or not isinstance(watts, (int, float))
+                              or watts < 0):
+        raise HarnessUsageError(f"{where}meter.accuracy_w: {watts!r} is not a number >= 0")
+    if pct is not None or watts is not None:
+        accuracy = {
+            "relative": pct / 100 if pct is not None else accuracy["relative"],
+            "offset_w": float(watts) if watts is not None else accuracy["offset_w"],
+            "source": "the inventory's accuracy_pct / accuracy_w",
+        }
+    return {
+        "name": config.get("name", kind),
+        "type": kind,
+        "kind": "modeled" if kind == "modeled" else "measured",
+        "accuracy": accuracy,
+    }
+
+
 class AgentSourcedRecorder:
     """For `pmic`: the device agent reads the PMIC and streams `power` events itself."""
 
@@ -156,6 +186,7 @@ __all__ = [
     "AgentSourcedRecorder",
     "PowerSample",
     "Recorder",
+    "describe_meter",
     "meter_from_config",
     "start_recorder",
 ]

@@ -27,6 +27,14 @@ from harness.meters.base import (
 )
 
 DEFAULT_COLUMNS = ("t_us", "bus_mV", "current_uA")
+# Accuracy class (a bound on each power reading) of the reference INA226 board; a board
+# with another shunt sets `accuracy_pct` / `accuracy_w` in the inventory.
+ACCURACY: dict[str, object] = {
+    "relative": 0.012, "offset_w": 0.0005,
+    "source": "TI INA226 datasheet (SBOS547): shunt and bus gain error 0.1 % each, shunt "
+              "offset 10 uV (0.1 mA on a 0.1 ohm shunt, 0.5 mW at 5 V); plus a 1 % shunt "
+              "resistor as on common breakout boards",
+}
 # quantity -> unit -> factor to SI (seconds, volts, amps, watts)
 UNITS: dict[str, dict[str, float]] = {
     "t": {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9},

@@ -38,6 +38,13 @@ class PowerProfile:
         return self.idle_w + (self.busy_w - self.idle_w) * utilisation
 
 
+# A model's figures are estimates: the class is an assumption, not a measurement.
+ACCURACY: dict[str, object] = {
+    "relative": 0.25, "offset_w": 0.0,
+    "source": "assumed ±25 %: modeled from CPU utilisation through a device profile, not "
+              "measured (calibrate idle_w/busy_w against a real meter)",
+}
+
 POWER_PROFILES: dict[str, PowerProfile] = {
     "pi3b+": PowerProfile("pi3b+", idle_w=1.9, busy_w=5.1),
     "pi4": PowerProfile("pi4", idle_w=2.7, busy_w=6.4),

@@ -13,6 +13,12 @@ import re
 from dataclasses import dataclass
 
 PMIC_COMMAND = ("vcgencmd", "pmic_read_adc")
+# Raspberry Pi publishes no accuracy for the Pi 5 PMIC's ADC; the rails also miss the
+# losses before the PMIC (USB-C input, 5 V peripherals), so the class is an assumption.
+ACCURACY: dict[str, object] = {
+    "relative": 0.05, "offset_w": 0.05,
+    "source": "assumed ±(5 % + 50 mW): no published accuracy for the Pi 5 PMIC ADC",
+}
 _LINE = re.compile(
     r"^\s*(?P<rail>\S+)_(?P<kind>[AV])\s+(?:current|volt)\(\d+\)=(?P<value>[-+0-9.eE]+)(?P<unit>[AV])\s*$"
 )

@@ -14,6 +14,11 @@ from pathlib import Path
 from harness.meters.base import MeterError, PowerSample, host_now
 
 POWERCAP_ROOT = Path("/sys/class/powercap")
+# No datasheet bounds RAPL's counters (on many parts they are modeled by the CPU itself).
+ACCURACY: dict[str, object] = {
+    "relative": 0.05, "offset_w": 0.0,
+    "source": "assumed ±5 %: Intel/AMD publish no accuracy bound for RAPL energy counters",
+}
 
 
 def energy_delta_uj(previous_uj: int, current_uj: int, max_range_uj: int) -> int:

@@ -48,6 +48,21 @@ UM_MODELS: dict[str, UmModel] = {
     "um34c": UmModel("um34c", 0x0D4C, 0.01, 0.001, has_checksum=True),
 }
 MODELS_BY_ID = {model.model_id: model for model in UM_MODELS.values()}
+# Accuracy class of each model as a bound on a power reading: a fraction of the reading
+# (voltage + current gain terms) plus an offset in watts (the digits of the voltage and
+# current terms at a 5 V, 1 A load, and half a count of the 1 mW power field). Override
+# per device with the inventory's `accuracy_pct` / `accuracy_w`.
+ACCURACY: dict[str, dict[str, object]] = {
+    "um25c": {"relative": 0.0015, "offset_w": 0.0045,
+              "source": "RDTech UM25C specification: voltage ±(0.05 % + 2 digits of 1 mV), "
+                        "current ±(0.1 % + 4 digits of 0.1 mA)"},
+    "um24c": {"relative": 0.02, "offset_w": 0.07,
+              "source": "RDTech UM24C specification: voltage ±(1 % + 2 digits of 10 mV), "
+                        "current ±(1 % + 4 digits of 1 mA)"},
+    "um34c": {"relative": 0.02, "offset_w": 0.07,
+              "source": "RDTech UM34C specification: voltage ±(1 % + 2 digits of 10 mV), "
+                        "current ±(1 % + 4 digits of 1 mA)"},
+}
 
 
 @dataclass(frozen=True)

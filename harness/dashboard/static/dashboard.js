@@ -120,13 +120,20 @@ function deviceView(device) {
 
 function fmt(x, digits) { return x === null || x === undefined ? "–" : Number(x).toFixed(digits); }
 
+// A figure as the report prints it: value [95 % interval], and its status when not ok.
 function energyText(figures) {
   if (!figures || !figures.length) return "–";
-  return figures.map((f) => `${f.low_confidence ? "≈" : ""}${f.energy_j.toFixed(2)} J${f.so_far ? " so far" : ""} (${f.meter})`).join(", ");
+  return figures.map((f) => {
+    if (f.status === "withheld") return `withheld (${f.meter})`;
+    const value = `${f.energy_j.toFixed(2)} J [${f.energy_lo_j.toFixed(2)}, ${f.energy_hi_j.toFixed(2)}]`;
+    const flag = f.status === "low_confidence" ? " low-confidence" : "";
+    const kind = f.meter_kind === "modeled" ? " modeled" : "";
+    return `${value}${kind}${flag}${f.so_far ? " so far" : ""} (${f.meter})`;
+  }).join(", ");
 }
 
 function energyTitle(figures) {
-  return (figures || []).map((f) => `${f.meter}: ${f.energy_j} J over ${f.covered_s.toFixed(2)} of ${f.duration_s.toFixed(2)} s, ${f.samples} samples${f.reason ? "; " + f.reason : ""}`).join("\n");
+  return (figures || []).map((f) => `${f.meter} (${f.meter_kind}), ${f.phase} window: ${f.energy_j === null ? "withheld" : f.energy_j + " J"} over ${f.duration_s.toFixed(2)} s (${f.covered_s.toFixed(2)} s with samples), ${f.samples} samples, ${f.status}${f.reason ? "; " + f.reason : ""}`).join("\n");
 }
 
 function cell(row, text, cls, title) {
