@@ -12,7 +12,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from test_dashboard import Sample, get, write_run
 
-from analysis.energy import Window, window_energy
+from analysis.run_energy import PhaseWindow, figure_for, unknown_meter
 from harness.dashboard import start_dashboard
 from harness.store import MemorySample
 
@@ -45,10 +45,12 @@ def test_metrics_scraped_over_http(tmp_path: Path):
         assert value(metrics["bnn_device_power_watts"], **labels) == 3.0 + 49 % 5
         assert math.isclose(value(metrics["bnn_device_power_sample_time_seconds"], **labels),
                             t0 + 4.9)
-        # The running job's energy so far: the analysis function over [start, last sample].
+        # The running job's energy so far: the analysis function over [setup end, last sample].
         t = np.array([t0 + i * 0.1 for i in range(50)])
         w = np.array([3.0 + i % 5 for i in range(50)])
-        expected = window_energy(t, w, Window("job-a", t0, t0 + 4.9)).energy_j
+        so_far = PhaseWindow("pi-1", "job-a", 1, "job", 0, t0 + 0.5, t0 + 4.9)
+        expected = figure_for(t, w, so_far, idle=None, gaps=[], clock=None,
+                              accuracy=unknown_meter("um25c").accuracy).energy_j
         job = value(metrics["bnn_job_energy_joules"], job="job-a", method="standard", **labels)
         assert math.isclose(job, expected, rel_tol=1e-9)
         assert value(metrics["bnn_device_energy_joules"], **labels) == job  # _total counter
@@ -60,6 +62,7 @@ def test_metrics_scraped_over_http(tmp_path: Path):
 
         # More samples and the job's end: the next scrape reads only what is new.
         store.add_power_samples("pi-1", "um25c", [Sample(t0 + 5 + i * 0.1, 8.0) for i in range(20)])
+        store.add_phase("pi-1", "job-a", 1, "job", 0, t0 + 0.5, t0 + 6.9)
         store.finish_job("job-a", "completed", 0, "ok", t0 + 6.9)
         store.set_device_status("pi-1", "done")
         store.flush()

@@ -15,9 +15,9 @@ new rows are read per scrape) and renders, through the official `prometheus_clie
 - `bnn_jobs{run, status}`: jobs by status; `bnn_meter_{samples,gaps}_total{run, device,
   meter}` (counters).
 
-Energy figures come from `analysis.energy.window_energy` (the follower's per-job
-figures, gaps excluded), the same the dashboard and the report show. Which runs are
-exported: the served run, or of a runs directory the runs not finished plus the newest
+Energy figures come from `analysis.run_energy.figure_for` (the follower's per-job
+figures: gaps bridged, or the figure withheld), the same the dashboard and the report
+show. Which runs are exported: the served run, or of a runs directory the runs not finished plus the newest
 (`/metrics?run=ID` picks runs by id).
 """
 
