@@ -17,8 +17,8 @@ new rows are read per scrape) and renders, through the official `prometheus_clie
 
 Energy figures come from `analysis.run_energy.figure_for` (the follower's per-job
 figures: gaps bridged, or the figure withheld), the same the dashboard and the report
-show. Which runs are exported: the served run, or of a runs directory the runs not finished plus the newest
-(`/metrics?run=ID` picks runs by id).
+show. Which runs are exported: the served run, or of a runs directory the runs not
+finished plus the newest (`/metrics?run=ID` picks runs by id).
 """
 
 from __future__ import annotations
