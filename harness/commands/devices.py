@@ -66,6 +66,8 @@ def _check(args: argparse.Namespace) -> int:
     for check in checks:
         if check.problem:
             err.print(f"[red]{check.name}[/red]: {check.problem}", highlight=False)
+        for warning in check.warnings:
+            err.print(f"[yellow]{check.name}[/yellow]: {warning}", highlight=False)
     if args.format == "json":
         print(json.dumps({"devices": [c.to_dict() for c in checks]}))
     else:
@@ -77,7 +79,7 @@ def _check(args: argparse.Namespace) -> int:
                               "builds them (else the first lowmem job does, before its clock)")
             elif c.fused_kernels and c.fused_kernels not in ("built", "buildable"):
                 console.print(f"{c.name}: lowmem blocks will run the {c.fused_kernels}; install "
-                              "g++ and ninja on the device for the fused kernels")
+                              "g++, ninja and python3-dev on the device for the fused kernels")
     return ExitStatus.OK if all(c.usable for c in checks) else ExitStatus.PARTIAL
 
 
@@ -119,9 +121,10 @@ def _build_kernels(transport, device: Device, say) -> str:
 
 
 def _setup_one(device: Device, datasets: list[Path], install: bool, hint: str,
-               kernels: bool = True, say=print) -> SetupResult:
+               kernels: bool = True, say=print, torch_index: str | None = None,
+               replace_cuda_torch: bool = False) -> SetupResult:
     from harness.fleet.errors import DeviceNotReady
-    from harness.fleet.probe import install_command
+    from harness.fleet.install import plan_install, preflight, run_install
     from harness.fleet.transport import SshTransport
 
     result = SetupResult(device.name)
@@ -132,21 +135,22 @@ def _setup_one(device: Device, datasets: list[Path], install: bool, hint: str,
     try:
         try:
             transport.ensure_deployed(datasets)
+            cuda = transport.probe is not None and transport.probe.torch_cuda
+            if install and replace_cuda_torch and cuda and not transport.probe.gpu:
+                raise DeviceNotReady(f"device {device.name}: torch is a CUDA build")
         except DeviceNotReady:
             probe = transport.probe  # set when only packages are missing
-            if not install or probe is None or not probe.missing:
+            if not install or probe is None or not (probe.missing or replace_cuda_torch):
                 raise
-            command = install_command(probe.executable, probe.missing)
-            outcome = transport.connection.run(
-                [probe.executable, "-m", "pip", "install", *probe.missing], timeout_s=3600
-            )
-            if outcome.exit_code != 0:
-                raise DeviceNotReady(
-                    f"device {device.name}: `{command}` failed: {outcome.stderr.strip()[-300:]} "
-                    f"(if the system Python refuses pip, make a venv on the device and set "
-                    f"`python:` to it)"
-                ) from None
-            result.installed = " ".join(probe.missing)
+            plan = plan_install(probe, transport.workdir, torch_index, replace_cuda_torch)
+            preflight(probe, plan, device.name)
+            run_install(transport.connection, plan, device.name, say)
+            result.installed = plan.summary or None
+            if plan.venv:
+                result.problem = (f"installed into the venv {plan.venv} (the system Python is "
+                                  f"externally managed); set `python: {plan.python}` for "
+                                  f"{device.name} in {hint} and run setup again")
+                return result
             transport.ensure_deployed(datasets)
         if transport.last_deploy is not None:
             result.copied = len(transport.last_deploy.copied)
@@ -173,7 +177,8 @@ def _setup(args: argparse.Namespace) -> int:
 
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(devices)))) as pool:
         results = list(pool.map(
-            lambda d: _setup_one(d, datasets, args.install, hint, not args.no_kernels, say),
+            lambda d: _setup_one(d, datasets, args.install, hint, not args.no_kernels, say,
+                                 args.torch_index, args.replace_cuda_torch),
             devices))
     for result in results:
         if result.problem:
@@ -212,7 +217,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fused kernels",
     )
     setup.add_argument("--install", action="store_true",
-                       help="pip-install missing Python packages on the devices")
+                       help="pip-install missing Python packages on the devices: torch's CPU "
+                       "build (aarch64: torch<2.11 from the default index), in a venv where "
+                       "the system Python is externally managed; free disk and memory first")
+    setup.add_argument("--torch-index", metavar="URL",
+                       help="with --install: take torch from this (CPU) wheel index")
+    setup.add_argument("--replace-cuda-torch", action="store_true",
+                       help="with --install: replace a CUDA build of torch on a device without "
+                       "a GPU by the CPU build and remove its nvidia packages")
     setup.add_argument("--data", action="append", metavar="FILE",
                        help="a prepared data set file to push too (repeatable)")
     setup.add_argument("--no-kernels", action="store_true",

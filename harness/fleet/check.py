@@ -12,7 +12,7 @@ import posixpath
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from harness.clock import estimate_offset
@@ -50,6 +50,8 @@ class DeviceCheck:
     cpu_temp_c: float | None = None
     throttled: str | None = None
     fused_kernels: str | None = None  # see DeviceProbe.fused_kernels
+    machine: str | None = None
+    warnings: list[str] = field(default_factory=list)  # usable, but costly (DeviceProbe)
     meter: str = "none"
     clock_offset_s: float | None = None
     clock_rtt_s: float | None = None
@@ -93,6 +95,8 @@ def _apply_probe(check: DeviceCheck, probe: DeviceProbe, workdir: str) -> None:
     check.cpu_temp_c = probe.cpu_temp_c
     check.throttled = probe.throttled
     check.fused_kernels = probe.fused_kernels
+    check.machine = probe.machine
+    check.warnings = probe.warnings
     check.deployed = bool(probe.device_agent_path) and probe.device_agent_path.startswith(
         posixpath.join(workdir, CODE_DIR) + "/"
     )

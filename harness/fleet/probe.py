@@ -56,6 +56,35 @@ try:  # the deployed engine's kernel cache (stdlib only): are this source's kern
     found["kernels_built"] = kernel_cache.current_build().built
 except Exception:
     found["kernels_built"] = None
+# What an install must know: the architecture, PEP 668, the headers the kernels build
+# against, and whether torch is a CUDA build (and a GPU there to use it).
+import sysconfig
+found["machine"] = platform.machine()
+found["in_venv"] = sys.prefix != sys.base_prefix
+found["externally_managed"] = not found["in_venv"] and os.path.exists(
+    os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+found["python_dev"] = os.path.exists(os.path.join(sysconfig.get_path("include"), "Python.h"))
+found["gpu"] = any(os.path.exists(p) for p in ("/dev/nvidia0", "/proc/driver/nvidia",
+                                               "/dev/kfd"))
+found["torch_cuda"] = None
+found["cuda_packages_bytes"] = None
+if found["modules"].get("torch"):
+    version = found["modules"]["torch"]
+    requires = importlib.metadata.requires("torch") or []
+    cuda = [r for r in requires if r.startswith(("nvidia-", "cuda-")) and "extra ==" not in r]
+    local = version.partition("+")[2]
+    if local.startswith(("cu", "rocm")) or (not local and cuda):
+        found["torch_cuda"] = local or "CUDA (nvidia packages required)"
+    total = 0
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name.startswith(("nvidia-", "cuda-", "triton")):
+            for item in dist.files or ():
+                try:
+                    total += os.path.getsize(item.locate())
+                except OSError:
+                    pass
+    found["cuda_packages_bytes"] = total
 found["throttled"] = None
 if shutil.which("vcgencmd"):
     try:
@@ -83,6 +112,13 @@ class DeviceProbe:
     cxx: str | None = None  # the C++ compiler the engine's fused kernels would build with
     ninja: bool = False
     kernels_built: bool | None = None  # None: the engine is not deployed there
+    machine: str | None = None  # platform.machine(): aarch64 on a Pi
+    in_venv: bool | None = None
+    externally_managed: bool | None = None  # PEP 668: the system Python refuses pip
+    python_dev: bool | None = None  # Python.h present (python3-dev): the kernels need it
+    gpu: bool | None = None
+    torch_cuda: str | None = None  # e.g. "cu130" when torch is a CUDA build
+    cuda_packages_bytes: int | None = None  # nvidia-*/cuda-*/triton distributions, on disk
 
     @property
     def fused_kernels(self) -> str:
@@ -90,9 +126,26 @@ class DeviceProbe:
         ("buildable"), or what is missing for them."""
         if self.kernels_built:
             return "built"
-        missing = [name for name, have in (("C++ compiler", self.cxx), ("ninja", self.ninja))
+        missing = [name for name, have in (("C++ compiler", self.cxx), ("ninja", self.ninja),
+                                           ("python3-dev", self.python_dev is not False))
                    if not have]
         return "buildable" if not missing else f"reference path (missing: {', '.join(missing)})"
+
+    @property
+    def warnings(self) -> list[str]:
+        """What works but costs: a CUDA torch without a GPU, no python3-dev."""
+        found = []
+        if self.torch_cuda and not self.gpu:
+            size = (f" and {self.cuda_packages_bytes / 2**30:.1f} GiB of CUDA packages"
+                    if self.cuda_packages_bytes else "")
+            found.append(f"torch {self.modules.get('torch')} is a CUDA build ({self.torch_cuda})"
+                         f"{size} on a device without a GPU: reinstall the CPU build "
+                         f"(`harness devices setup --install --replace-cuda-torch`)")
+        if self.python_dev is False:
+            found.append("python3-dev is missing (no Python.h): the fused kernels cannot be "
+                         "built, lowmem runs the slower reference path; "
+                         "`sudo apt-get install python3-dev`")
+        return found
 
     @property
     def missing(self) -> list[str]:
