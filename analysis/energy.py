@@ -10,7 +10,8 @@ derived in docs/energy.md:
 - sampling: each sample interval's energy is known only as well as the power between its
   two samples; the power is taken as uniform between them (standard deviation
   |dp| / sqrt(12)), independent from interval to interval, at the chosen coverage;
-- clock: the bound of the clock offset at each edge times the power there;
+- clock: the bound of the clock offset at each edge times the power there, plus the meter's
+  time-stamp bound times the change of power across the window (a shifted trace);
 - gaps: a stretch without samples (longer than `max_gap_s`, or a recorded meter gap) is
   bridged linearly, with the whole observed power range (at least `BRIDGE_FLOOR` of the
   mean power) over its length added to the interval, when it is at most
@@ -43,11 +44,14 @@ STATUSES = ("ok", "low_confidence", "withheld")
 @dataclass(frozen=True)
 class MeterAccuracy:
     """A meter's accuracy class as a bound on each reading: `relative` x reading +
-    `offset_w`; `source` says where the figures come from (datasheet, or why assumed)."""
+    `offset_w`; `source` says where the figures come from (datasheet, or why assumed);
+    `timing_s` bounds how far a sample's time stamp may be from when its reading was
+    taken, the same for every sample of a meter (a UM's poll phase against its refresh)."""
 
     relative: float
     offset_w: float
     source: str
+    timing_s: float = 0.0
 
 
 UNKNOWN_ACCURACY = MeterAccuracy(0.0, 0.0, "unknown: the run did not record the meter's class")
@@ -231,7 +235,8 @@ def window_energy(
         )
     sampling_j = z * float(np.sqrt(np.sum((width[good] * np.abs(y1 - y0)[good]) ** 2) / 12.0))
     p_a, p_b = float(y0[0]), float(y1[-1])
-    clock_j = window.clock_error_s * abs(p_a) + window.end_error_s * abs(p_b)
+    clock_j = (window.clock_error_s * abs(p_a) + window.end_error_s * abs(p_b)
+               + accuracy.timing_s * abs(p_b - p_a))
     accuracy_j = accuracy.relative * abs(energy) + accuracy.offset_w * duration
     half = accuracy_j + sampling_j + clock_j + gap_j
     if accuracy is UNKNOWN_ACCURACY:

@@ -123,7 +123,8 @@ def meter_infos_from_rows(recorded: Mapping[str, Any], devices: Iterable[tuple[s
             acc = m.get("accuracy") or {}
             accuracy = MeterAccuracy(float(acc.get("relative", 0.0)),
                                      float(acc.get("offset_w", 0.0)),
-                                     str(acc.get("source", UNKNOWN_ACCURACY.source)))
+                                     str(acc.get("source", UNKNOWN_ACCURACY.source)),
+                                     float(acc.get("timing_s", 0.0)))
             out[(device, m["name"])] = MeterInfo(m["name"], m.get("type", m["name"]),
                                                  m.get("kind", "measured"), accuracy)
     for name, meter_json in devices:

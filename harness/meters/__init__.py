@@ -151,6 +151,10 @@ def describe_meter(config: Mapping[str, Any], device_name: str = "") -> dict[str
             "offset_w": float(watts) if watts is not None else accuracy["offset_w"],
             "source": "the inventory's accuracy_pct / accuracy_w",
         }
+    if kind in UM_MODELS:  # a reading's age at its poll (UmMeter.age_correction_s)
+        poll_hz = _field(config, "poll_hz", float, 4.0, where)
+        refresh_hz = _field(config, "refresh_hz", float, 2.0, where)
+        accuracy["timing_s"] = 0.5 / max(poll_hz, refresh_hz)
     return {
         "name": config.get("name", kind),
         "type": kind,

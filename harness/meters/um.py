@@ -245,6 +245,13 @@ class UmMeter:
     one and younger than 0.9 refresh periods is dropped as a repeat (counted in
     `duplicates`); an identical record after that is a steady load, and is kept.
 
+    Time stamps: a reading is the display as of the meter's last refresh, and the record
+    arrives a frame time (130 bytes at 9600 baud: 135 ms) plus the link's delay after the
+    poll. So a sample is stamped at the poll, not at its arrival, less half the age a
+    first-seen refresh can have at that poll: half of 1 / max(poll_hz, refresh_hz)
+    (`age_correction_s`). What remains, +- that much, is covered by the energy interval's
+    sampling term (docs/energy.md).
+
     A Bluetooth link can die without an error: the rfcomm tty stays open and every poll
     goes unanswered (the meter rebooted, walked out of range, its link supervision has not
     timed out yet). Since the meter answers every poll, `silent_s` seconds without one
@@ -270,6 +277,7 @@ class UmMeter:
         self.baud = baud
         self.timeout_s = timeout_s
         self.repeat_window_s = 0.9 / refresh_hz
+        self.age_correction_s = 0.5 / max(poll_hz, refresh_hz)
         self.name = name or model
         self.parser = UmStreamParser()
         self.duplicates = 0
@@ -315,16 +323,16 @@ class UmMeter:
         # A record takes ~135 ms at 9600 baud; give up on this poll well before the next ones.
         deadline = time.monotonic() + max(0.3, min(self.timeout_s, 2.0 / self.poll_hz))
         try:
+            t_poll_s, t_poll_ns = host_now()
             port.write(POLL)
             while time.monotonic() < deadline:
                 chunk = port.read(port.in_waiting or 1)
                 if not chunk:
                     continue
-                t_host_s, t_mono_ns = host_now()
                 records = self.parser.feed(chunk)
                 if records:
                     self._last_heard = time.monotonic()
-                    return self._accept(records[-1], t_host_s, t_mono_ns)
+                    return self._accept(records[-1], t_poll_s, t_poll_ns)
         except (serial.SerialException, OSError) as exc:
             raise MeterDisconnected(f"{self.port}: {exc}") from exc
         self.timeouts += 1
@@ -337,7 +345,9 @@ class UmMeter:
             )
         return []
 
-    def _accept(self, record: UmRecord, t_host_s: float, t_mono_ns: int) -> list[PowerSample]:
+    def _accept(self, record: UmRecord, t_poll_s: float, t_poll_ns: int) -> list[PowerSample]:
+        """A new reading, stamped at its poll less `age_correction_s`; repeats dropped."""
+        t_mono_ns = t_poll_ns
         if record.model != self.model.name:
             self.wrong_model += 1  # a different meter answers on this port
             return []
@@ -350,8 +360,8 @@ class UmMeter:
         self._seq += 1
         return [
             PowerSample(
-                t_host_s=t_host_s,
-                t_mono_ns=t_mono_ns,
+                t_host_s=t_poll_s - self.age_correction_s,
+                t_mono_ns=t_poll_ns - int(self.age_correction_s * 1e9),
                 power_w=record.power_w,
                 volts=record.volts,
                 amps=record.amps,
