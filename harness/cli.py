@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "meter",
     "dashboard",
     "report",
+    "notebook",
 )
 
 

@@ -39,8 +39,9 @@ def harness(*args: str, cwd: Path) -> subprocess.Popen:
 
 
 def only_run_dir(root: Path) -> Path:
-    runs = list((root / "runs").iterdir())
+    runs = [p for p in (root / "runs").iterdir() if not p.is_symlink()]
     assert len(runs) == 1, runs
+    assert (root / "runs" / "latest").resolve() == runs[0].resolve()  # maintained by `run`
     return runs[0]
 
 

@@ -9,6 +9,7 @@ comparison table per method and the run directory's path.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import secrets
 import shutil
@@ -32,6 +33,7 @@ from harness.store import RunStore
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PLAN_COPY = "plan.yaml"
+LATEST = "latest"  # runs/latest -> the newest run
 MIB = 1024 * 1024
 
 
@@ -39,6 +41,22 @@ def packaged_file(name: str) -> Path:
     """A file shipped in the `inventory` package (works from an installed package too)."""
     resource = resources.files("inventory") / name
     return Path(str(resource))
+
+
+def point_latest(run_dir: Path, say) -> None:
+    """`<runs>/latest` -> this run: a relative symlink, replaced atomically (the notebooks'
+    and `harness notebook`'s default run)."""
+    link = run_dir.parent / LATEST
+    if link.exists() and not link.is_symlink():
+        say(f"{link} is not a link; left as it is (runs/latest not updated)")
+        return
+    temporary = run_dir.parent / f".{LATEST}-{os.getpid()}"
+    try:
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(run_dir.name, target_is_directory=True)
+        os.replace(temporary, link)
+    except OSError as exc:  # e.g. a file system without symbolic links
+        say(f"cannot point {link} at {run_dir.name}: {exc}")
 
 
 def new_run_id() -> str:
@@ -112,6 +130,8 @@ def _run(args: argparse.Namespace) -> int:
             raise HarnessUsageError(
                 f"--run-id: expected letters, digits, '.', '_', '-', got {run_id!r}"
             )
+        if run_id == LATEST:
+            raise HarnessUsageError(f"--run-id: {LATEST!r} names the link to the newest run")
         run_dir = Path(args.out) / run_id
     from harness.inventory import load_inventory
 
@@ -122,6 +142,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.resume:
         store = RunStore.create(run_dir)
         shutil.copyfile(plan_path, run_dir / PLAN_COPY)
+    point_latest(run_dir, say)
     with ExitStack() as stack:
         stack.callback(store.close)
         if args.dashboard is not None:

@@ -83,7 +83,9 @@ class DashboardServer(ThreadingHTTPServer):
         if not self.root.is_dir():
             return {}
         return {
-            p.name: p for p in sorted(self.root.iterdir()) if p.is_dir() and RUN_ID.match(p.name)
+            p.name: p
+            for p in sorted(self.root.iterdir())
+            if p.is_dir() and not p.is_symlink() and RUN_ID.match(p.name)  # not runs/latest
         }
 
     def stop(self) -> None:
