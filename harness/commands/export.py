@@ -5,6 +5,10 @@ observation, columns named with their units as in the store; `jobs` and `devices
 the columns scripts want (`job`, `implementation`, `throttled`; `device`, `machine`);
 and `energy`: one row per window and meter, the figures of `analysis.run_energy` (the
 same the report, compare and the dashboard show), with their intervals and status.
+The energy table carries every joule column in kWh too (`energy_kwh` beside `energy_j`).
+`emissions.csv` (always CSV) is CodeCarbon's format, one row per job and meter
+(`analysis.emissions`: `--carbon-intensity` gCO2e/kWh, default 475, the IEA's 2019 world
+average; `--country` ISO code for the record).
 The store is opened read-only, so exporting a run that is still being written is safe.
 """
 
@@ -29,8 +33,12 @@ TABLES = (
 )
 
 
-def export_run(run_dir: Path, fmt: str, out_dir: Path | None = None) -> list[Path]:
+def export_run(run_dir: Path, fmt: str, out_dir: Path | None = None,
+               carbon_intensity_g_per_kwh: float | None = None,
+               country_iso_code: str | None = None) -> list[Path]:
     import pandas as pd
+
+    from analysis.emissions import DEFAULT_INTENSITY_G_PER_KWH
 
     if fmt not in ("parquet", "csv"):
         raise HarnessUsageError(f"--format: unknown {fmt!r}; choose one of: csv, parquet")
@@ -43,7 +51,18 @@ def export_run(run_dir: Path, fmt: str, out_dir: Path | None = None) -> list[Pat
                   for table in TABLES}
     finally:
         conn.close()
-    frames.update(tidy_tables(run_dir))
+    intensity = (DEFAULT_INTENSITY_G_PER_KWH if carbon_intensity_g_per_kwh is None
+                 else carbon_intensity_g_per_kwh)
+    if not (intensity >= 0 and intensity < 1e5):
+        raise HarnessUsageError(
+            f"--carbon-intensity: expected gCO2e/kWh between 0 and 100000, got {intensity}"
+        )
+    tidy = tidy_tables(run_dir)
+    emissions = emissions_table(run_dir, tidy, intensity, country_iso_code)
+    frames.update(tidy)
+    path = out_dir / "emissions.csv"
+    emissions.to_csv(path, index=False)
+    written.append(path)
     for table, frame in frames.items():
         path = out_dir / f"{table}.{fmt}"
         if fmt == "parquet":
@@ -57,16 +76,28 @@ def export_run(run_dir: Path, fmt: str, out_dir: Path | None = None) -> list[Pat
 def tidy_tables(run_dir: Path) -> dict:
     """`energy`, `jobs` and `devices` as analysis reads them (see docs/run-store.md)."""
     from analysis.conditions import device_table, job_conditions
+    from analysis.emissions import with_kwh
     from analysis.load import load_run
     from analysis.run_energy import energy_table
 
     run = load_run(run_dir)
-    return {"energy": energy_table(run), "jobs": job_conditions(run),
+    return {"energy": with_kwh(energy_table(run)), "jobs": job_conditions(run),
             "devices": device_table(run)}
 
 
+def emissions_table(run_dir: Path, tidy: dict, intensity_g_per_kwh: float,
+                    country_iso_code: str | None):
+    """CodeCarbon's emissions.csv rows from the tidy tables."""
+    from analysis import emissions
+    from analysis.load import load_run
+
+    return emissions.emissions_table(load_run(run_dir, power=False), tidy["energy"],
+                                     tidy["devices"], intensity_g_per_kwh, country_iso_code)
+
+
 def _export(args: argparse.Namespace) -> int:
-    for path in export_run(Path(args.run), args.format, args.out):
+    for path in export_run(Path(args.run), args.format, args.out, args.carbon_intensity,
+                           args.country):
         print(path)
     return 0
 
@@ -78,4 +109,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--out", type=Path, default=None, help="output directory (default: RUN/export)"
     )
+    export.add_argument(
+        "--carbon-intensity", type=float, default=None, metavar="G_PER_KWH",
+        help="carbon intensity of the electricity for emissions.csv, gCO2e/kWh (default 475: "
+             "the IEA's 2019 world average; give your grid's)",
+    )
+    export.add_argument("--country", metavar="ISO",
+                        help="ISO 3166 alpha-3 code recorded in emissions.csv (e.g. DEU)")
     export.set_defaults(handler=_export)
