@@ -224,12 +224,14 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
                     f"{spec.dataset.sha256}"
                 )
         setup_s = 0.0
+        lowmem_block = None  # which low-memory block runs: "fused C++" or why the reference
         if spec.method.name != "idle":  # load the engine before the memory baseline
             from trainers import native
             from trainers.train import load_engine
 
             load_engine()  # builds the kernels if `devices setup` did not: setup, not the job
             setup_s = native.build_seconds
+            lowmem_block = native.status()
             started = time.monotonic()  # the job's figures start here, after any build
         baseline = read_memory()
         hwm_reset = reset_peak_rss()
@@ -247,6 +249,7 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
             address_space_limit_bytes=limit,
             power_source="pmic" if power else None,
             kernel_build_s=round(setup_s, 1),
+            lowmem_block=lowmem_block,
         )
         sampler.begin()
         if power:

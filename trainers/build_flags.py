@@ -20,7 +20,9 @@ import platform
 import shutil
 import subprocess
 
-BASE_CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno")
+# -std=c++20 (std::bit_cast, std::endian): after torch's own -std flag, so it wins where
+# torch's builder asks for C++17 (torch 2.10, the newest aarch64 CPU build on the index).
+BASE_CFLAGS = ("-std=c++20", "-O3", "-ffp-contract=off", "-fno-math-errno")
 # Tried in order; the first the compiler accepts is used.
 NATIVE_CANDIDATES = {"aarch64": ("-march=native", "-mcpu=native")}
 DEFAULT_NATIVE_CANDIDATES = ("-march=native",)
