@@ -229,10 +229,14 @@ RUN_METRICS = ("epoch_s", "energy_per_epoch_j", "energy_above_idle_per_epoch_j",
                "test_accuracy")
 
 
-def compare_runs(jobs_a: pd.DataFrame, jobs_b: pd.DataFrame, by_device: bool = False
+def compare_runs(jobs_a: pd.DataFrame, jobs_b: pd.DataFrame, across: bool = False
                  ) -> pd.DataFrame:
-    """Run A vs run B per (method, model, dataset, batch[, device]): means, n, B/A or B-A."""
-    keys = ["method", "model", "dataset", "batch_size"] + (["device"] if by_device else [])
+    """Run A vs run B per (method, model, dataset, batch, device, meter): means, n, B/A or
+    B-A. Only like with like: a group that one run lacks (another device or meter) has no
+    ratio. `across=True` pools devices and meters instead and labels every row so."""
+    keys = ["method", "model", "dataset", "batch_size"]
+    if not across:
+        keys += ["device", "meter"]
     rows = []
     a_done = jobs_a[jobs_a["result_status"] == "completed"]
     b_done = jobs_b[jobs_b["result_status"] == "completed"]
@@ -258,5 +262,77 @@ def compare_runs(jobs_a: pd.DataFrame, jobs_b: pd.DataFrame, by_device: bool = F
             rows.append({**group._asdict(), "metric": metric, "n_a": ia.n, "mean_a": ia.mean,
                          "ci_a": _fmt(ia.mean, ia.low, ia.high), "n_b": ib.n,
                          "mean_b": ib.mean, "ci_b": _fmt(ib.mean, ib.low, ib.high),
-                         "versus": versus, "value": value, "ci_low": low, "ci_high": high})
+                         "versus": versus, "value": value, "ci_low": low, "ci_high": high,
+                         "note": "across devices and meters" if across else
+                         (None if ia.n and ib.n else "only in one run (other device or meter)")})
     return pd.DataFrame(rows)
+
+
+def _pairs(jobs: pd.DataFrame) -> set[tuple[str, str]]:
+    done = jobs[jobs["result_status"] == "completed"].dropna(subset=["meter"])
+    return set(zip(done["device"], done["meter"]))
+
+
+def shared_devices_and_meters(jobs_a: pd.DataFrame, jobs_b: pd.DataFrame
+                              ) -> set[tuple[str, str]]:
+    """The (device, meter) pairs both runs measured completed jobs on."""
+    return _pairs(jobs_a) & _pairs(jobs_b)
+
+
+def run_differences(run_a, run_b, jobs_a: pd.DataFrame, jobs_b: pd.DataFrame) -> list[str]:
+    """What differs between two runs, one line each: plan, devices, meters, epochs, software."""
+    notes = []
+    man_a, man_b = run_a.manifest or {}, run_b.manifest or {}
+    plan_a = (man_a.get("plan") or {}).get("content") or {}
+    plan_b = (man_b.get("plan") or {}).get("content") or {}
+    for key in sorted(set(plan_a) | set(plan_b)):
+        if plan_a.get(key) != plan_b.get(key):
+            notes.append(f"plan: {key} differs ({_short(plan_a.get(key))} vs "
+                         f"{_short(plan_b.get(key))})")
+    devices_a = set(run_a.devices["name"].dropna())
+    devices_b = set(run_b.devices["name"].dropna())
+    if devices_a != devices_b:
+        notes.append(f"devices: {sorted(devices_a)} vs {sorted(devices_b)}")
+    facts_a, facts_b = _facts(run_a), _facts(run_b)
+    for name in sorted(devices_a & devices_b):
+        for key in ("machine", "cpu_model", "os", "torch_version", "pi_model"):
+            if facts_a.get(name, {}).get(key) != facts_b.get(name, {}).get(key):
+                notes.append(f"device {name}: {key} {facts_a.get(name, {}).get(key)!r} vs "
+                             f"{facts_b.get(name, {}).get(key)!r}")
+    meters_a, meters_b = _meters(run_a), _meters(run_b)
+    if meters_a != meters_b:
+        notes.append(f"meters: {_short(meters_a)} vs {_short(meters_b)}")
+    epochs_a = sorted(set(pd.to_numeric(jobs_a["epochs"], errors="coerce").dropna()))
+    epochs_b = sorted(set(pd.to_numeric(jobs_b["epochs"], errors="coerce").dropna()))
+    if epochs_a != epochs_b:
+        notes.append(f"epochs: {epochs_a} vs {epochs_b}")
+    for key in ("versions", "git"):
+        if man_a.get(key) != man_b.get(key):
+            notes.append(f"software ({key}): {_short(man_a.get(key))} vs "
+                         f"{_short(man_b.get(key))}")
+    return notes
+
+
+def _facts(run) -> dict[str, dict]:
+    import json
+
+    out = {}
+    for name, facts in zip(run.devices["name"], run.devices["facts_json"]):
+        try:
+            out[name] = json.loads(facts) if isinstance(facts, str) else {}
+        except ValueError:
+            out[name] = {}
+    return out
+
+
+def _meters(run) -> dict[str, list[str]]:
+    recorded = run.info.get("meters") or {}
+    if recorded:
+        return {d: sorted(f"{m['name']} ({m.get('kind')})" for m in ms)
+                for d, ms in recorded.items()}
+    return {d: [str(m)] for d, m in zip(run.devices["name"], run.devices["meter_json"])}
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

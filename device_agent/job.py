@@ -24,6 +24,8 @@ from device_agent.protocol import AgentExit, JobSpec
 from device_agent.sampler import (
     BoardStateSampler,
     MemorySampler,
+    ModeledPowerSampler,
+    PeriodicSampler,
     PmicSampler,
     read_memory,
     reset_peak_rss,
@@ -105,6 +107,17 @@ class StreamingCallbacks:
         self.epoch_records.append(fields)
         self._writer.emit("epoch_end", **fields)
         self._check_host()
+
+
+def _power_sampler(spec: JobSpec, writer: EventWriter) -> PeriodicSampler | None:
+    """The agent's own power source: the host's `modeled` source for this device (computed
+    here, from this device's load), else a Pi 5's PMIC, else none (a host-read meter)."""
+    model = spec.telemetry.power_model
+    if model is not None:
+        return ModeledPowerSampler(writer, spec.telemetry.power_hz, model.idle_w, model.busy_w,
+                                   model.profile)
+    pmic_path = PmicSampler.available(pi_model())
+    return PmicSampler(writer, spec.telemetry.power_hz, pmic_path) if pmic_path else None
 
 
 def _apply_limits(spec: JobSpec) -> int | None:
@@ -198,8 +211,7 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     sampler = MemorySampler(writer, spec.telemetry.memory_hz)
-    pmic_path = PmicSampler.available(pi_model())
-    power = PmicSampler(writer, spec.telemetry.power_hz, pmic_path) if pmic_path else None
+    power = _power_sampler(spec, writer)
     board = BoardStateSampler.for_this_board(writer)  # temperature, throttling: <= 1 Hz
     callbacks = StreamingCallbacks(writer, sampler, spec.telemetry.step_every)
 
@@ -247,7 +259,7 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
             rss_start_bytes=baseline.rss_bytes,
             hwm_reset=hwm_reset,
             address_space_limit_bytes=limit,
-            power_source="pmic" if power else None,
+            power_source=power.source if power else None,
             kernel_build_s=round(setup_s, 1),
             lowmem_block=lowmem_block,
         )
@@ -274,7 +286,7 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
         )
         if board:
             metrics.update(board.state.to_metrics())
-        if power:
+        if isinstance(power, PmicSampler):
             metrics.update(pmic_reads=power.reads, pmic_cpu_share=power.cpu_share)
         outcome = {"status": "completed", "exit_code": int(AgentExit.OK), "metrics": metrics}
         writer.emit("job_end", **metrics)

@@ -224,6 +224,29 @@ class DatasetSpec:
 
 
 @dataclass(frozen=True)
+class PowerModelSpec:
+    """The device's `modeled` power source, computed by the agent where the load is:
+    idle_w + (busy_w - idle_w) x CPU utilisation x (frequency / max frequency)."""
+
+    profile: str
+    idle_w: float
+    busy_w: float
+
+    @classmethod
+    def from_dict(cls, data: object, prefix: str = "telemetry.power_model.") -> PowerModelSpec:
+        data = _require_mapping(data, prefix.rstrip("."))
+        _reject_unknown(data, cls, prefix)
+        spec = cls(
+            profile=_str(data.get("profile"), prefix + "profile"),
+            idle_w=_float(data.get("idle_w"), prefix + "idle_w", positive=True),
+            busy_w=_float(data.get("busy_w"), prefix + "busy_w", positive=True),
+        )
+        if spec.busy_w < spec.idle_w:
+            raise SpecError(prefix + "busy_w", spec.busy_w, f"at least idle_w ({spec.idle_w})")
+        return spec
+
+
+@dataclass(frozen=True)
 class TelemetrySpec:
     """How often the agent samples memory and on-board power, and which steps it reports."""
 
@@ -233,6 +256,7 @@ class TelemetrySpec:
     # the first N training steps run under the engine's tensor ledger (a little slower), so
     # the job reports its tensor-level peak memory beside the process-level one; 0: off
     tensor_peak_steps: int = 2
+    power_model: PowerModelSpec | None = None  # a remote device's `modeled` power source
 
     @classmethod
     def from_dict(cls, data: object, prefix: str = "telemetry.") -> TelemetrySpec:
@@ -244,6 +268,8 @@ class TelemetrySpec:
             step_every=_int(data.get("step_every", 1), prefix + "step_every", minimum=1),
             tensor_peak_steps=_int(data.get("tensor_peak_steps", 2),
                                    prefix + "tensor_peak_steps", minimum=0),
+            power_model=(PowerModelSpec.from_dict(data["power_model"])
+                         if data.get("power_model") is not None else None),
         )
         for name in ("memory_hz", "power_hz"):
             if getattr(spec, name) > 1000:

@@ -179,6 +179,71 @@ class MemorySampler(PeriodicSampler):
         )
 
 
+def cpu_times() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = handle.readline().split()[1:]
+    except OSError:
+        return None
+    values = [float(v) for v in fields[:8]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0.0)  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def cpu_frequency_fraction() -> float | None:
+    """Mean current / maximum frequency over the CPUs that report them (cpufreq), else None."""
+    fractions = []
+    for cpu in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpufreq"):
+        try:
+            current = float((cpu / "scaling_cur_freq").read_text())
+            maximum = float((cpu / "cpuinfo_max_freq").read_text())
+        except (OSError, ValueError):
+            continue
+        if maximum > 0:
+            fractions.append(min(1.0, current / maximum))
+    return sum(fractions) / len(fractions) if fractions else None
+
+
+class ModeledPowerSampler(PeriodicSampler):
+    """The `modeled` power source where the load is: emits `power` events (source
+    `modeled`, `modeled: true`) from this device's own CPU utilisation over each period and
+    its frequency: idle_w + (busy_w - idle_w) x utilisation x frequency fraction (1 where
+    cpufreq is absent). Each reading is the mean over the period before it (`interval_s`);
+    the host stamps it at the period's middle. An estimate, always labelled so."""
+
+    name = "modeled-power-sampler"
+    source = "modeled"
+
+    def __init__(self, writer: EventWriter, hz: float, idle_w: float, busy_w: float,
+                 profile: str) -> None:
+        super().__init__(hz)
+        self._writer = writer
+        self.idle_w, self.busy_w, self.profile = idle_w, busy_w, profile
+        self._previous = cpu_times()
+        self._previous_t = time.monotonic()
+
+    def sample(self) -> None:
+        now, current = time.monotonic(), cpu_times()
+        elapsed_s = now - self._previous_t
+        previous, self._previous, self._previous_t = self._previous, current, now
+        if current is None or previous is None or current[1] <= previous[1]:
+            return
+        utilisation = min(1.0, max(0.0, (current[0] - previous[0]) / (current[1] - previous[1])))
+        frequency = cpu_frequency_fraction()
+        load = utilisation * (frequency if frequency is not None else 1.0)
+        self._writer.emit(
+            "power",
+            source="modeled",
+            modeled=True,
+            power_w=self.idle_w + (self.busy_w - self.idle_w) * load,
+            utilisation=utilisation,
+            frequency_fraction=frequency,
+            interval_s=elapsed_s,
+            profile=self.profile,
+        )
+
+
 _PMIC_LINE = re.compile(r"^\s*(\S+)_([AV])\s+(?:current|volt)\(\d+\)=([-0-9.eE+]+)[AV]\s*$")
 
 
@@ -214,6 +279,7 @@ class PmicSampler(PeriodicSampler):
     """
 
     name = "pmic-sampler"
+    source = "pmic"
 
     def __init__(self, writer: EventWriter, hz: float, vcgencmd: str) -> None:
         super().__init__(hz)

@@ -8,6 +8,7 @@ Errors name the file, line and field. Example (the embedded default)::
 
     idle_baseline_s: 8
     cooldown_s: 1
+    order_seed: 7                    # optional: the jobs' random order per device
     telemetry: {memory_hz: 10, power_hz: 5}  # also step_every, tensor_peak_steps (2)
     datasets:
       digits: {}                     # or {from: /path/to/source/files}
@@ -25,8 +26,10 @@ Errors name the file, line and field. Example (the embedded default)::
 from __future__ import annotations
 
 import itertools
+import random
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,8 @@ from harness.errors import HarnessUsageError
 from harness.fleet.yaml_lines import YamlList, YamlMap, load_yaml_with_lines
 from harness.store import PlannedJob
 
-PLAN_KEYS = ("idle_baseline_s", "cooldown_s", "max_attempts", "telemetry", "datasets", "matrix")
+PLAN_KEYS = ("idle_baseline_s", "cooldown_s", "max_attempts", "order_seed", "telemetry",
+             "datasets", "matrix")
 ENTRY_KEYS = (
     "methods",
     "models",
@@ -79,6 +83,7 @@ class Plan:
     idle_baseline_s: float
     cooldown_s: float
     max_attempts: int
+    order_seed: int | None  # None: drawn at run time (and recorded)
     telemetry: dict[str, Any]
     datasets: tuple[DatasetSource, ...]
     jobs: tuple[PlannedJob, ...]
@@ -178,6 +183,8 @@ def load_plan(path: Path) -> Plan:
     idle_s = _positive_number(where, doc, "idle_baseline_s", "idle_baseline_s", 0.0)
     cooldown_s = _positive_number(where, doc, "cooldown_s", "cooldown_s", 0.0)
     max_attempts = _int_list(where, doc, "max_attempts", "max_attempts", [2], 1)[0]
+    order_seed = (_int_list(where, doc, "order_seed", "order_seed", [0], 0)[0]
+                  if "order_seed" in doc else None)
     telemetry = doc.get("telemetry", {})
     if not isinstance(telemetry, dict):
         raise where.error(doc, "telemetry", "telemetry", f"expected a mapping, got {telemetry!r}")
@@ -205,6 +212,7 @@ def load_plan(path: Path) -> Plan:
         idle_s,
         cooldown_s,
         max_attempts,
+        order_seed,
         dict(telemetry),
         tuple(DatasetSource(n, s) for n, s in datasets.items()),
         tuple(jobs),
@@ -365,6 +373,39 @@ def idle_job(device: str, duration_s: float, telemetry: dict[str, Any]) -> Plann
         pinned=(device,),
         spec=spec,
     )
+
+
+def assign_to_devices(
+    jobs: Sequence[PlannedJob], devices: Sequence[Any], seed: int
+) -> list[PlannedJob]:
+    """Every arm of a comparison on every device that may run it, in a random order per
+    device (from `seed` and the device's name, so a resumed run finds the same order).
+
+    A job eligible on several devices becomes one job per device (`<id>-on-<device>`,
+    pinned to it); on one device it keeps its id. Each device's jobs run in blocks of
+    (seed, repeat), shuffled within a block: the arms of one repeat run close together,
+    in an order no arm can always win or lose by (warm-up, temperature, drift)."""
+    by_device: dict[str, list[PlannedJob]] = {d.name: [] for d in devices}
+    for job in jobs:
+        names = [d.name for d in devices if eligible(job, d.name, d.tags)]
+        for name in names:
+            by_device[name].append(job if len(names) == 1 else _on_device(job, name))
+    ordered: list[PlannedJob] = []
+    for name, own in by_device.items():
+        rng = random.Random(f"{seed}:{name}")
+        blocks: dict[tuple, list[PlannedJob]] = {}
+        for job in own:
+            blocks.setdefault((job.seed or 0, job.repeat or 0), []).append(job)
+        for key in sorted(blocks):
+            block = blocks[key]
+            rng.shuffle(block)
+            ordered += block
+    return ordered
+
+
+def _on_device(job: PlannedJob, device: str) -> PlannedJob:
+    job_id = f"{job.job_id}-on-{re.sub(r'[^A-Za-z0-9._-]', '_', device)}"
+    return replace(job, job_id=job_id, pinned=(device,), spec={**job.spec, "job_id": job_id})
 
 
 def eligible(job: PlannedJob, device_name: str, device_tags: tuple[str, ...] | list[str]) -> bool:

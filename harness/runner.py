@@ -92,6 +92,18 @@ def _signal_name(number: int) -> str:
         return str(number)
 
 
+def agent_power_model(device: Any) -> dict[str, Any] | None:
+    """A remote device's `modeled` power source runs in its agent, from its own load (a
+    host-side model would measure the host); the local device's is read on the host."""
+    meter = getattr(device, "meter", None) or {}
+    if meter.get("type") != "modeled" or getattr(device, "transport", "local") == "local":
+        return None
+    from harness.meters import power_profile
+
+    profile = power_profile(meter, device.name)
+    return {"profile": profile.name, "idle_w": profile.idle_w, "busy_w": profile.busy_w}
+
+
 class JobQueue:
     """Jobs waiting for a device; a device takes the first one it may run."""
 
@@ -236,10 +248,12 @@ class StreamRecorder:
                 ]
             )
         elif kind == "power" and _finite(data.get("power_w")):
+            # a reading that is a mean over the period before it is stamped at its middle
+            half_s = data["interval_s"] / 2 if _finite(data.get("interval_s")) else 0.0
             self.store.add_power_samples(
                 self.device,
                 str(data.get("source", "agent")),
-                [_AgentPower(t_host, float(data["power_w"]), event.t_wall_s)],
+                [_AgentPower(t_host - half_s, float(data["power_w"]), event.t_wall_s)],
             )
         elif kind in ("job_end", "error", "interrupted"):
             self.t_end_host_s = t_host
@@ -390,7 +404,7 @@ class DeviceWorker:
             before.error_s,
             before.samples,
         )
-        spec = run.device_spec(job)
+        spec = run.device_spec(job, self.device)
         t_attempt = time.time()
         store.start_job(job.job_id, name, attempt, t_attempt)
         self.progress.state = "starting"
@@ -476,9 +490,13 @@ class Runner:
             self._attempts[job_id] = self._attempts.get(job_id, 0) + 1
             return self._attempts[job_id]
 
-    def device_spec(self, job: PlannedJob) -> dict[str, Any]:
-        """The job's spec with the data set's host path and checksum filled in, validated."""
+    def device_spec(self, job: PlannedJob, device: Any = None) -> dict[str, Any]:
+        """The job's spec with the data set's host path and checksum filled in, and the
+        device's `modeled` power source when the agent computes it; validated."""
         spec = dict(job.spec)
+        model = agent_power_model(device) if device is not None else None
+        if model is not None:
+            spec["telemetry"] = {**spec.get("telemetry", {}), "power_model": model}
         if job.dataset is not None:
             path = self.datasets[job.dataset]
             if job.dataset not in self._sha256:

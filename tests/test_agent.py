@@ -200,3 +200,33 @@ def test_pmic_power_is_the_sum_of_volts_times_amps_over_rails_with_both():
     assert set(rails) == {"3V7_WL_SW", "3V3_SYS", "VDD_CORE"}
     assert power_w == pytest.approx(3.7 * 0.1 + 3.3 * 0.2 + 0.8 * 2.0)
     assert parse_pmic_adc("") == (0.0, {})
+
+
+def test_a_modeled_source_runs_in_the_agent_from_the_devices_own_load(tmp_path):
+    """A remote device's `modeled` power is computed where the load is (issue 15 point 4):
+    the host puts the profile into the spec, the agent streams `power` events from its own
+    CPU utilisation and frequency; the harness adds it only for remote devices."""
+    from harness.runner import agent_power_model
+
+    spec = idle_spec(1.2)
+    spec["telemetry"] = {"memory_hz": 5, "power_hz": 10,
+                         "power_model": {"profile": "pi4", "idle_w": 2.7, "busy_w": 6.4}}
+    proc = agent("run", write_spec(tmp_path, spec), "--out", "out", cwd=tmp_path)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == AgentExit.OK, stderr
+    events = events_of(stdout)
+    start = next(e for e in events if e.kind == "job_start")
+    assert start.data["power_source"] == "modeled"
+    power = [e.data for e in events if e.kind == "power"]
+    assert len(power) >= 8
+    for data in power:
+        assert data["source"] == "modeled" and data["modeled"] is True
+        assert 2.7 <= data["power_w"] <= 6.4 and 0 <= data["utilisation"] <= 1
+        assert data["interval_s"] > 0 and data["profile"] == "pi4"
+
+    class Device:
+        name, transport, meter = "pi", "ssh", {"type": "modeled", "profile": "pi4"}
+
+    assert agent_power_model(Device()) == {"profile": "pi4", "idle_w": 2.7, "busy_w": 6.4}
+    Device.transport = "local"  # this machine: the host-side model measures it
+    assert agent_power_model(Device()) is None

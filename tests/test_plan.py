@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from device_agent.protocol import JobSpec
 from harness.errors import HarnessUsageError
-from harness.plan import eligible, idle_job, load_plan
+from harness.plan import assign_to_devices, eligible, idle_job, load_plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,6 +65,38 @@ def test_matrix_expands_to_every_combination_with_stable_ids(tmp_path):
     assert bop.spec["telemetry"]["memory_hz"] == 5
     for job in plan.jobs:  # every expanded spec is a valid job spec
         JobSpec.from_dict(job.spec)
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    tags: tuple[str, ...] = ()
+
+
+def test_every_arm_runs_on_every_device_in_a_recorded_random_order(tmp_path):
+    """Comparisons sound by design: each device that runs one arm runs them all, shuffled
+    per device within blocks of (seed, repeat); the same seed gives the same order."""
+    plan = load_plan(write(tmp_path, MATRIX))
+    devices = [Device("a", ("pi4",)), Device("b", ("pi4",)), Device("c")]
+    jobs = assign_to_devices(plan.jobs, devices, seed=11)
+    assert jobs == assign_to_devices(plan.jobs, devices, seed=11)
+    by_device = {d.name: [j for j in jobs if j.pinned == (d.name,)] for d in devices}
+    pinned = [j for j in plan.jobs if j.pinned == ("pi4",)]
+    for name in ("a", "b"):  # the pi4 entry's 32 arms and bop, each on both pi4 devices
+        own = by_device[name]
+        assert sorted(j.job_id for j in own) == sorted(
+            f"{j.job_id}-on-{name}" for j in [*pinned, plan.jobs[-1]])
+        assert all(j.spec["job_id"] == j.job_id for j in own)
+        blocks = [(j.seed, j.repeat) for j in own]
+        assert blocks == sorted(blocks)  # arms interleaved repeat by repeat
+    assert [j.job_id for j in by_device["c"]] == ["mlp-digits-bop-b100-s0-r0-on-c"]
+    order_a = [j.job_id.removesuffix("-on-a") for j in by_device["a"]]
+    order_b = [j.job_id.removesuffix("-on-b") for j in by_device["b"]]
+    assert order_a != order_b  # randomised per device
+    other = assign_to_devices(plan.jobs, devices, seed=12)
+    assert [j.job_id for j in other] != [j.job_id for j in jobs]
+    single = assign_to_devices(plan.jobs[-1:], [Device("solo")], seed=0)
+    assert [j.job_id for j in single] == ["mlp-digits-bop-b100-s0-r0"]  # one device: its id
 
 
 def test_pinning_by_name_or_tag():

@@ -111,6 +111,23 @@ def test_compare_two_runs(tmp_path, harness):
     assert out.is_file()
 
 
+def test_compare_refuses_ratios_across_devices_or_meters_unless_asked(tmp_path, harness):
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    build_synthetic_run(a_dir, devices=("pi-a",), seeds=(0,))
+    build_synthetic_run(b_dir, devices=("pi-c",), seeds=(0,), epochs=2)
+    refused = harness("compare", str(a_dir), str(b_dir))
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0
+    assert "share no device and meter" in refused.stderr and "--across-devices" in refused.stderr
+    assert "devices: ['pi-a'] vs ['pi-c']" in refused.stderr
+    across = harness("compare", str(a_dir), str(b_dir), "--across-devices", "--format", "json")
+    assert across.returncode == 0, across.stderr
+    result = json.loads(across.stdout.strip().splitlines()[-1])
+    assert result["across_devices"] and "epochs: [3.0] vs [2.0]" in result["differences"]
+    assert {r["note"] for r in result["rows"]} == {"across devices and meters"}
+    table = harness("compare", str(a_dir), str(b_dir), "--across-devices")
+    assert "differs: devices" in table.stdout and "ACROSS devices and meters" in table.stdout
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
 def test_report_opens_in_headless_chromium_without_console_errors(run_dir, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")

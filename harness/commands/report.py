@@ -70,7 +70,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from analysis.compare import compare_runs
+    from analysis.compare import compare_runs, run_differences, shared_devices_and_meters
     from analysis.jobs import job_table
     from analysis.load import load_run
     from analysis.run_energy import energy_table
@@ -79,18 +79,35 @@ def _compare(args: argparse.Namespace) -> int:
     for value in (args.run_a, args.run_b):
         run = load_run(_run_dir(value))
         tables.append((run, job_table(run, energy_table(run))))
-    frame = compare_runs(tables[0][1], tables[1][1], by_device=args.by_device)
+    (run_a, jobs_a), (run_b, jobs_b) = tables
+    differences = run_differences(run_a, run_b, jobs_a, jobs_b)
+    if not shared_devices_and_meters(jobs_a, jobs_b) and not args.across_devices:
+        raise HarnessUsageError(
+            f"{args.run_a} and {args.run_b} share no device and meter: a ratio across devices "
+            "or meters measures them, not the runs; pass --across-devices to compute it "
+            "anyway (every row is labelled so)"
+            + (f" [differences: {'; '.join(differences)}]" if differences else "")
+        )
+    frame = compare_runs(jobs_a, jobs_b, across=args.across_devices)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.out, index=False)
     rows = frame.to_dict("records")
     if args.format == "json":
-        print(json.dumps({"a": tables[0][0].run_id, "b": tables[1][0].run_id, "rows": rows},
-                         default=str))
+        print(json.dumps({"a": run_a.run_id, "b": run_b.run_id, "differences": differences,
+                          "across_devices": args.across_devices, "rows": rows}, default=str))
         return 0
-    columns = [c for c in ("method", "model", "dataset", "batch_size", "device", "metric",
-                           "n_a", "ci_a", "n_b", "ci_b", "versus", "value") if c in frame]
-    _print_table(rows, columns, f"A = {tables[0][0].run_id}, B = {tables[1][0].run_id}")
+    for note in differences:
+        print(f"differs: {note}")
+    if not differences:
+        print("differs: nothing recorded (same plan, devices, meters, epochs and software)")
+    columns = [c for c in ("method", "model", "dataset", "batch_size", "device", "meter",
+                           "metric", "n_a", "ci_a", "n_b", "ci_b", "versus", "value", "note")
+               if c in frame]
+    title = f"A = {run_a.run_id}, B = {run_b.run_id}"
+    if args.across_devices:
+        title += " (ACROSS devices and meters: ratios mix what measured them)"
+    _print_table(rows, columns, title)
     return 0
 
 
@@ -107,7 +124,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compare = subparsers.add_parser("compare", help="compare two runs (devices, versions)")
     compare.add_argument("run_a", help="run directory A (the reference)")
     compare.add_argument("run_b", help="run directory B")
-    compare.add_argument("--by-device", action="store_true", help="also split by device name")
+    compare.add_argument(
+        "--across-devices", action="store_true",
+        help="pool devices and meters (ratios across them are refused otherwise; labelled)",
+    )
     compare.add_argument("--out", help="write the comparison as CSV here")
     compare.add_argument("--format", choices=("table", "json"), default="table")
     compare.set_defaults(handler=_compare)

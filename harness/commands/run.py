@@ -9,6 +9,7 @@ comparison table per method and the run directory's path.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import secrets
@@ -27,7 +28,7 @@ from rich.table import Table
 from harness.errors import HarnessError, HarnessUsageError
 from harness.exit_codes import ExitStatus
 from harness.manifest import build_manifest
-from harness.plan import idle_job, load_plan
+from harness.plan import assign_to_devices, eligible, idle_job, load_plan
 from harness.runner import RERUN_STATUSES, Runner, check_pins
 from harness.store import RunStore
 
@@ -75,7 +76,8 @@ def _start_meters(devices: list[Any], store: RunStore, say) -> tuple[list[Any], 
         if not device.meter:
             sources[device.name] = None
             continue
-        recorders.append(start_recorder(dict(device.meter), store, device.name))
+        recorders.append(start_recorder(dict(device.meter), store, device.name,
+                                        remote=device.transport != "local"))
         sources[device.name] = dict(device.meter)
         described[device.name] = [describe_meter(dict(device.meter), device.name)]
     store.set_run_info(meters=described)  # what produced each figure (analysis.run_energy)
@@ -170,11 +172,19 @@ def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say
         if plan.idle_baseline_s > 0
         else []
     )
-    planned = idle_jobs + list(plan.jobs)
+    resumed = bool(args.resume)
+    seed = _order_seed(store, plan, resumed)
+    arms = assign_to_devices(plan.jobs, devices, seed)
+    planned = idle_jobs + arms
+    store.set_run_info(order={
+        "seed": seed,
+        "jobs": {d.name: [j.job_id for j in arms if eligible(j, d.name, d.tags)]
+                 for d in devices},
+    })
+    say(f"job order per device: random, seed {seed} (plan order_seed to repeat it)")
     for device in devices:
         store.add_device(device.name, device.transport, device.host, device.tags, device.meter)
     store.add_jobs(planned)
-    resumed = bool(args.resume)
     if resumed:
         left = store.mark_unfinished_incomplete("the harness stopped while it ran")
         manifest = store.read_manifest()
@@ -245,6 +255,18 @@ def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say
         return ExitStatus.INTERRUPTED
     statuses = [r["status"] for r in store.query("SELECT status FROM jobs")]
     return ExitStatus.OK if all(s == "completed" for s in statuses) else ExitStatus.PARTIAL
+
+
+def _order_seed(store: RunStore, plan, resumed: bool) -> int:
+    """The plan's `order_seed`; else the one this run recorded (resume); else a new one."""
+    if plan.order_seed is not None:
+        return plan.order_seed
+    if resumed:
+        store.flush()
+        rows = store.query("SELECT value FROM run_info WHERE key = 'order'")
+        if rows:
+            return int(json.loads(rows[0]["value"])["seed"])
+    return secrets.randbelow(2**31)
 
 
 def _transport(device: Any, run_dir: Path):

@@ -79,11 +79,25 @@ def _meter_status(device: Device) -> tuple[str, str | None]:
         pass  # the meters package is optional for this check
     kind = str(device.meter.get("type", "?"))
     port = device.meter.get("port")
+    what = _measures(kind, getattr(device, "transport", "local"))
     if isinstance(port, str):
         if not os.path.exists(port):
             return f"{kind} {port} missing", f"meter port {port} does not exist on the host"
-        return f"{kind} {port}", None
-    return kind, None
+        return f"{kind} {port}: {what}", None
+    return f"{kind}: {what}", None
+
+
+def _measures(kind: str, transport: str) -> str:
+    """Which source measures what, in a few words (`devices check`'s meter column)."""
+    if kind == "modeled":
+        where = "this host's" if transport == "local" else "the device's own"
+        reader = "the host" if transport == "local" else "the device agent"
+        return f"modeled by {reader} from {where} CPU utilisation and frequency (an estimate)"
+    if kind == "pmic":
+        return "measured on the device (PMIC rails, not the board's input)"
+    if kind == "rapl":
+        return "measured by this host's CPU energy counters (the host, not a device)"
+    return "measured at the device's supply, read by the host"
 
 
 def _apply_probe(check: DeviceCheck, probe: DeviceProbe, workdir: str) -> None:

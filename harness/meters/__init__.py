@@ -8,7 +8,8 @@ An inventory device's `meter` section is a mapping; `meter_from_config` validate
     type: line                    port, [baud 115200], [columns t_us,bus_mV,current_uA], [rate_hz]
     type: rapl                    [interval_s 0.1], [powercap_root /sys/class/powercap]
     type: modeled                 [profile pi3b+|pi4|pi5|host], [idle_w], [busy_w], [pid],
-                                  [interval_s 0.5]  (idle_w/busy_w: your board's own figures)
+                                  [interval_s 0.5]  (idle_w/busy_w: your board's own figures;
+                                  on a remote device the agent computes it from its own load)
     type: pmic                    read on the device by the agent (Pi 5); nothing to do here
     any type                      [name], [gap_s], [accuracy_pct], [accuracy_w]
                                   (your meter's accuracy class: % of the reading + watts;
@@ -114,6 +115,11 @@ def meter_from_config(config: Mapping[str, Any], device_name: str = "") -> Meter
     )
 
 
+def power_profile(config: Mapping[str, Any], device_name: str = "") -> PowerProfile:
+    """A `modeled` meter section's profile (for an agent that models its own power)."""
+    return _power_profile(config, f"device {device_name}: " if device_name else "")
+
+
 def _power_profile(config: Mapping[str, Any], where: str) -> PowerProfile:
     """The named (or detected) profile, with the board's own idle/busy watts where given."""
     profile_name = config.get("profile")
@@ -175,11 +181,12 @@ class AgentSourcedRecorder:
 
 
 def start_recorder(
-    meter_config: Mapping[str, Any], store: SampleStore, device_name: str
+    meter_config: Mapping[str, Any], store: SampleStore, device_name: str, remote: bool = False
 ) -> Recorder | AgentSourcedRecorder:
-    """Validate the device's meter section and start reading it into the store."""
+    """Validate the device's meter section and start reading it into the store. A remote
+    device's `modeled` source is computed by its agent (where the load is), not here."""
     meter = meter_from_config(meter_config, device_name)
-    if meter is None:
+    if meter is None or (remote and meter_config.get("type") == "modeled"):
         return AgentSourcedRecorder(device_name)
     gap_s = _field(meter_config, "gap_s", float, None, f"device {device_name}: ")
     return Recorder(meter, store, device_name, gap_s=gap_s).start()
@@ -192,5 +199,6 @@ __all__ = [
     "Recorder",
     "describe_meter",
     "meter_from_config",
+    "power_profile",
     "start_recorder",
 ]
