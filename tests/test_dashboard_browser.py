@@ -126,7 +126,11 @@ def test_live_run_grows_on_the_page_with_phase_boundaries(tmp_path, browser):
             assert "idle" in boundary["labels"] and "standard · mlp" in boundary["labels"]
             rate = page.inner_text(f"{fleet_row} td.rate")
             assert 7.0 < float(rate.split()[0]) < 13.0, rate  # the emulator refreshes at 10 Hz
-            assert "J so far" in page.inner_text(f"{fleet_row} td.energy")
+            # the running job's work so far (from the end of its setup), with its interval
+            energy = wait_for(lambda: " so far (um25c)" in page.inner_text(
+                f"{fleet_row} td.energy") and page.inner_text(f"{fleet_row} td.energy"), 30,
+                "the job's energy so far")
+            assert " J [" in energy, energy
             # hovering shows the exact stored values
             box = page.query_selector("section.device canvas.power").bounding_box()
             page.mouse.move(box["x"] + box["width"] - 40, box["y"] + box["height"] / 2)
@@ -243,3 +247,32 @@ def test_latency_benchmark_median_under_a_second_with_16_devices():
     )  # fmt: skip
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+
+
+def test_the_dashboards_job_figure_is_the_reports(tmp_path, browser):
+    """One definition (issue 15 point 1): each job's energy as the page shows it is the
+    `job` row of the report's energy table, value and interval, to the digit shown."""
+    from analysis.load import load_run
+    from analysis.run_energy import energy_table
+    from analysis.synthetic import build_synthetic_run
+
+    run_dir = tmp_path / "syn"
+    build_synthetic_run(run_dir, devices=("pi-a",), seeds=(0, 1), gap=(1.0, 2.0))
+    report = energy_table(load_run(run_dir))
+    jobs = report[report["phase"] == "job"]
+    assert len(jobs) == 4 and set(jobs["status"]) == {"ok", "low_confidence"}
+    server = start_dashboard(run_dir, port=0)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(server.url)
+        page.wait_for_function("document.querySelector('#liveness').textContent === 'finished'")
+        for row in jobs.itertuples():
+            cell = f"section.device[data-device='pi-a'] tr[data-job='{row.job}'] td.energy"
+            shown = page.inner_text(cell)
+            expected = (f"{row.energy_j:.2f} J [{row.energy_lo_j:.2f}, {row.energy_hi_j:.2f}]"
+                        + (" low-confidence" if row.status == "low_confidence" else "")
+                        + f" ({row.meter})")
+            assert shown == expected, (row.job, shown, expected)
+    finally:
+        page.close()
+        server.stop()
