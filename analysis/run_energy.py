@@ -32,6 +32,7 @@ from analysis.energy import (
     window_energy,
 )
 from analysis.load import PowerTrace, Run
+from analysis.windows import name_windows
 
 ENERGY_COLUMNS = (
     "device", "job", "method", "model", "phase", "epoch", "window", "t_start_s",
@@ -255,7 +256,7 @@ def energy_table(run: Run) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=list(ENERGY_COLUMNS))
     for col in ("attempt", "epoch", "samples"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
-    return frame
+    return name_windows(frame, run)  # user windows by their names
 
 
 def devices_without_power(run: Run) -> list[str]:

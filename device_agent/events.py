@@ -8,6 +8,7 @@ the file going and reports `host_gone`, so the job can stop itself.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -49,6 +50,21 @@ class EventWriter:
                 self._mirror.write(line)
                 self._mirror.flush()
             return event
+
+    def keep_stdout_for_events(self) -> None:
+        """Events go on to a private copy of stdout, and file descriptor 1 (`print`, child
+        processes) to stderr: code run in the agent (a user's script) cannot corrupt the
+        stream. Nothing changes when the stream is not the process's stdout."""
+        with self._lock:
+            try:
+                fd = self._stream.fileno()
+            except (AttributeError, OSError, ValueError):
+                return
+            if fd != 1:
+                return
+            self._stream.flush()
+            self._stream = os.fdopen(os.dup(fd), "w", encoding="utf-8")
+            os.dup2(2, 1)
 
     def close(self) -> None:
         with self._lock:

@@ -12,12 +12,15 @@ import dataclasses
 import hashlib
 import json
 import resource
+import runpy
 import signal
+import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from device_agent import windows
 from device_agent.events import EventWriter
 from device_agent.facts import pi_model
 from device_agent.protocol import AgentExit, JobSpec
@@ -37,6 +40,10 @@ OOM_MESSAGES = ("can't allocate memory", "out of memory", "cannot allocate memor
 
 class JobInterrupted(BaseException):
     """Raised in the job thread by a stop signal or when the host has gone."""
+
+
+class ScriptFailed(RuntimeError):
+    """The user's script exited with a non-zero status."""
 
 
 class DatasetMismatch(RuntimeError):
@@ -138,6 +145,37 @@ def _run_idle(spec: JobSpec, writer: EventWriter) -> dict[str, Any]:
     return {"duration_s": spec.method.duration_s}
 
 
+def _check_file(path: Path, sha256: str, what: str) -> None:
+    if not path.is_file():
+        raise DatasetMismatch(f"{what} file {path} not found")
+    actual = file_sha256(path)
+    if actual != sha256:
+        raise DatasetMismatch(f"{what} file {path} has sha256 {actual}, the job expects {sha256}")
+
+
+def _run_script(spec: JobSpec, writer: EventWriter) -> dict[str, Any]:
+    """Run the user's script in this process as `__main__` (so the samplers measure it and
+    its `device_agent.window` calls stream through `writer`), with its arguments in argv.
+    Its prints go to stderr: stdout carries the events alone."""
+    assert spec.script is not None
+    path = Path(spec.script.path).resolve()
+    writer.keep_stdout_for_events()
+    windows.attach(writer)
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [str(path), *spec.script.args]
+    sys.path.insert(0, str(path.parent))
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise ScriptFailed(f"script {spec.script.name} exited with status {exc.code}") from None
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        unclosed = windows.open_windows()
+        windows.attach(None)
+    return {"script": spec.script.name, "unclosed_windows": ",".join(unclosed) or None}
+
+
 def _run_training(spec: JobSpec, callbacks: StreamingCallbacks) -> dict[str, Any]:
     assert spec.dataset is not None  # validated: only idle has no dataset
     if spec.method.name == "cwr":
@@ -225,19 +263,13 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
     outcome: dict[str, Any]
     started = time.monotonic()
     try:
+        if spec.script is not None:
+            _check_file(Path(spec.script.path), spec.script.sha256, "script")
         if spec.dataset is not None:
-            path = Path(spec.dataset.path)
-            if not path.is_file():
-                raise DatasetMismatch(f"data set file {path} not found")
-            actual = file_sha256(path)
-            if actual != spec.dataset.sha256:
-                raise DatasetMismatch(
-                    f"data set file {path} has sha256 {actual}, the job expects "
-                    f"{spec.dataset.sha256}"
-                )
+            _check_file(Path(spec.dataset.path), spec.dataset.sha256, "data set")
         setup_s = 0.0
         lowmem_block = None  # which low-memory block runs: "fused C++" or why the reference
-        if spec.method.name != "idle":  # load the engine before the memory baseline
+        if spec.method.name not in ("idle", "script"):  # the engine before the baseline
             from trainers import native
             from trainers.train import load_engine
 
@@ -270,6 +302,8 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
             board.begin()
         if spec.method.name == "idle":
             result = _run_idle(spec, writer)
+        elif spec.script is not None:
+            result = _run_script(spec, writer)
         else:
             result = _run_training(spec, callbacks)
         stop_samplers()

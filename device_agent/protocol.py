@@ -19,6 +19,10 @@ Job spec (JSON object, `schema_version` 1)::
      "telemetry": {"memory_hz": 10.0, "power_hz": 5.0, "step_every": 1},
      "limits": {"extra_address_space_bytes": null}}
 
+Method `script` runs the user's script named in `script` ({"name", "path", "sha256",
+"args"}) in the agent, like a built-in job (`model` and `dataset` null); inside it,
+`device_agent.window("NAME")` marks phases, streamed as `window_start` / `window_end`.
+
 Method `idle` runs no training: the agent rests `method.duration_s` seconds
 while its samplers run (the idle baseline); `model` and `dataset` are null.
 
@@ -40,7 +44,7 @@ from typing import Any
 JOB_SCHEMA_VERSION = 1
 EVENT_SCHEMA_VERSION = 1
 
-METHODS = ("standard", "lowmem", "bop", "cwr", "idle")
+METHODS = ("standard", "lowmem", "bop", "cwr", "idle", "script")
 OPTIMIZERS = ("adam", "sgd", "bop")
 EVENT_KINDS = (
     "hello",
@@ -51,6 +55,8 @@ EVENT_KINDS = (
     "memory",
     "power",
     "board",
+    "window_start",  # a user window began (device_agent.window / begin_window)
+    "window_end",  # ... and ended: name, index, start and end times
     "job_end",
     "error",
     "interrupted",
@@ -247,6 +253,32 @@ class PowerModelSpec:
 
 
 @dataclass(frozen=True)
+class ScriptSpec:
+    """A user's training script, deployed to the device by checksum, with its arguments."""
+
+    name: str
+    path: str  # relative to the agent's working directory, or absolute
+    sha256: str
+    args: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: object, prefix: str = "script.") -> ScriptSpec:
+        data = _require_mapping(data, prefix.rstrip("."))
+        _reject_unknown(data, cls, prefix)
+        name = _str(data.get("name"), prefix + "name")
+        if not JOB_ID_PATTERN.match(name):
+            raise SpecError(prefix + "name", name, "letters, digits, '.', '_', '-'")
+        sha = _str(data.get("sha256"), prefix + "sha256")
+        if not SHA256_PATTERN.match(sha):
+            raise SpecError(prefix + "sha256", sha, "64 lower-case hex digits")
+        args = data.get("args", [])
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise SpecError(prefix + "args", args, "a list of strings")
+        return cls(name=name, path=_str(data.get("path"), prefix + "path"), sha256=sha,
+                   args=tuple(args))
+
+
+@dataclass(frozen=True)
 class TelemetrySpec:
     """How often the agent samples memory and on-board power, and which steps it reports."""
 
@@ -316,6 +348,7 @@ class JobSpec:
     eval_every_epochs: int = 1
     telemetry: TelemetrySpec = field(default_factory=TelemetrySpec)
     limits: LimitsSpec = field(default_factory=LimitsSpec)
+    script: ScriptSpec | None = None  # method `script` only
     schema_version: int = JOB_SCHEMA_VERSION
 
     @classmethod
@@ -330,12 +363,19 @@ class JobSpec:
         if not JOB_ID_PATTERN.match(job_id):
             raise SpecError("job_id", job_id, "letters, digits, '.', '_', '-' (max 128)")
         method = MethodSpec.from_dict(data.get("method"))
-        idle = method.name == "idle"
+        script = method.name == "script"
+        idle = method.name == "idle" or script  # neither has the engine's model or data set
         model = _str(data.get("model"), "model", optional=idle)
         raw_dataset = data.get("dataset")
         dataset = None if idle and raw_dataset is None else DatasetSpec.from_dict(raw_dataset)
         if idle and (model is not None or dataset is not None):
-            raise SpecError("model" if model else "dataset", model or raw_dataset, "null for idle")
+            raise SpecError("model" if model else "dataset", model or raw_dataset,
+                            f"null for {method.name}")
+        raw_script = data.get("script")
+        if script != (raw_script is not None):
+            raise SpecError("script", raw_script,
+                            "the script to run" if script else "null unless method is script")
+        script_spec = ScriptSpec.from_dict(raw_script) if script else None
         epochs = _int(data.get("epochs", 1), "epochs", minimum=1, optional=True,
                       maximum=MAX_EPOCHS)
         max_steps = _int(data.get("max_steps"), "max_steps", minimum=1, optional=True)
@@ -354,6 +394,7 @@ class JobSpec:
             eval_every_epochs=_int(data.get("eval_every_epochs", 1), "eval_every_epochs", 1),
             telemetry=TelemetrySpec.from_dict(data.get("telemetry", {})),
             limits=LimitsSpec.from_dict(data.get("limits", {})),
+            script=script_spec,
         )
 
     @classmethod
@@ -370,6 +411,8 @@ class JobSpec:
         data = asdict(self)
         data["method"]["enable"] = list(self.method.enable)
         data["method"]["disable"] = list(self.method.disable)
+        if self.script is not None:
+            data["script"]["args"] = list(self.script.args)
         return data
 
     def to_json(self) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import device_agent
 from device_agent.protocol import MAX_EVENT_LINE_BYTES, SpecError, parse_clock_reply
 from harness.errors import DeviceLost, DeviceUnreachable
-from harness.transport import DATA_DIR, device_data_path, device_job_dir
+from harness.transport import DATA_DIR, device_job_dir, device_side_spec
 
 CLOCK_TIMEOUT_S = 5.0
 CODE_ROOT = Path(device_agent.__file__).resolve().parents[1]
@@ -174,9 +174,7 @@ class LocalTransport:
         job_dir = device_job_dir(job_spec["job_id"])
         (self.workdir / job_dir).mkdir(parents=True, exist_ok=True)
         spec_path = f"{job_dir}/job.json"
-        spec = json.loads(json.dumps(job_spec))
-        if isinstance(spec.get("dataset"), dict):
-            spec["dataset"]["path"] = device_data_path(Path(spec["dataset"]["path"]))
+        spec = device_side_spec(job_spec)
         (self.workdir / spec_path).write_text(json.dumps(spec, sort_keys=True))
         try:
             with (self.workdir / job_dir / "stderr.log").open("ab") as stderr:

@@ -21,6 +21,15 @@ Errors name the file, line and field. Example (the embedded default)::
         repeats: 1
         epochs: 3
         devices: [local]             # optional: pin to device names or tags
+    scripts:                         # your own training scripts (optional; matrix optional then)
+      - name: my-bnn                 # job id script-my-bnn-r0
+        path: train_my_bnn.py        # relative to the plan; deployed to devices by checksum
+        args: [--epochs, "2"]
+        devices: [pi5]               # optional, as above; repeats: N optional
+
+A script runs in the device agent like a built-in job (same events, memory sampling,
+meters, clock alignment, faults); `import device_agent` and `with
+device_agent.window("NAME"):` inside it marks windows that get their own energy.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,7 +49,9 @@ from harness.fleet.yaml_lines import YamlList, YamlMap, load_yaml_with_lines
 from harness.store import PlannedJob
 
 PLAN_KEYS = ("idle_baseline_s", "cooldown_s", "max_attempts", "order_seed", "telemetry",
-             "datasets", "matrix")
+             "datasets", "matrix", "scripts")
+SCRIPT_KEYS = ("name", "path", "args", "devices", "repeats")
+MAX_SCRIPT_BYTES = 16 << 20
 ENTRY_KEYS = (
     "methods",
     "models",
@@ -154,8 +166,11 @@ def _method(where: _Where, entry: YamlMap, value: Any, name: str) -> dict[str, A
             "name",
             f"{name}.name",
             f"unknown method {method.get('name')!r}; choose one of "
-            f"{', '.join(m for m in METHODS if m != 'idle')}",
+            f"{', '.join(m for m in METHODS if m not in ('idle', 'script'))}",
         )
+    if method.get("name") == "script":
+        raise where.error(method if isinstance(method, YamlMap) else entry, "name",
+                          f"{name}.name", "your own scripts go in the plan's 'scripts' list")
     label = method.get("label", method["name"])
     if not isinstance(label, str) or not LABEL_PATTERN.match(label):
         raise where.error(
@@ -189,8 +204,9 @@ def load_plan(path: Path) -> Plan:
     if not isinstance(telemetry, dict):
         raise where.error(doc, "telemetry", "telemetry", f"expected a mapping, got {telemetry!r}")
     datasets = _datasets(where, doc, path)
-    matrix = doc.get("matrix")
-    if not isinstance(matrix, YamlList) or not matrix:
+    scripts = _scripts(where, doc, path, telemetry)
+    matrix = doc.get("matrix", YamlList() if scripts else None)
+    if not isinstance(matrix, YamlList) or not (matrix or scripts):
         raise where.error(doc, "matrix", "matrix", f"expected a non-empty list, got {matrix!r}")
     jobs: list[PlannedJob] = []
     seen: dict[str, str] = {}
@@ -207,6 +223,8 @@ def load_plan(path: Path) -> Plan:
                 )
             seen[job.job_id] = f"matrix[{index}]"
             jobs.append(PlannedJob(**{**job.__dict__, "plan_index": len(jobs)}))
+    for job in scripts:
+        jobs.append(PlannedJob(**{**job.__dict__, "plan_index": len(jobs)}))
     return Plan(
         path,
         idle_s,
@@ -218,6 +236,62 @@ def load_plan(path: Path) -> Plan:
         tuple(jobs),
         doc,
     )
+
+
+def _scripts(where: _Where, doc: YamlMap, path: Path, telemetry: dict) -> list[PlannedJob]:
+    """The plan's own scripts: `scripts: [{name, path, args, devices, repeats}]`, each run by
+    the agent like a built-in job (job id `script-NAME-rREPEAT`)."""
+    section = doc.get("scripts", [])
+    if not isinstance(section, list):
+        raise where.error(doc, "scripts", "scripts", f"expected a list, got {section!r}")
+    jobs, names = [], set()
+    for index, entry in enumerate(section):
+        label = f"scripts[{index}]"
+        if not isinstance(entry, YamlMap):
+            raise where.error(section, index, label, "expected {name, path, args}")
+        for key in entry:
+            if key not in SCRIPT_KEYS:
+                raise where.error(entry, key, f"{label}.{key}",
+                                  f"unknown key; choose from {', '.join(SCRIPT_KEYS)}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not LABEL_PATTERN.match(name) or name in names:
+            raise where.error(entry, "name", f"{label}.name",
+                              f"expected a new name of letters, digits, '.', '_', '-', got "
+                              f"{name!r}")
+        names.add(name)
+        raw_path = entry.get("path")
+        if not isinstance(raw_path, str) or not raw_path:
+            raise where.error(entry, "path" if "path" in entry else entry.line,
+                              f"{label}.path", f"expected the script's file, got {raw_path!r}")
+        script = (path.parent / Path(raw_path).expanduser()).resolve()
+        if not script.is_file():
+            raise where.error(entry, "path", f"{label}.path", f"no such file {str(script)!r}")
+        if script.stat().st_size > MAX_SCRIPT_BYTES:
+            raise where.error(entry, "path", f"{label}.path",
+                              f"{script} is larger than {MAX_SCRIPT_BYTES} bytes")
+        args = entry.get("args", [])
+        if isinstance(args, str):
+            args = shlex.split(args)
+        if not isinstance(args, list) or not all(isinstance(a, (str, int, float)) for a in args):
+            raise where.error(entry, "args", f"{label}.args",
+                              f"expected a list of arguments, got {args!r}")
+        repeats = _int_list(where, entry, "repeats", f"{label}.repeats", [1], 1)[0]
+        pinned = tuple(_name_list(where, entry, "devices", f"{label}.devices", [])
+                       if "devices" in entry else ())
+        for repeat in range(repeats):
+            job_id = f"script-{name}-r{repeat}"
+            spec = JobSpec.from_dict({
+                "schema_version": 1, "job_id": job_id, "method": {"name": "script"},
+                "model": None, "dataset": None, "epochs": None, "telemetry": dict(telemetry),
+                "script": {"name": name, "path": str(script), "sha256": PLACEHOLDER_SHA256,
+                           "args": [str(a) for a in args]},
+            }).to_dict()
+            jobs.append(PlannedJob(
+                job_id=job_id, plan_index=0, kind="script", method="script", model=None,
+                dataset=None, batch_size=None, epochs=None, max_steps=None, seed=None,
+                repeat=repeat, pinned=pinned, spec=spec,
+            ))
+    return jobs
 
 
 def _datasets(where: _Where, doc: YamlMap, path: Path) -> dict[str, Path | None]:

@@ -206,7 +206,7 @@ class StreamRecorder:
         elif kind == "job_start":
             self.t_start_host_s = t_host
             self.progress.state = "running"
-            if self.job.kind == "idle":
+            if self.job.kind in ("idle", "script"):  # no epochs: the work starts here
                 self._end_setup(t_host)
         elif kind == "epoch_start" and fits_int64(data.get("epoch")):
             self._epoch_start_host_s[data["epoch"]] = t_host
@@ -247,6 +247,15 @@ class StreamRecorder:
                     )
                 ]
             )
+        elif kind == "window_start" and isinstance(data.get("name"), str):
+            self.progress.state = f"window {data['name'][:40]}"
+        elif (kind == "window_end" and fits_int64(data.get("index"))
+              and _finite(data.get("t_start_wall_s"))):
+            start = self.clock.to_host(float(data["t_start_wall_s"]))
+            if t_host >= start:  # the name stays in the event (analysis.windows reads it)
+                self.store.add_phase(self.device, self.job.job_id, self.attempt, "window",
+                                     data["index"], start, t_host)
+            self.progress.state = "running"
         elif kind == "power" and _finite(data.get("power_w")):
             # a reading that is a mean over the period before it is stamped at its middle
             half_s = data["interval_s"] / 2 if _finite(data.get("interval_s")) else 0.0
@@ -465,12 +474,15 @@ class Runner:
         attempts: dict[str, int],
         log: Callable[[str], None],
         transport_factory: Callable[[Any], Transport] = make_transport,
+        script_files: dict[str, Path] | None = None,
     ) -> None:
         self.store = store
         self.devices = devices
         self.queue = JobQueue(jobs)
         self.datasets = dataset_files
-        self.dataset_files = sorted(set(dataset_files.values()))
+        self.script_files = dict(script_files or {})  # script name -> the run's copy
+        # deployed to every device by checksum (into data/, beside the data sets)
+        self.dataset_files = sorted(set(dataset_files.values()) | set(self.script_files.values()))
         self._sha256: dict[str, str] = {}
         self.max_attempts = max_attempts
         self.cooldown_s = cooldown_s
@@ -491,25 +503,27 @@ class Runner:
             return self._attempts[job_id]
 
     def device_spec(self, job: PlannedJob, device: Any = None) -> dict[str, Any]:
-        """The job's spec with the data set's host path and checksum filled in, and the
-        device's `modeled` power source when the agent computes it; validated."""
+        """The job's spec with the data set's (a script's) host path and checksum filled in,
+        and the device's `modeled` power source when the agent computes it; validated."""
         spec = dict(job.spec)
         model = agent_power_model(device) if device is not None else None
         if model is not None:
             spec["telemetry"] = {**spec.get("telemetry", {}), "power_model": model}
         if job.dataset is not None:
             path = self.datasets[job.dataset]
-            if job.dataset not in self._sha256:
-                from trainers.data.canonical import file_sha256
-
-                self._sha256[job.dataset] = file_sha256(path)
-            spec["dataset"] = {
-                "name": job.dataset,
-                "path": str(path),
-                "sha256": self._sha256[job.dataset],
-            }
+            spec["dataset"] = {"name": job.dataset, "path": str(path), "sha256": self._sha(path)}
+        if job.kind == "script":
+            path = self.script_files[spec["script"]["name"]]
+            spec["script"] = {**spec["script"], "path": str(path), "sha256": self._sha(path)}
         JobSpec.from_dict(spec)
         return spec
+
+    def _sha(self, path: Path) -> str:
+        if str(path) not in self._sha256:
+            from trainers.data.canonical import file_sha256
+
+            self._sha256[str(path)] = file_sha256(path)
+        return self._sha256[str(path)]
 
     def start(self) -> None:
         for worker in self.workers:

@@ -21,6 +21,7 @@ Faults: `DeviceUnreachable` before a job starts (the runner skips the device),
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -34,6 +35,16 @@ JOBS_DIR = "jobs"
 def device_data_path(dataset_file: Path) -> str:
     """Where a prepared data set file lives on every device, relative to the work directory."""
     return f"{DATA_DIR}/{dataset_file.name}"
+
+
+def device_side_spec(job_spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec with the data set's (and a script's) path pointing where deployment put it."""
+    spec = json.loads(json.dumps(job_spec))
+    for key in ("dataset", "script"):
+        part = spec.get(key)
+        if isinstance(part, dict) and isinstance(part.get("path"), str):
+            part["path"] = device_data_path(Path(part["path"]))
+    return spec
 
 
 def device_job_dir(job_id: str) -> str:

@@ -167,6 +167,7 @@ def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say
         else:
             say(f"preparing data set {source.name} ...")
             prepared[source.name] = prepare_dataset(source.name, source.source, data_dir).path
+    scripts = snapshot_scripts(plan.jobs, run_dir)
     idle_jobs = (
         [idle_job(d.name, plan.idle_baseline_s, plan.telemetry) for d in devices]
         if plan.idle_baseline_s > 0
@@ -214,6 +215,7 @@ def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say
         attempts=attempts,
         log=say,
         transport_factory=lambda d: _transport(d, run_dir),
+        script_files=scripts,
     )
     interrupted = False
     try:
@@ -267,6 +269,22 @@ def _order_seed(store: RunStore, plan, resumed: bool) -> int:
         if rows:
             return int(json.loads(rows[0]["value"])["seed"])
     return secrets.randbelow(2**31)
+
+
+def snapshot_scripts(jobs: Any, run_dir: Path) -> dict[str, Path]:
+    """The plan's scripts copied into RUN/scripts/ (once: a resumed run runs the same code);
+    script name -> the copy, which is what devices get."""
+    copies: dict[str, Path] = {}
+    for job in jobs:
+        if job.kind != "script" or job.spec["script"]["name"] in copies:
+            continue
+        name, source = job.spec["script"]["name"], Path(job.spec["script"]["path"])
+        target = run_dir / "scripts" / f"script-{name}{source.suffix or '.py'}"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        copies[name] = target
+    return copies
 
 
 def _transport(device: Any, run_dir: Path):

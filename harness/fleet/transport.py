@@ -39,7 +39,7 @@ from harness.fleet.deploy import (
 from harness.fleet.errors import HostKeyRejected
 from harness.fleet.probe import DeviceProbe, probe_device, require_agent_dependencies
 from harness.inventory import REMOTE_PATH_RE, Device
-from harness.transport import device_data_path, device_job_dir
+from harness.transport import device_job_dir, device_side_spec
 
 # The launcher's last stderr line carries the agent's exit code (negative: killed by that
 # signal), which an SSH exit status cannot. Its first argument is the dead-man time: with no
@@ -322,10 +322,3 @@ class SshTransport:
         return SshRemoteJob(channel, self.device)
 
 
-def device_side_spec(job_spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec with the data set path pointing where deployment put the file."""
-    spec = json.loads(json.dumps(job_spec))
-    dataset = spec.get("dataset")
-    if isinstance(dataset, dict) and isinstance(dataset.get("path"), str):
-        dataset["path"] = device_data_path(Path(dataset["path"]))
-    return spec
