@@ -93,6 +93,11 @@ class StreamingCallbacks:
         if self._writer.host_gone:
             raise JobInterrupted("host gone (stdout closed)")
 
+    def on_setup(self, stage: str, **info: Any) -> None:
+        """A setup stage begins (loading data, building model): the host shows it."""
+        self._check_host()
+        self._writer.emit("setup", stage=stage, **info)
+
     def on_epoch_start(self, epoch: int) -> None:
         self._check_host()
         self._writer.emit("epoch_start", epoch=epoch)
@@ -143,6 +148,17 @@ def _run_idle(spec: JobSpec, writer: EventWriter) -> dict[str, Any]:
         if writer.host_gone:
             raise JobInterrupted("host gone (stdout closed)")
     return {"duration_s": spec.method.duration_s}
+
+
+def _engine_stage() -> str:
+    """'building kernels' when the engine's fused kernels are not in the cache yet (a minute
+    or more on a Pi), else 'loading engine'."""
+    try:
+        from trainers import kernel_cache
+
+        return "loading engine" if kernel_cache.current_build().built else "building kernels"
+    except Exception:  # no compiler, odd cache: loading says the rest
+        return "loading engine"
 
 
 def _check_file(path: Path, sha256: str, what: str) -> None:
@@ -266,10 +282,12 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
         if spec.script is not None:
             _check_file(Path(spec.script.path), spec.script.sha256, "script")
         if spec.dataset is not None:
+            writer.emit("setup", stage="checking data")
             _check_file(Path(spec.dataset.path), spec.dataset.sha256, "data set")
         setup_s = 0.0
         lowmem_block = None  # which low-memory block runs: "fused C++" or why the reference
         if spec.method.name not in ("idle", "script"):  # the engine before the baseline
+            writer.emit("setup", stage=_engine_stage())
             from trainers import native
             from trainers.train import load_engine
 

@@ -55,6 +55,7 @@ EVENT_KINDS = (
     "memory",
     "power",
     "board",
+    "setup",  # a setup stage began: checking data, building kernels, loading data, ...
     "window_start",  # a user window began (device_agent.window / begin_window)
     "window_end",  # ... and ended: name, index, start and end times
     "job_end",

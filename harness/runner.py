@@ -36,6 +36,8 @@ from harness.store import EventRecord, MemorySample, PlannedJob, RunStore
 from harness.transport import Transport, make_transport
 
 FINAL_STATUSES = ("completed", "failed", "oom")
+# Setup stages long enough to deserve a line of their own in the run's output.
+LOGGED_STAGES = ("building kernels",)
 RERUN_STATUSES = ("pending", "running", "incomplete", "interrupted")
 WAIT_AFTER_STREAM_S = 30.0
 STOP_GRACE_S = 5.0
@@ -55,12 +57,22 @@ class Progress:
 
     device: str
     job_id: str | None = None
-    state: str = "waiting"
+    state: str = "waiting"  # waiting, clock, starting, setup: <stage>, running, window <name>
+    state_since_s: float | None = None  # host time the state began (for "elapsed")
     epoch: int | None = None
-    step: int | None = None
+    step: int | None = None  # global step
     loss: float | None = None
     done: int = 0
     failed: int = 0
+    jobs_total: int = 0  # jobs this device may run (its share of the queue at the start)
+    epochs: int | None = None  # the current job's epochs and max steps (from its spec)
+    max_steps: int | None = None
+    steps_per_epoch: int | None = None  # told by the agent once the data is loaded
+    job_started_s: float | None = None
+
+    def set_state(self, state: str, now: float | None = None) -> None:
+        if state != self.state:
+            self.state, self.state_since_s = state, time.time() if now is None else now
 
 
 def classify(exit_code: int | None, last_kind: str | None, stop_requested: bool) -> tuple[str, str]:
@@ -139,8 +151,10 @@ class StreamRecorder:
         clock: ClockEstimate,
         progress: Progress,
         t_attempt_host_s: float | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
+        self.log = log  # long setup stages are also said as a line (logs without a terminal)
         self.t_attempt_host_s = t_attempt_host_s  # when the host started the agent
         self.device = device
         self.job = job
@@ -203,15 +217,23 @@ class StreamRecorder:
         kind = event.kind
         if kind == "hello":
             self.store.set_device_facts(self.device, data)
+        elif kind == "setup" and isinstance(data.get("stage"), str):
+            self.progress.set_state(f"setup: {data['stage'][:40]}")
+            if self.log is not None and data["stage"] in LOGGED_STAGES:
+                self.log(f"[{self.device}] {self.job.job_id}: {data['stage']} ...")
+            if fits_int64(data.get("steps_per_epoch")) and data["steps_per_epoch"] > 0:
+                self.progress.steps_per_epoch = data["steps_per_epoch"]
         elif kind == "job_start":
             self.t_start_host_s = t_host
-            self.progress.state = "running"
+            if not self.progress.state.startswith("setup"):
+                self.progress.set_state("running")
             if self.job.kind in ("idle", "script"):  # no epochs: the work starts here
                 self._end_setup(t_host)
         elif kind == "epoch_start" and fits_int64(data.get("epoch")):
             self._epoch_start_host_s[data["epoch"]] = t_host
             self._end_setup(t_host)
             self.progress.epoch = data["epoch"]
+            self.progress.set_state("running")
         elif kind == "step":
             self.progress.step = data.get("global_step")
             loss = data.get("loss")
@@ -248,14 +270,14 @@ class StreamRecorder:
                 ]
             )
         elif kind == "window_start" and isinstance(data.get("name"), str):
-            self.progress.state = f"window {data['name'][:40]}"
+            self.progress.set_state(f"window {data['name'][:40]}")
         elif (kind == "window_end" and fits_int64(data.get("index"))
               and _finite(data.get("t_start_wall_s"))):
             start = self.clock.to_host(float(data["t_start_wall_s"]))
             if t_host >= start:  # the name stays in the event (analysis.windows reads it)
                 self.store.add_phase(self.device, self.job.job_id, self.attempt, "window",
                                      data["index"], start, t_host)
-            self.progress.state = "running"
+            self.progress.set_state("running")
         elif kind == "power" and _finite(data.get("power_w")):
             # a reading that is a mean over the period before it is stamped at its middle
             half_s = data["interval_s"] / 2 if _finite(data.get("interval_s")) else 0.0
@@ -330,12 +352,12 @@ class DeviceWorker:
             transport = run.transport_factory(self.device)
             transport.open()
         except (DeviceUnreachable, DeviceLost) as exc:
-            self.progress.state = "unreachable"
+            self.progress.set_state("unreachable")
             store.set_device_status(self.device.name, "unreachable", str(exc))
             run.log(f"[{self.device.name}] unreachable, skipped: {exc}")
             return
         except Exception as exc:  # a bug or bad setting: recorded, the other devices go on
-            self.progress.state = "error"
+            self.progress.set_state("error")
             store.set_device_status(self.device.name, "error", f"{type(exc).__name__}: {exc}")
             run.log(f"[{self.device.name}] error, skipped: {type(exc).__name__}: {exc}")
             return
@@ -348,7 +370,7 @@ class DeviceWorker:
                 if job is None:
                     break
                 if not first and run.cooldown_s > 0 and job.kind != "idle":
-                    self.progress.state = "cooling down"
+                    self.progress.set_state("cooling down")
                     run.stop_requested.wait(run.cooldown_s)
                 first = False
                 self._run_with_retries(transport, job)
@@ -360,7 +382,7 @@ class DeviceWorker:
             store.set_device_status(self.device.name, "error", f"{type(exc).__name__}: {exc}")
             run.log(f"[{self.device.name}] error: {type(exc).__name__}: {exc}")
         finally:
-            self.progress.state = "done" if not run.stop_requested.is_set() else "stopped"
+            self.progress.set_state("done" if not run.stop_requested.is_set() else "stopped")
             self.progress.job_id = None
             transport.close()
 
@@ -398,9 +420,11 @@ class DeviceWorker:
         run = self.run
         store = run.store
         name = self.device.name
-        self.progress.job_id = job.job_id
-        self.progress.state = "clock"
-        self.progress.epoch = self.progress.step = self.progress.loss = None
+        progress = self.progress
+        progress.job_id, progress.job_started_s = job.job_id, time.time()
+        progress.set_state("clock")
+        progress.epoch = progress.step = progress.loss = progress.steps_per_epoch = None
+        progress.epochs, progress.max_steps = job.spec.get("epochs"), job.spec.get("max_steps")
         before = estimate_offset(transport)
         store.add_clock_offset(
             name,
@@ -416,9 +440,10 @@ class DeviceWorker:
         spec = run.device_spec(job, self.device)
         t_attempt = time.time()
         store.start_job(job.job_id, name, attempt, t_attempt)
-        self.progress.state = "starting"
+        self.progress.set_state("starting")
         remote = transport.start_job(spec)
-        recorder = StreamRecorder(store, name, job, attempt, before, self.progress, t_attempt)
+        recorder = StreamRecorder(store, name, job, attempt, before, self.progress, t_attempt,
+                                  log=run.log)
         with run.lock:
             run.running[name] = remote
             stopped_before_registered = run.stop_requested.is_set()
@@ -493,6 +518,9 @@ class Runner:
         self.lock = threading.Lock()
         self.running: dict[str, Any] = {}
         self.workers = [DeviceWorker(device, self) for device in devices]
+        for worker in self.workers:
+            worker.progress.jobs_total = sum(
+                eligible(job, worker.device.name, worker.device.tags) for job in jobs)
 
     def next_job(self, device: Any) -> PlannedJob | None:
         return self.queue.take(device)

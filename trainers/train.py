@@ -204,10 +204,10 @@ def _step_under_ledger(model, optimizer, x: torch.Tensor, y: torch.Tensor) -> tu
     return losses[0], peak.peak_bytes
 
 
-def _call(callbacks: Any, name: str, *args: Any) -> None:
+def _call(callbacks: Any, name: str, *args: Any, **kwargs: Any) -> None:
     method = getattr(callbacks, name, None)
     if method is not None:
-        method(*args)
+        method(*args, **kwargs)
 
 
 def train(
@@ -224,8 +224,12 @@ def train(
     from trainers.optim import build_optimizer
 
     check_config(config)
+    if dataset is None:
+        _call(callbacks, "on_setup", "loading data")  # what the run's progress shows
     data = dataset if dataset is not None else load_training_data(config)
     check_config(config, data)
+    _call(callbacks, "on_setup", "building model",
+          steps_per_epoch=data.train_size // config.batch_size)
 
     torch.manual_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)

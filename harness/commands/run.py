@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
 from harness.errors import HarnessError, HarnessUsageError
 from harness.exit_codes import ExitStatus
 from harness.manifest import build_manifest
 from harness.plan import assign_to_devices, eligible, idle_job, load_plan
+from harness.progress import FleetProgress
 from harness.runner import RERUN_STATUSES, Runner, check_pins
 from harness.store import RunStore
 
@@ -84,25 +84,6 @@ def _start_meters(devices: list[Any], store: RunStore, say) -> tuple[list[Any], 
     if not recorders:
         say("power: no device has a meter in the inventory; energy is not measured")
     return recorders, {"recorded": bool(recorders), "meters": sources}
-
-
-def _progress_table(runner: Runner) -> Table:
-    table = Table(title="devices", expand=False)
-    for column in ("device", "job", "state", "epoch", "step", "loss", "done", "failed"):
-        table.add_column(column)
-    for worker in runner.workers:
-        p = worker.progress
-        table.add_row(
-            p.device,
-            p.job_id or "-",
-            p.state,
-            str(p.epoch or "-"),
-            str(p.step or "-"),
-            f"{p.loss:.4f}" if p.loss is not None else "-",
-            str(p.done),
-            str(p.failed),
-        )
-    return table
 
 
 def _jobs_to_run(store: RunStore, planned: list[Any]) -> tuple[list[Any], dict[str, int]]:
@@ -219,22 +200,18 @@ def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say
     )
     interrupted = False
     try:
-        with Live(
-            _progress_table(runner),
-            console=Console(stderr=True),
-            refresh_per_second=4,
-            transient=False,
-        ) as live:
+        fleet = FleetProgress([w.progress for w in runner.workers], console=Console(stderr=True))
+        with fleet.progress:
             try:
                 runner.start()
                 while runner.alive():
-                    live.update(_progress_table(runner))
+                    fleet.update()
                     if store.fatal_error is not None:
                         say(f"{store.fatal_error}: stopping the agents ...")
                         runner.stop()
                         break
                     time.sleep(0.25)
-                live.update(_progress_table(runner))
+                fleet.update()
             except KeyboardInterrupt:
                 interrupted = True
                 say("interrupted: stopping the agents ...")
