@@ -155,6 +155,8 @@ def compare_methods(jobs: pd.DataFrame, baseline: str = "standard") -> pd.DataFr
         for method, mframe in frame.groupby("method"):
             withheld = (int((mframe["energy_status"] == "withheld").sum())
                         if "energy_status" in mframe else 0)
+            throttled = (int(mframe["throttled"].fillna(False).astype(bool).sum())
+                         if "throttled" in mframe else 0)
             for metric in METRICS:
                 own = with_measurement(t_interval(mframe[metric.column]), mframe, metric)
                 if own.n == 0:
@@ -163,13 +165,15 @@ def compare_methods(jobs: pd.DataFrame, baseline: str = "standard") -> pd.DataFr
                        "label": metric.label, "n": own.n, "mean": own.mean,
                        "ci_low": own.low, "ci_high": own.high, "baseline": baseline,
                        "versus": metric.versus,
-                       "withheld": withheld if _bounds(metric, mframe) else 0}
+                       "withheld": withheld if _bounds(metric, mframe) else 0,
+                       "throttled": throttled}
                 if method != baseline and not base.empty:
                     vs, how = _versus(metric, mframe, base)
                     row.update(vs_mean=vs.mean, vs_ci_low=vs.low, vs_ci_high=vs.high,
                                vs_n=vs.n, vs_how=how)
                 rows.append(row)
-    columns = [*keys, "method", "metric", "label", "n", "withheld", "mean", "ci_low", "ci_high",
+    columns = [*keys, "method", "metric", "label", "n", "withheld", "throttled", "mean",
+               "ci_low", "ci_high",
                "baseline", "versus", "vs_mean", "vs_ci_low", "vs_ci_high", "vs_n", "vs_how"]
     return pd.DataFrame(rows).reindex(columns=columns)
 
@@ -210,6 +214,8 @@ def headline(comparison: pd.DataFrame) -> pd.DataFrame:
         row["n"] = int(frame["n"].max())
         withheld = int(frame["withheld"].max()) if "withheld" in frame else 0
         row["energy withheld"] = withheld
+        throttled = int(frame["throttled"].fillna(0).max()) if "throttled" in frame else 0
+        row["throttled jobs"] = throttled
         for label, metric, which, scale in HEADLINE:
             if metric not in by_metric.index:
                 row[label] = "n/a"

@@ -18,7 +18,7 @@ from analysis.load import Run
 
 CONDITION_COLUMNS = (
     "implementation", "implementation_reason", "torch_threads", "governor", "cpu_mhz_min",
-    "cpu_mhz_max", "temp_c_start", "temp_c_max", "throttled", "throttled_reason", "kernel",
+    "cpu_mhz_max", "temp_c_max", "throttled", "throttled_reason", "kernel",
     "torch_version", "numpy_version", "python_version",
 )
 
@@ -45,7 +45,6 @@ def _conditions(metrics: dict[str, Any]) -> dict[str, Any]:
         "governor": cond.get("governor"),
         "cpu_mhz_min": cond.get("cpu_mhz_min"),
         "cpu_mhz_max": cond.get("cpu_mhz_max"),
-        "temp_c_start": cond.get("temp_c_start"),
         "temp_c_max": cond.get("temp_c_max"),
         "throttled": cond.get("throttled"),
         "throttled_reason": cond.get("throttled_reason"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.conditions import conditions_by_job
 from analysis.load import Run
 
 JOB_KEYS = ("device", "model", "dataset", "batch_size", "method", "seed", "repeat")
@@ -91,6 +92,8 @@ def job_table(run: Run, energy: pd.DataFrame) -> pd.DataFrame:
     table = jobs.merge(res, on="job_id", how="left", suffixes=("", "_result"))
     table["attempt"] = table["attempt"].fillna(table["attempts"]).fillna(1).astype(int)
     table = table.merge(_memory_peaks(run), on=["job_id", "attempt"], how="left")
+    table = table.merge(conditions_by_job(run)[["job_id", "implementation", "throttled",
+                                                "throttled_reason"]], on="job_id", how="left")
     table = table.merge(_epoch_energy(energy), on=["job_id", "attempt"], how="left")
     if "epochs_result" in table:
         table["epochs"] = table["epochs_result"].fillna(table["epochs"])
@@ -113,7 +116,8 @@ def job_table(run: Run, energy: pd.DataFrame) -> pd.DataFrame:
         table[col] = pd.to_numeric(table[col], errors="coerce").astype("Int64")
     table["missing"] = [_missing(row) for row in table.itertuples()]
     columns = [
-        "job_id", *JOB_KEYS, "attempt", "job_status", "result_status", "meter", "meter_kind",
+        "job_id", *JOB_KEYS, "attempt", "job_status", "result_status", "implementation",
+        "throttled", "throttled_reason", "meter", "meter_kind",
         "test_accuracy", "train_accuracy", "epochs", "steps", "epoch_s", "step_s",
         "seconds_total", "samples_trained", "peak_tensor_bytes", "peak_hwm_bytes",
         "peak_rss_delta_bytes", "sampled_hwm_bytes", "memory_samples", "epochs_metered",

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis.conditions import conditions_by_job
 from analysis.energy import (
     UNKNOWN_ACCURACY,
     IdlePower,
@@ -39,8 +40,7 @@ ENERGY_COLUMNS = (
     "t_end_s", "duration_s", "energy_j", "energy_lo_j", "energy_hi_j", "above_idle_j",
     "above_idle_lo_j", "above_idle_hi_j", "meter", "meter_kind", "samples", "status", "reason",
     "attempt", "achieved_hz", "largest_gap_s", "covered_s", "mean_power_w", "idle_power_w",
-    "accuracy_j",
-    "sampling_j", "clock_j", "gap_j", "accuracy_source",
+    "accuracy_j", "sampling_j", "clock_j", "gap_j", "accuracy_source", "throttled",
 )
 
 
@@ -202,6 +202,7 @@ def figure_row(figure: WindowEnergy, phase: PhaseWindow, meter: MeterInfo,
         "accuracy_j": figure.accuracy_j, "sampling_j": figure.sampling_j,
         "clock_j": figure.clock_j, "gap_j": figure.gap_j,
         "accuracy_source": meter.accuracy.source,
+        "throttled": job.get("throttled"),
     }
 
 
@@ -248,7 +249,10 @@ def energy_table(run: Run) -> pd.DataFrame:
     """One row per (device, meter, window): the run's energy figures with their intervals."""
     meters = meter_infos(run.info, run.devices)
     clocks = clock_bounds(run.offsets.to_dict("records"))
-    jobs = {str(r["job_id"]): r for r in run.jobs.to_dict("records")}
+    conditions = conditions_by_job(run)
+    throttled = dict(zip(conditions["job_id"], conditions["throttled"]))
+    jobs = {str(r["job_id"]): {**r, "throttled": throttled.get(r["job_id"])}
+            for r in run.jobs.to_dict("records")}
     rows = []
     for trace in run.traces:
         meter = meters.get((trace.device, trace.meter)) or unknown_meter(trace.meter)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent import windows
+from device_agent.conditions import cpu_mhz, end_conditions, start_conditions
 from device_agent.events import EventWriter
 from device_agent.facts import pi_model
 from device_agent.protocol import AgentExit, JobSpec
@@ -88,6 +89,7 @@ class StreamingCallbacks:
         self.steps = 0
         self.epoch_records: list[dict[str, Any]] = []
         self.peak_tensor_bytes: int | None = None
+        self.mhz_seen: list[float] = []
 
     def _check_host(self) -> None:
         if self._writer.host_gone:
@@ -115,6 +117,7 @@ class StreamingCallbacks:
         self._check_host()
 
     def on_epoch_end(self, record: Any) -> None:
+        self.mhz_seen.append(cpu_mhz())  # the CPU's frequency over the job, once an epoch
         fields = _record_fields(record)
         self.epoch_records.append(fields)
         self._writer.emit("epoch_end", **fields)
@@ -303,6 +306,7 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
         if board:
             board.start()
         limit = _apply_limits(spec)
+        conditions = start_conditions(spec)
         writer.emit(
             "job_start",
             spec=spec.to_dict(),
@@ -312,6 +316,7 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
             power_source=power.source if power else None,
             kernel_build_s=round(setup_s, 1),
             lowmem_block=lowmem_block,
+            conditions=conditions,
         )
         sampler.begin()
         if power:
@@ -338,6 +343,8 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
         )
         if board:
             metrics.update(board.state.to_metrics())
+        metrics["conditions"] = end_conditions(
+            conditions, board.state.to_metrics() if board else None, callbacks.mhz_seen)
         if isinstance(power, PmicSampler):
             metrics.update(pmic_reads=power.reads, pmic_cpu_share=power.cpu_share)
         outcome = {"status": "completed", "exit_code": int(AgentExit.OK), "metrics": metrics}

@@ -230,3 +230,33 @@ def test_a_modeled_source_runs_in_the_agent_from_the_devices_own_load(tmp_path):
     assert agent_power_model(Device()) == {"profile": "pi4", "idle_w": 2.7, "busy_w": 6.4}
     Device.transport = "local"  # this machine: the host-side model measures it
     assert agent_power_model(Device()) is None
+
+
+def test_a_job_reports_the_conditions_it_ran_under(tmp_path):
+    """Issue 15 point 6: implementation and why, threads, governor and frequency, kernel
+    and library versions at job_start; over the job (temperature, throttling) at job_end."""
+    from trainers.data.canonical import file_sha256, write_canonical
+    from trainers.data.digits import load_digits
+
+    data = tmp_path / "digits.npz"
+    write_canonical(load_digits(), data)
+    spec = {
+        "schema_version": 1, "job_id": "lowmem-conditions", "method": {"name": "lowmem"},
+        "model": "mlp", "batch_size": 50, "epochs": 1, "max_steps": 2,
+        "dataset": {"name": "digits", "path": str(data), "sha256": file_sha256(data)},
+        "telemetry": {"memory_hz": 5, "tensor_peak_steps": 0},
+    }
+    proc = agent("run", write_spec(tmp_path, spec), "--out", "out", cwd=tmp_path)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == AgentExit.OK, stderr
+    events = events_of(stdout)
+    start = next(e for e in events if e.kind == "job_start").data["conditions"]
+    assert start["implementation"] in ("fused C++", "reference")
+    assert start["implementation_reason"]  # native.status(): which ran, and why
+    assert start["torch_threads"] >= 1 and start["kernel"] == os.uname().release
+    assert start["versions"]["torch"] and start["versions"]["python"]
+    end = events[-1]
+    assert end.kind == "job_end"
+    over = end.data["conditions"]
+    assert over["implementation"] == start["implementation"]
+    assert over["throttled"] in (True, False) and "temp_c_max" in over

@@ -312,7 +312,9 @@ def print_comparison(store: RunStore, run_dir: Path, devices: list[Any]) -> None
             text += f" ({withheld} withheld)" if withheld else ""
         else:
             text = "withheld" if withheld else "n/a"
-        table.add_row(str(device), meter if isinstance(meter, str) else "-", str(method),
+        throttled = int(done["throttled"].fillna(False).astype(bool).sum())
+        shown = f"{method} ({throttled} throttled)" if throttled else str(method)
+        table.add_row(str(device), meter if isinstance(meter, str) else "-", shown,
                       str(model), str(dataset), f"{len(done)}/{len(frame)}",
                       _mean(done["peak_tensor_bytes"], MIB),
                       _mean(done["peak_rss_delta_bytes"], MIB), _mean(done["epoch_s"]), text,
