@@ -40,7 +40,9 @@ def implementation(spec: JobSpec) -> tuple[str, str]:
     name = spec.method.name
     if name == "idle":
         return "none", "idle baseline"
-    if name in ("standard", "cwr"):
+    if name == "script":
+        return "user script", "the plan's own training script"
+    if name not in ("lowmem", "bop"):
         return "pytorch", "autograd (no low-memory block)"
     from trainers import native
     from trainers.lowmem_fused import runs_fused
