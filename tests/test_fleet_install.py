@@ -74,3 +74,28 @@ def test_short_disk_or_memory_refuses_before_pip_runs():
     with pytest.raises(DeviceNotReady, match="200 MiB of memory available"):
         preflight(probe(mem_available_bytes=200 << 20), plan, "pi4-a")
     preflight(probe(), plan, "pi4-a")
+
+
+def test_the_probe_reads_a_cuda_build_from_torchs_version_file(tmp_path):
+    """torch/version.py says `cuda = '13.0'` in a CUDA build and None in a CPU one (the
+    metadata's nvidia requirements carry platform markers, so they cannot tell)."""
+    import os
+    import subprocess
+    import sys
+
+    from harness.fleet.probe import parse_probe, probe_argv
+
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "version.py").write_text("cuda: Optional[str] = '13.0'\nhip = None\n")
+    result = subprocess.run(probe_argv(sys.executable, str(tmp_path)), capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    found = parse_probe(result.stdout)
+    assert found.torch_cuda == "cuda 13.0"
+    if found.modules.get("torch") and not found.gpu:
+        assert "is a CUDA build (cuda 13.0)" in found.warnings[0]
+    (fake / "version.py").write_text("cuda: Optional[str] = None\n")
+    result = subprocess.run(probe_argv(sys.executable, str(tmp_path)), capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert parse_probe(result.stdout).torch_cuda is None

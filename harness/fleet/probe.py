@@ -69,12 +69,15 @@ found["gpu"] = any(os.path.exists(p) for p in ("/dev/nvidia0", "/proc/driver/nvi
 found["torch_cuda"] = None
 found["cuda_packages_bytes"] = None
 if found["modules"].get("torch"):
-    version = found["modules"]["torch"]
-    requires = importlib.metadata.requires("torch") or []
-    cuda = [r for r in requires if r.startswith(("nvidia-", "cuda-")) and "extra ==" not in r]
-    local = version.partition("+")[2]
-    if local.startswith(("cu", "rocm")) or (not local and cuda):
-        found["torch_cuda"] = local or "CUDA (nvidia packages required)"
+    import re
+    torch_dir = importlib.util.find_spec("torch").submodule_search_locations[0]
+    try:  # torch/version.py: `cuda: Optional[str] = '13.0'` in a CUDA build, None in a CPU one
+        with open(os.path.join(torch_dir, "version.py")) as handle:
+            match = re.search(r"^(cuda|hip)\b[^=]*=\s*'([^']+)'", handle.read(), re.MULTILINE)
+        if match:
+            found["torch_cuda"] = f"{match.group(1).replace('hip', 'rocm')} {match.group(2)}"
+    except OSError:
+        pass
     total = 0
     for dist in importlib.metadata.distributions():
         name = (dist.metadata["Name"] or "").lower()
