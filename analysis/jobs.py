@@ -38,6 +38,8 @@ def _epoch_energy(energy: pd.DataFrame) -> pd.DataFrame:
         job_row = frame[frame["phase"] == "job"]
         setup = frame[frame["phase"] == "setup"]
         statuses = set(ep["status"]) | set(job_row["status"])
+        if "counter_mismatch" in job_row and job_row["counter_mismatch"].fillna(False).any():
+            statuses.add("low_confidence")  # the meter's own counter contradicts the figure
         status = ("withheld" if have.empty else "low_confidence"
                   if statuses - {"ok"} else "ok")
         above = pd.to_numeric(have["above_idle_j"], errors="coerce")
@@ -61,9 +63,20 @@ def _epoch_energy(energy: pd.DataFrame) -> pd.DataFrame:
             "job_energy_hi_j": job_figure["energy_hi_j"] if job_figure is not None else np.nan,
             "setup_energy_j": setup["energy_j"].iloc[0] if len(setup) else np.nan,
             "energy_status": status,
-            "energy_reason": _reasons(pd.concat([ep["reason"], job_row["reason"]])),
+            "energy_reason": _reasons(pd.concat([ep["reason"], job_row["reason"],
+                                                 _counter_notes(job_row)])),
         })
     return pd.DataFrame(rows, columns=list(ENERGY_JOB_COLUMNS))
+
+
+def _counter_notes(job_rows: pd.DataFrame) -> pd.Series:
+    """A job window whose figure the meter's own counter contradicts, said as a reason."""
+    if "counter_mismatch" not in job_rows:
+        return pd.Series(dtype=object)
+    bad = job_rows[job_rows["counter_mismatch"].fillna(False).astype(bool)]
+    return pd.Series([f"the meter's own counter says {r.counter_j:.1f} J, "
+                      f"{r.counter_diff_j:+.1f} J from the integrated figure"
+                      for r in bad.itertuples()], dtype=object)
 
 
 def _reasons(reasons: pd.Series) -> str | None:

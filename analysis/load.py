@@ -78,6 +78,8 @@ class Run:
     gaps: pd.DataFrame
     meter_stats: pd.DataFrame
     traces: list[PowerTrace]
+    counters: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        columns=["device", "meter", "t_host_s", "counter_wh"]))  # meters' own energy counters
     missing: list[str] = field(default_factory=list)
 
     @property
@@ -180,6 +182,16 @@ def _read_power(db: Path, present: set[str], missing: list[str]) -> list[PowerTr
     return traces
 
 
+def _read_counters(conn: sqlite3.Connection, present: set[str]) -> pd.DataFrame | None:
+    """The meters' own energy counters (`counter_wh`, schema 2), time-ordered; None when
+    the store has none."""
+    if "power_samples" not in present or "counter_wh" not in _columns(conn, "power_samples"):
+        return None
+    return pd.read_sql_query(
+        "SELECT device, meter, t_host_s, counter_wh FROM power_samples "
+        "WHERE counter_wh IS NOT NULL ORDER BY device, meter, t_host_s", conn)
+
+
 def load_run(path: str | Path, power: bool = True) -> Run:
     """Load `path` (a run directory or its `run.sqlite`); `power=False` skips the samples."""
     path = Path(path)
@@ -205,6 +217,7 @@ def load_run(path: str | Path, power: bool = True) -> Run:
     try:
         frames = {t: _read_table(conn, t, present, missing) for t in TABLE_COLUMNS}
         traces = _read_power(db, present, missing) if power else []
+        counters = _read_counters(conn, present) if power else None
     finally:
         conn.close()
     info = {}
@@ -230,4 +243,5 @@ def load_run(path: str | Path, power: bool = True) -> Run:
         meter_stats=frames["meter_stats"],
         traces=traces,
         missing=missing,
+        **({"counters": counters} if counters is not None else {}),
     )

@@ -41,7 +41,9 @@ ENERGY_COLUMNS = (
     "above_idle_lo_j", "above_idle_hi_j", "meter", "meter_kind", "samples", "status", "reason",
     "attempt", "achieved_hz", "largest_gap_s", "covered_s", "mean_power_w", "idle_power_w",
     "accuracy_j", "sampling_j", "clock_j", "gap_j", "accuracy_source", "throttled",
+    "counter_j", "counter_diff_j", "counter_mismatch",
 )
+COUNTER_COUNTS = 2  # a counter difference is uncertain by a count at each end
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,29 @@ def phase_windows(run: Run, device: str) -> list[PhaseWindow]:
             for r in ph.itertuples()]
 
 
+def counter_check(counters: pd.DataFrame, row: dict[str, Any]) -> dict[str, Any]:
+    """The meter's own counter over the window (J) against the integrated figure: the
+    counter's last reading at or before each edge (whole mWh on a UM: 3.6 J a count); a
+    difference beyond a count at each end plus the figure's whole interval is a mismatch."""
+    empty = {"counter_j": None, "counter_diff_j": None, "counter_mismatch": None}
+    if counters.empty or row["status"] == "withheld":
+        return empty
+    mine = counters[(counters["device"] == row["device"]) & (counters["meter"] == row["meter"])]
+    t = mine["t_host_s"].to_numpy(dtype=float)
+    c = mine["counter_wh"].to_numpy(dtype=float)
+    a = int(np.searchsorted(t, row["t_start_s"], "right")) - 1
+    b = int(np.searchsorted(t, row["t_end_s"], "right")) - 1
+    if a < 0 or b <= a:
+        return empty
+    counter_j = (c[b] - c[a]) * 3600.0
+    steps = np.diff(c[: b + 1])
+    count_j = float(steps[steps > 0].min()) * 3600.0 if np.any(steps > 0) else 3.6
+    diff = float(row["energy_j"]) - counter_j
+    allowed = COUNTER_COUNTS * count_j + (row["energy_hi_j"] - row["energy_lo_j"])
+    return {"counter_j": counter_j, "counter_diff_j": diff,
+            "counter_mismatch": bool(abs(diff) > allowed)}
+
+
 def trace_rows(run: Run, trace: PowerTrace, meter: MeterInfo,
                clocks: Mapping[tuple[str, int], ClockBound],
                jobs: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -238,11 +263,12 @@ def trace_rows(run: Run, trace: PowerTrace, meter: MeterInfo,
     gaps = recorded_gaps(run.gaps, trace.device, trace.meter,
                          float(t[-1]) if t.size else 0.0)
     idle = device_idle(t, p, [w for w in windows if w.phase == "idle"], gaps)
-    return [
+    rows = [
         figure_row(figure_for(t, p, w, idle=idle, gaps=gaps, accuracy=meter.accuracy,
                               clock=clocks.get((w.job, w.attempt))), w, meter, jobs.get(w.job))
         for w in windows
     ]
+    return [{**row, **counter_check(run.counters, row)} for row in rows]
 
 
 def energy_table(run: Run) -> pd.DataFrame:

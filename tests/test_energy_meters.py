@@ -18,7 +18,7 @@ import pytest
 
 from analysis.energy import MeterAccuracy
 from analysis.load import load_run
-from analysis.run_energy import PhaseWindow, figure_for, recorded_gaps
+from analysis.run_energy import PhaseWindow, counter_check, figure_for, recorded_gaps
 from harness.meters import um
 from harness.meters.emulator import UmEmulator
 from harness.meters.recorder import Recorder
@@ -76,11 +76,11 @@ def recorded(tmp_path_factory):
     run = load_run(run_dir)
     (trace,) = run.traces
     gaps = recorded_gaps(run.gaps, "pi", trace.meter, float(trace.t_host_s[-1]))
-    return t0, trace.t_host_s, trace.power_w, gaps
+    return t0, trace.t_host_s, trace.power_w, gaps, run.counters
 
 
 def figure(recorded, start_s: float, end_s: float):
-    t0, t, p, gaps = recorded
+    t0, t, p, gaps, _ = recorded
     window = PhaseWindow("pi", "job", 1, "job", 0, t0 + start_s, t0 + end_s)
     return figure_for(t, p, window, idle=None, gaps=gaps, accuracy=UM25C, clock=None)
 
@@ -100,6 +100,22 @@ def test_every_ok_interval_contains_the_truth_and_long_jobs_are_within_10_percen
                 widths.append((f.energy_hi_j - f.energy_lo_j) / truth)
     assert len(widths) >= 15  # the long windows were ok and checked, not skipped
     assert max(widths) <= 0.10, max(widths)
+
+
+def test_the_meters_own_counter_cross_checks_the_integrated_energy(recorded):
+    """Issue 15 point 7: the UM's cumulative mWh counter, an independent figure."""
+    f = figure(recorded, 1.0, KILL_AT_S - 1.0)
+    row = {"device": "pi", "meter": "um25c", "t_start_s": f.t_start_s, "t_end_s": f.t_end_s,
+           "energy_j": f.energy_j, "energy_lo_j": f.energy_lo_j, "energy_hi_j": f.energy_hi_j,
+           "status": f.status}
+    counters = recorded[4]
+    assert len(counters) > 20 and counters["counter_wh"].is_monotonic_increasing
+    check = counter_check(counters, row)
+    truth = true_energy(1.0, KILL_AT_S - 1.0)
+    assert check["counter_j"] == pytest.approx(truth, abs=2 * 3.6 + 0.5)  # whole mWh counts
+    assert check["counter_mismatch"] is False
+    wrong = counter_check(counters, {**row, "energy_j": 2 * f.energy_j})
+    assert wrong["counter_mismatch"] is True and wrong["counter_diff_j"] > 0
 
 
 def test_no_window_the_dead_meter_does_not_cover_is_ok(recorded):

@@ -38,7 +38,7 @@ def test_new_store_is_wal_with_a_schema_version_and_all_tables(tmp_path):
         versions = [r[0] for r in store.query("SELECT version FROM schema_version")]
         tables = {r[0] for r in store.query("SELECT name FROM sqlite_master WHERE type='table'")}
     assert mode == "wal"
-    assert versions == [max(schema.MIGRATIONS)]
+    assert versions == sorted(schema.MIGRATIONS)
     assert {
         "devices",
         "jobs",
@@ -153,17 +153,18 @@ def test_migration_backs_up_first_and_refuses_newer_stores(tmp_path, monkeypatch
     with RunStore.create(run_dir) as store:
         store.add_power_samples("d", "m", [Sample(1.0, 3.0)])
     v1 = dict(schema.MIGRATIONS)
-    v2 = {**v1, 2: ("ALTER TABLE power_samples ADD COLUMN flags INTEGER",)}
+    now = max(v1)
+    v2 = {**v1, now + 1: ("ALTER TABLE power_samples ADD COLUMN flags INTEGER",)}
     monkeypatch.setattr(schema, "MIGRATIONS", v2)
     with RunStore.open(run_dir) as store:
         store.flush()
-        assert store.query("SELECT MAX(version) FROM schema_version")[0][0] == 2
+        assert store.query("SELECT MAX(version) FROM schema_version")[0][0] == now + 1
         assert store.query("SELECT flags, power_w FROM power_samples")[0][:] == (None, 3.0)
-    backup = sqlite3.connect(run_dir / "run.sqlite.v1.bak")
-    assert backup.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 1
+    backup = sqlite3.connect(run_dir / f"run.sqlite.v{now}.bak")
+    assert backup.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == now
     assert backup.execute("SELECT COUNT(*) FROM power_samples").fetchone()[0] == 1
     monkeypatch.setattr(schema, "MIGRATIONS", v1)
-    with pytest.raises(HarnessError, match="schema version 2 is newer"):
+    with pytest.raises(HarnessError, match=f"schema version {now + 1} is newer"):
         RunStore.open(run_dir)
 
 

@@ -20,6 +20,8 @@ class PowerSample:
     `t_mono_ns` the host's monotonic clock at the same moment (for intervals);
     `t_meter_s` the meter's own clock where it has one. `modeled` marks estimates that
     were computed, not measured, so they are never mixed silently with measured power.
+    `counter_wh` is the meter's own energy counter where it has one (a UM's selected data
+    group, in whole mWh): an independent cross-check of the integrated energy.
     Not frozen: a frozen dataclass costs five times as much to build, and a fleet of fast
     line meters builds tens of thousands a second.
     """
@@ -32,6 +34,7 @@ class PowerSample:
     t_meter_s: float | None = None
     seq: int = 0
     modeled: bool = False
+    counter_wh: float | None = None  # the meter's own cumulative energy counter, if it has one
 
 
 def host_now() -> tuple[float, int]:

@@ -346,13 +346,18 @@ class UmEmulator(PtyEmulator):
         self.records_sent = 0
         self._next_refresh = 0.0
         self._power_w = 0.0
+        self._energy_wh = 0.0  # the meter's own counter: integrated from refresh to refresh
+        self._last_refresh: float | None = None
 
     def _refresh(self) -> None:
         now = time.monotonic()
         if now < self._next_refresh:
             return
         self._next_refresh = max(self._next_refresh + self.refresh_s, now)
-        self._power_w = max(0.0, self.signal.power_w())
+        power_w = max(0.0, self.signal.power_w())
+        if self._last_refresh is not None:  # trapezoid between refreshes, as the meter counts
+            self._energy_wh += 0.5 * (self._power_w + power_w) * (now - self._last_refresh) / 3600
+        self._last_refresh, self._power_w = now, power_w
         self.log_signal(time.time(), self._power_w)
 
     def _record(self) -> bytes:
@@ -361,7 +366,8 @@ class UmEmulator(PtyEmulator):
         draw = self._random.random()
         torn = draw < self.faults.torn
         bad = not torn and draw < self.faults.torn + self.faults.bad_checksum
-        record = encode_record(self.model, self.volts, power / self.volts, power, corrupt_check=bad)
+        record = encode_record(self.model, self.volts, power / self.volts, power,
+                               corrupt_check=bad, group_mwh=int(self._energy_wh * 1000))
         if bad:
             self.injected["bad_checksum"] += 1
         if torn:

@@ -75,6 +75,7 @@ class UmRecord:
     power_w: float
     temp_c: int
     data_group: int
+    group_mwh: int  # the selected data group's cumulative energy counter (integer mWh)
     recorded_mah: int
     recorded_mwh: int
     recording_s: int
@@ -108,6 +109,7 @@ def parse_record(frame: bytes) -> UmRecord:
             raise CorruptFrame(f"end marker 0x{marker:04X}, expected 0x{END_MARKER:04X}")
     volts_raw, amps_raw, power_mw, temp_c = struct.unpack_from(">HHIH", frame, 2)
     (group,) = struct.unpack_from(">H", frame, 14)
+    (group_mwh,) = struct.unpack_from(">I", frame, 16 + 8 * min(group, 9) + 4)
     recorded_mah, recorded_mwh = struct.unpack_from(">II", frame, 102)
     (recording_s,) = struct.unpack_from(">I", frame, 112)
     (load_decohm,) = struct.unpack_from(">I", frame, 122)
@@ -118,6 +120,7 @@ def parse_record(frame: bytes) -> UmRecord:
         power_w=power_mw * 0.001,
         temp_c=temp_c,
         data_group=group,
+        group_mwh=group_mwh,
         recorded_mah=recorded_mah,
         recorded_mwh=recorded_mwh,
         recording_s=recording_s,
@@ -133,6 +136,7 @@ def encode_record(
     power_w: float,
     temp_c: int = 25,
     corrupt_check: bool = False,
+    group_mwh: int = 0,
 ) -> bytes:
     """Build a record as the meter would send it (used by the emulator).
 
@@ -161,6 +165,7 @@ def encode_record(
         round(temp_c * 9 / 5 + 32),
     )
     struct.pack_into(">I", frame, 122, min(load_decohm, 0xFFFFFFFF))
+    struct.pack_into(">I", frame, 16 + 4, min(group_mwh, 0xFFFFFFFF))  # data group 0, selected
     struct.pack_into(">HH", frame, 118, 2, 5)  # screen timeout, brightness
     if model.has_checksum:
         frame[129] = um34c_checksum(frame) ^ (0x5A if corrupt_check else 0)
@@ -366,6 +371,7 @@ class UmMeter:
                 volts=record.volts,
                 amps=record.amps,
                 seq=self._seq,
+                counter_wh=record.group_mwh / 1000.0,
             )
         ]
 

@@ -401,10 +401,11 @@ class RunStore:
         )
 
     def add_power_samples(self, device: str, meter: str, samples: Iterable[Any]) -> None:
-        """Samples are objects with t_host_s, power_w, volts, amps, t_meter_s (None allowed)."""
+        """Samples are objects with t_host_s, power_w, volts, amps, t_meter_s, counter_wh
+        (all but the first two may be missing or None)."""
         self._enqueue(
-            "INSERT INTO power_samples (device, meter, t_host_s, power_w, volts, amps, t_meter_s) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO power_samples (device, meter, t_host_s, power_w, volts, amps, t_meter_s, "
+            "counter_wh) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     device,
@@ -414,6 +415,7 @@ class RunStore:
                     getattr(s, "volts", None),
                     getattr(s, "amps", None),
                     getattr(s, "t_meter_s", None),
+                    getattr(s, "counter_wh", None),
                 )
                 for s in samples
             ],

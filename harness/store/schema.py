@@ -68,6 +68,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             seconds_total REAL, peak_tensor_bytes INTEGER, peak_hwm_bytes INTEGER,
             peak_rss_delta_bytes INTEGER, metrics_json TEXT)""",
     ),
+    # a meter's own cumulative energy counter at the sample (UM: the selected group's mWh)
+    2: ("ALTER TABLE power_samples ADD COLUMN counter_wh REAL",),
 }
 
 SCHEMA_VERSION = max(MIGRATIONS)
