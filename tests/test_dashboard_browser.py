@@ -1,5 +1,8 @@
 """The dashboard in headless Chromium (Debian's /usr/bin/chromium through playwright).
 
+The charts are uPlot's (vendored, so the page loads nothing from elsewhere): lines break
+where samples stop, epoch labels never overlap, wheel zoom, drag pan and double-click reset.
+
 A real `harness run` (the local device, an emulated UM25C on a real pty following this
 test's CPU load) writes its store while the page watches it: the power trace must grow,
 a phase boundary must appear, and the screenshot is kept under `artifacts/`. The store
@@ -8,6 +11,8 @@ problems (missing, empty, older schema) must show as a readable message on the p
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import signal
 import subprocess
@@ -21,10 +26,12 @@ from test_dashboard import Sample, make_old_store, write_run
 from harness.dashboard import start_dashboard
 from harness.meters.emulator import LoadSignal, UmEmulator
 from harness.meters.modeled import POWER_PROFILES
+from harness.store import MemorySample
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
+MIB = 1 << 20
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -74,9 +81,9 @@ def wait_for(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def power_canvas(page) -> dict:
+def power_plot(page) -> dict:
     return page.eval_on_selector(
-        "section.device[data-device='local'] canvas.power",
+        "section.device[data-device='local'] .plot.power",
         "c => ({samples: +c.dataset.samples, marks: +c.dataset.marks, labels: c.dataset.labels})",
     )
 
@@ -107,9 +114,9 @@ def test_live_run_grows_on_the_page_with_phase_boundaries(tmp_path, browser):
             wait_for(lambda: (runs / "live" / "run.sqlite").exists(), 30, "the run store")
             page.goto(server.url)
             page.click("a[href='/run/live/']")
-            page.wait_for_selector("section.device[data-device='local'] canvas.power")
+            page.wait_for_selector("section.device[data-device='local'] .plot.power")
             first = wait_for(
-                lambda: power_canvas(page)["samples"] >= 5 and power_canvas(page), 30, "samples"
+                lambda: power_plot(page)["samples"] >= 5 and power_plot(page), 30, "samples"
             )
             assert page.inner_text("#liveness") == "live"
             fleet_row = "#fleet tbody tr[data-device='local']"
@@ -117,7 +124,7 @@ def test_live_run_grows_on_the_page_with_phase_boundaries(tmp_path, browser):
             assert "um25c" in page.inner_text(fleet_row)
             # a phase boundary appears (the idle baseline's end, then the job's epochs)
             boundary = wait_for(
-                lambda: "epoch 1" in power_canvas(page)["labels"] and power_canvas(page),
+                lambda: "epoch 1" in power_plot(page)["labels"] and power_plot(page),
                 60,
                 "the first epoch's boundary",
             )
@@ -132,7 +139,7 @@ def test_live_run_grows_on_the_page_with_phase_boundaries(tmp_path, browser):
                 "the job's energy so far")
             assert " J [" in energy, energy
             # hovering shows the exact stored values
-            box = page.query_selector("section.device canvas.power").bounding_box()
+            box = page.query_selector("section.device .plot.power").bounding_box()
             page.mouse.move(box["x"] + box["width"] - 40, box["y"] + box["height"] / 2)
             tooltip = page.inner_text("#tooltip")
             assert " W at " in tooltip and "um25c" in tooltip and "job mlp-digits" in tooltip
@@ -168,7 +175,7 @@ def test_finished_run_status_gaps_and_wheel_zoom(tmp_path, browser):
     try:
         page.goto(server.url)  # serving one run: its page directly
         page.wait_for_function("document.querySelector('#liveness').textContent === 'finished'")
-        selector = "section.device[data-device='pi-1'] canvas.power"
+        selector = "section.device[data-device='pi-1'] .plot.power"
         page.wait_for_function(f'+document.querySelector("{selector}").dataset.samples === 400')
         row = "#fleet tbody tr[data-device='pi-1']"
         assert page.inner_text(f"{row} td.status") == "unreachable"
@@ -189,6 +196,73 @@ def test_finished_run_status_gaps_and_wheel_zoom(tmp_path, browser):
         assert "zoomed" in page.inner_text("#view-note")
         page.dblclick(selector)
         page.wait_for_function(f'+document.querySelector("{selector}").dataset.samples === 400')
+    finally:
+        page.close()
+        server.stop()
+        store.close()
+
+
+def test_lines_break_at_silences_and_labels_never_overlap(tmp_path, browser):
+    t0 = time.time() - 200
+    store = write_run(tmp_path / "run", t0, n=1000)  # power: 100 s at 10 Hz
+    memory = [t0 + i * 0.2 for i in range(100)] + [t0 + 80 + i * 0.2 for i in range(100)]
+    store.add_memory_samples([  # 20 s, a minute without samples, 20 s more
+        MemorySample("pi-1", "job-a", 1, k, t, t, k, (50 + k % 7) * MIB, 60 * MIB, None, None,
+                     k) for k, t in enumerate(memory)])
+    for epoch in range(1, 41):  # 40 epochs of 2.5 s: far too many labels for the width
+        store.add_phase("pi-1", "job-a", 1, "epoch", epoch, t0 + 2.5 * (epoch - 1),
+                        t0 + 2.5 * epoch)
+    store.finish_job("job-a", "completed", 0, None, t0 + 100)
+    store.flush()
+    server = start_dashboard(tmp_path / "run", port=0)
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    try:
+        page.goto(server.url)
+        power = "section.device[data-device='pi-1'] .plot.power"
+        page.wait_for_function(f'+document.querySelector("{power}").dataset.samples === 1000')
+        assert page.evaluate("typeof uPlot") == "function"  # the vendored library drew it
+        boxes = json.loads(page.eval_on_selector(power, "e => e.dataset.boxes"))
+        for row in (0, 1, 2):
+            spans = sorted((a, b) for a, b, r in boxes if r == row)
+            assert all(b1 < a2 for (_, b1), (a2, _) in itertools.pairwise(spans)), spans
+        labels = page.eval_on_selector(power, "e => e.dataset.labels").split("|")
+        shown = [label for label in labels if label.startswith("epoch ")]
+        assert "epoch 1" in shown and 5 <= len(shown) < 40  # some left out, none overlapping
+        # the memory line stops where the samples stop: no pixel of it across the silence
+        column = """([t, device]) => {
+            const el = document.querySelector(
+                `section.device[data-device='${device}'] .plot.memory`), u = el._u;
+            const x = Math.round(u.valToPos(t, 'x', true));
+            const px = u.ctx.getImageData(x, u.bbox.top, 1, u.bbox.height).data;
+            let line = 0;
+            for (let i = 0; i < px.length; i += 4)
+                if (px[i] < 90 && px[i + 1] > 80 && px[i + 1] < 140 && px[i + 2] > 170
+                    && px[i + 3] > 200) line++;  // opaque: the line, not a band's tint
+            return line;
+        }"""
+        assert page.evaluate(column, [t0 + 10, "pi-1"]) > 0
+        assert page.evaluate(column, [t0 + 50, "pi-1"]) == 0
+        assert page.evaluate(column, [t0 + 90, "pi-1"]) > 0
+        # zooming in shows the labels left out (the wheel zooms around the pointer)
+        box = page.query_selector(power).bounding_box()
+        page.mouse.move(box["x"] + 80, box["y"] + box["height"] / 2)
+        for _ in range(8):
+            page.mouse.wheel(0, -100)
+        page.wait_for_function(f'+document.querySelector("{power}").dataset.samples < 400')
+        zoomed = page.eval_on_selector(power, "e => e.dataset.labels").split("|")
+        assert {"epoch 2", "epoch 3"} <= set(zoomed), zoomed
+        # drag pans the view (later samples come into it)
+        first = page.evaluate(f'document.querySelector("{power}")._u.scales.x.min')
+        page.mouse.move(box["x"] + 600, box["y"] + box["height"] / 2)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 300, box["y"] + box["height"] / 2, steps=5)
+        page.mouse.up()
+        assert page.evaluate(f'document.querySelector("{power}")._u.scales.x.min') > first
+        assert all(url.startswith(server.base_url) for url in requests), requests
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-uplot.png"), full_page=True)
     finally:
         page.close()
         server.stop()

@@ -104,12 +104,12 @@ function deviceView(device) {
   el.dataset.device = device;
   el.id = "device-" + device;
   el.innerHTML = `<h2></h2><div class="progress"></div>
-    <canvas class="power" data-samples="0" data-marks="0"></canvas>
-    <canvas class="memory" data-samples="0"></canvas>
+    <div class="plot power" data-samples="0" data-marks="0"></div>
+    <div class="plot memory" data-samples="0"></div>
     <table class="jobs"><thead><tr><th>job</th><th>method</th><th>model</th><th>status</th>
     <th>epochs</th><th>test accuracy</th><th>energy</th></tr></thead><tbody></tbody></table>`;
   el.querySelector("h2").textContent = device;
-  for (const canvas of el.querySelectorAll("canvas")) attachInteraction(canvas, device);
+  for (const plot of el.querySelectorAll(".plot")) attachInteraction(plot, device);
   const all = [...document.querySelectorAll("section.device")].map((s) => s.dataset.device);
   all.push(device); all.sort();
   const next = all[all.indexOf(device) + 1];
@@ -239,14 +239,16 @@ function render() {
     const device = section.dataset.device;
     const series = [...state.power.values()].filter((s) => s.device === device);
     const bands = bandsFor(device, x1), marks = marksFor(device);
-    const power = section.querySelector("canvas.power");
+    const power = section.querySelector(".plot.power");
     const drawn = Plot.draw(power, {
-      x0, x1, bands, marks, cursorT: state.cursorT, zeroBased: true, yUnit: "W", yFormat: (y) => y.toFixed(2),
-      lines: series.map((s, k) => ({ t: s.t, y: s.y, color: Plot.COLORS[k % Plot.COLORS.length] })),
+      x0, x1, bands, marks, cursorT: state.cursorT, zeroBased: true, yLabel: "power (W)",
+      yFormat: (y) => y.toFixed(2),
+      lines: series.map((s, k) => ({ label: `${s.meter} (W)`, t: s.t, y: s.y, color: Plot.COLORS[k % Plot.COLORS.length] })),
     });
     power.dataset.samples = drawn.points;
     power.dataset.marks = drawn.marks;
     power.dataset.labels = drawn.labels.join("|");
+    power.dataset.boxes = JSON.stringify(drawn.boxes);
     total += drawn.points;
     for (const s of series) {  // stamp samples drawn for the first time
       for (let i = s.stamped; i < s.t.length; i++) {
@@ -254,12 +256,16 @@ function render() {
       }
       s.stamped = s.t.length;
     }
-    const m = state.memory.get(device) || { t: [], rss: [], hwm: [] };
-    const memory = section.querySelector("canvas.memory");
+    const m = state.memory.get(device) || { t: [], rss: [], hwm: [], mib: null };
+    const memory = section.querySelector(".plot.memory");
+    if (!m.mib || m.mib.n !== m.t.length) {  // MiB columns, recomputed only when samples came
+      m.mib = { n: m.t.length, rss: m.rss.map((b) => (b ?? NaN) / MIB), hwm: m.hwm.map((b) => (b ?? NaN) / MIB) };
+    }
     const mem = Plot.draw(memory, {
-      x0, x1, bands, marks: marks.filter((k) => k.strong), cursorT: state.cursorT, zeroBased: true, yUnit: "MiB",
-      yFormat: (y) => y.toFixed(0),
-      lines: [{ t: m.t, y: m.rss.map((b) => (b ?? NaN) / MIB), color: "#1f6fd1" }, { t: m.t, y: m.hwm.map((b) => (b ?? NaN) / MIB), color: "#d1541f" }],
+      x0, x1, bands, marks: marks.filter((k) => k.strong), cursorT: state.cursorT, zeroBased: true,
+      yLabel: "memory (MiB)", yFormat: (y) => y.toFixed(0),
+      lines: [{ label: "RSS (MiB)", t: m.t, y: m.mib.rss, color: "#1f6fd1" },
+              { label: "peak RSS (MiB)", t: m.t, y: m.mib.hwm, color: "#d1541f" }],
     });
     memory.dataset.samples = mem.points;
   }
@@ -308,11 +314,11 @@ function tooltipText(device, t) {
   return lines.join("\n");
 }
 
-function attachInteraction(canvas, device) {
+function attachInteraction(plot, device) {
   const tip = document.getElementById("tooltip");
   let drag = null;
-  canvas.addEventListener("wheel", (event) => {
-    const t = Plot.timeAt(canvas, event);
+  plot.addEventListener("wheel", (event) => {
+    const t = Plot.timeAt(plot, event);
     if (t === undefined) return;
     event.preventDefault();
     const [x0, x1] = currentRange();
@@ -320,17 +326,17 @@ function attachInteraction(canvas, device) {
     state.view = { ...state.view, mode: "manual", x0: t - (t - x0) * k, x1: t + (x1 - t) * k };
     state.dirty = true;
   }, { passive: false });
-  canvas.addEventListener("mousedown", (event) => {
+  plot.addEventListener("mousedown", (event) => {
     const [x0, x1] = currentRange();
     drag = { x: event.clientX, x0, x1 };
   });
   window.addEventListener("mouseup", () => { drag = null; });
-  canvas.addEventListener("mousemove", (event) => {
-    if (drag && canvas._scale) {
-      const dt = ((event.clientX - drag.x) / canvas._scale.w) * (drag.x1 - drag.x0);
+  plot.addEventListener("mousemove", (event) => {
+    if (drag) {
+      const dt = ((event.clientX - drag.x) / Plot.plotWidth(plot)) * (drag.x1 - drag.x0);
       if (Math.abs(event.clientX - drag.x) > 2) state.view = { ...state.view, mode: "manual", x0: drag.x0 - dt, x1: drag.x1 - dt };
     }
-    const t = Plot.timeAt(canvas, event);
+    const t = Plot.timeAt(plot, event);
     state.cursorT = t;
     state.dirty = true;
     if (t === undefined) { tip.hidden = true; return; }
@@ -339,8 +345,8 @@ function attachInteraction(canvas, device) {
     tip.style.left = Math.min(event.clientX + 14, window.innerWidth - tip.offsetWidth - 4) + "px";
     tip.style.top = event.clientY + 14 + "px";
   });
-  canvas.addEventListener("mouseleave", () => { tip.hidden = true; state.cursorT = undefined; state.dirty = true; });
-  canvas.addEventListener("dblclick", () => { state.view = { ...state.view, mode: "all" }; state.dirty = true; });
+  plot.addEventListener("mouseleave", () => { tip.hidden = true; state.cursorT = undefined; state.dirty = true; });
+  plot.addEventListener("dblclick", () => { state.view = { ...state.view, mode: "all" }; state.dirty = true; });
 }
 
 document.getElementById("view-all").onclick = () => { state.view = { ...state.view, mode: "all" }; state.dirty = true; };
