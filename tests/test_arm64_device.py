@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -49,4 +50,7 @@ def test_an_arm64_device_is_aarch64_debian_with_torch_over_ssh(tmp_path):
         assert pid is not None
     finally:
         lab.down()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not os.path.exists(f"/proc/{pid}")
