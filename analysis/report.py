@@ -1,20 +1,23 @@
 """Analyse a run end to end and write the self-contained HTML report plus its tables as CSV.
 
 `analyse(path)` is what the report, `harness report` and the notebooks share:
-load, energies, per-job table, method comparison, reproduction table, and the list
-of what the run lacks. `write_report` embeds every figure as a base64 PNG, so the
-one HTML file can be mailed or archived; no script, no external resource.
+load, energies, per-job table, method comparison, reproduction table, the list of what
+the run lacks and the list of its low-confidence figures (shown, and called that). The
+HTML comes from a Jinja2 template (`analysis/templates/report.html.j2`); it embeds every
+figure as a base64 PNG, so the one file can be mailed or archived (no script, no external
+resource), and each figure is also written beside it as SVG and PDF (`figures/`).
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from jinja2 import Environment, PackageLoader, select_autoescape
 from matplotlib.figure import Figure
 
 from analysis import figures
@@ -35,6 +38,8 @@ class Analysis:
     modeled: pd.DataFrame
     reproduction: pd.DataFrame
     missing: list[str] = field(default_factory=list)
+    low_confidence: list[str] = field(default_factory=list)
+    baseline: str = "standard"
 
 
 def missing_notes(run: Run, jobs: pd.DataFrame, energy: pd.DataFrame) -> list[str]:
@@ -48,11 +53,23 @@ def missing_notes(run: Run, jobs: pd.DataFrame, energy: pd.DataFrame) -> list[st
     for r in jobs.itertuples():
         if isinstance(r.missing, str) and "no result" in r.missing:
             notes.append(f"job {r.job_id} on {r.device}: no result (status {r.job_status})")
-    for r in energy[energy["status"] != "ok"].itertuples():
-        where = f"epoch {r.epoch}" if r.phase == "epoch" else r.phase
-        label = "withheld" if r.status == "withheld" else "low-confidence"
-        notes.append(f"{label} energy {r.device}/{r.meter} {r.job} {where}: {r.reason}")
+    for r in energy[energy["status"] == "withheld"].itertuples():
+        notes.append(f"withheld energy {r.device}/{r.meter} {r.job} {_where(r)}: {r.reason}")
     return notes
+
+
+def low_confidence_notes(energy: pd.DataFrame) -> list[str]:
+    """The energy figures that are shown but low-confidence, one line each (not 'missing')."""
+    return [f"{r.device}/{r.meter} {r.job} {_where(r)}: {r.reason}"
+            for r in energy[energy["status"] == "low_confidence"].itertuples()]
+
+
+def _where(r) -> str:
+    if r.phase == "epoch":
+        return f"epoch {r.epoch}"
+    if r.phase == "window":
+        return f"window {r.window}"
+    return r.phase
 
 
 def analyse(path: str | Path, modeled: bool = True, baseline: str = "standard",
@@ -78,6 +95,8 @@ def analyse(path: str | Path, modeled: bool = True, baseline: str = "standard",
         modeled=modeled_frame,
         reproduction=reproduction_table(jobs, modeled_frame),
         missing=missing_notes(run, jobs, energy) + notes,
+        low_confidence=low_confidence_notes(energy),
+        baseline=baseline,
     )
 
 
@@ -94,10 +113,6 @@ def all_figures(a: Analysis) -> dict[str, Figure]:
     return out
 
 
-def _png(fig: Figure) -> str:
-    return base64.b64encode(figures.png(fig)).decode("ascii")
-
-
 def _table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "<p class='none'>(none)</p>"
@@ -105,38 +120,36 @@ def _table(frame: pd.DataFrame) -> str:
                          border=0, classes="t")
 
 
-CSS = """body{font-family:sans-serif;margin:2em;max-width:1200px}table.t{border-collapse:collapse;
-font-size:12px}table.t td,table.t th{border:1px solid #ccc;padding:2px 6px}
-.missing li{color:#8a3b00}img{max-width:100%}.none{color:#777}"""
+def _slug(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
 
 
 def write_report(a: Analysis, out_dir: str | Path) -> Path:
-    """Write `report.html` and the CSV tables into `out_dir`; returns the HTML's path."""
+    """Write `report.html`, its figures as PNG/SVG/PDF in `figures/`, and the CSV tables into
+    `out_dir`; returns the HTML's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tables = {"headline": a.headline, "comparison": a.comparison, "jobs": a.jobs,
               "energy": a.energy, "reproduction": a.reproduction, "modeled_memory": a.modeled}
     for name, frame in tables.items():
         frame.to_csv(out / f"{name}.csv", index=False)
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-             f"<title>Run {html.escape(a.run.run_id)}</title><style>{CSS}</style></head><body>",
-             f"<h1>Run {html.escape(a.run.run_id)}</h1>",
-             f"<p>{html.escape(str(a.run.path))} — {len(a.jobs)} training job(s) on "
-             f"{a.run.devices['name'].nunique()} device(s); means with 95 % t-intervals "
-             f"[low, high] over n repeats/seeds; vs baseline <b>standard</b>.</p>",
-             "<h2>What is missing</h2>"]
-    if a.missing:
-        parts.append("<ul class='missing'>" + "".join(
-            f"<li>{html.escape(note)}</li>" for note in a.missing) + "</ul>")
-    else:
-        parts.append("<p class='none'>nothing: every table, result and meter is present</p>")
-    parts += ["<h2>Headline</h2>", _table(a.headline),
-              "<h2>Reproduction: memory, modeled vs measured</h2>", _table(a.reproduction)]
+    drawn = []
     for title, fig in all_figures(a).items():
-        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
-                     f"src='data:image/png;base64,{_png(fig)}'>")
-    parts += ["<h2>Jobs</h2>", _table(a.jobs), "<p>Tables as CSV: "
-              + ", ".join(f"{name}.csv" for name in tables) + "</p></body></html>"]
+        paths = figures.save(fig, out / "figures" / _slug(title))
+        drawn.append({"title": title,
+                      "png": base64.b64encode(paths["png"].read_bytes()).decode("ascii"),
+                      "svg": paths["svg"].relative_to(out).as_posix(),
+                      "pdf": paths["pdf"].relative_to(out).as_posix()})
+    environment = Environment(loader=PackageLoader("analysis", "templates"),
+                              autoescape=select_autoescape(["html", "j2"]))
+    html = environment.get_template("report.html.j2").render(
+        run_id=a.run.run_id, run_path=str(a.run.path), n_jobs=len(a.jobs),
+        n_devices=a.run.devices["name"].nunique(), baseline=a.baseline,
+        missing=a.missing, low_confidence=a.low_confidence, figures=drawn,
+        tables={name: _table(frame) for name, frame in
+                (("headline", a.headline), ("reproduction", a.reproduction), ("jobs", a.jobs))},
+        csv_files=[f"{name}.csv" for name in tables],
+    )
     path = out / "report.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
+    path.write_text(html, encoding="utf-8")
     return path

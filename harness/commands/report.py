@@ -58,13 +58,16 @@ def _report(args: argparse.Namespace) -> int:
     path = write_report(analysis, Path(args.out) if args.out else run_dir / "report")
     rows = analysis.headline.to_dict("records")
     if args.format == "json":
-        print(json.dumps({"report": str(path), "headline": rows, "missing": analysis.missing},
+        print(json.dumps({"report": str(path), "headline": rows, "missing": analysis.missing,
+                          "low_confidence": analysis.low_confidence},
                          default=str))
         return 0
     columns = [c for c in TERMINAL_COLUMNS if c in analysis.headline]
     _print_table(rows, columns, f"run {analysis.run.run_id}: per method (mean [95 % t-interval])")
     for note in analysis.missing:
         print(f"missing: {note}")
+    for note in analysis.low_confidence:
+        print(f"low-confidence: {note}")
     print(f"report: {path}")
     return 0
 
