@@ -10,6 +10,7 @@ jobs, after it is loaded anyway.
 from __future__ import annotations
 
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from device_agent.facts import _package_version
 from device_agent.protocol import JobSpec
 
 CPUFREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq")
+THERMAL = Path("/sys/class/thermal/thermal_zone0/temp")
 
 
 def _read(path: Path) -> str | None:
@@ -33,6 +35,30 @@ def cpu_mhz() -> float | None:
         return round(float(value) / 1000.0, 1) if value else None
     except ValueError:
         return None
+
+
+def temperature_c(thermal: Path = THERMAL) -> float | None:
+    value = _read(thermal)
+    try:
+        return int(value) / 1000.0 if value else None
+    except ValueError:
+        return None
+
+
+def cool_down(to_c: float, max_s: float, thermal: Path = THERMAL, poll_s: float = 1.0,
+              sleep=time.sleep) -> dict[str, Any]:
+    """Wait (reading the thermal zone once a second) until the board is at most `to_c`, or
+    `max_s` has passed; what happened, for `job_start`. A board without a thermal zone
+    does not wait."""
+    start_c = temperature_c(thermal)
+    waited = 0.0
+    now_c = start_c
+    while now_c is not None and now_c > to_c and waited < max_s:
+        sleep(poll_s)
+        waited += poll_s
+        now_c = temperature_c(thermal)
+    return {"to_c": to_c, "from_c": start_c, "at_c": now_c, "waited_s": waited,
+            "reached": now_c is not None and now_c <= to_c}
 
 
 def implementation(spec: JobSpec) -> tuple[str, str]:

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from device_agent import windows
-from device_agent.conditions import cpu_mhz, end_conditions, start_conditions
+from device_agent.conditions import (
+    cool_down,
+    cpu_mhz,
+    end_conditions,
+    start_conditions,
+    temperature_c,
+)
 from device_agent.events import EventWriter
 from device_agent.facts import pi_model
 from device_agent.protocol import AgentExit, JobSpec
@@ -305,8 +311,12 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
             power.start()
         if board:
             board.start()
+        cooled = None
+        if spec.telemetry.cool_to_c is not None:  # setup: the board back to idle temperature
+            cooled = cool_down(spec.telemetry.cool_to_c, spec.telemetry.cool_max_s)
         limit = _apply_limits(spec)
-        conditions = start_conditions(spec)
+        conditions = {**start_conditions(spec), "cooldown": cooled,
+                      "temp_c_start": temperature_c()}
         writer.emit(
             "job_start",
             spec=spec.to_dict(),

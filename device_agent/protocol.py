@@ -290,6 +290,10 @@ class TelemetrySpec:
     # the job reports its tensor-level peak memory beside the process-level one; 0: off
     tensor_peak_steps: int = 2
     power_model: PowerModelSpec | None = None  # a remote device's `modeled` power source
+    # before the job (in its setup), wait up to cool_max_s for the board to cool to this
+    # temperature (the device's idle baseline's, plus a margin): arms start alike
+    cool_to_c: float | None = None
+    cool_max_s: float = 120.0
 
     @classmethod
     def from_dict(cls, data: object, prefix: str = "telemetry.") -> TelemetrySpec:
@@ -303,6 +307,9 @@ class TelemetrySpec:
                                    prefix + "tensor_peak_steps", minimum=0),
             power_model=(PowerModelSpec.from_dict(data["power_model"])
                          if data.get("power_model") is not None else None),
+            cool_to_c=_float(data.get("cool_to_c"), prefix + "cool_to_c", optional=True),
+            cool_max_s=_float(data.get("cool_max_s", 120.0), prefix + "cool_max_s",
+                              positive=True),
         )
         for name in ("memory_hz", "power_hz"):
             if getattr(spec, name) > 1000:

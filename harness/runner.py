@@ -40,6 +40,8 @@ FINAL_STATUSES = ("completed", "failed", "oom")
 LOGGED_STAGES = ("building kernels",)
 RERUN_STATUSES = ("pending", "running", "incomplete", "interrupted")
 WAIT_AFTER_STREAM_S = 30.0
+COOL_MARGIN_C = 2.0  # a job starts once the board is within this of its idle temperature
+COOL_MAX_S = 120.0  # ... or after this long (the job records what it reached)
 STOP_GRACE_S = 5.0
 
 
@@ -169,6 +171,7 @@ class StreamRecorder:
         self._epoch_start_host_s: dict[int, float] = {}
         self.t_work_host_s: float | None = None  # where setup ends and the job's work begins
         self.malformed = 0
+        self.temps_c: list[float] = []  # the board's temperature readings (`board` events)
 
     def line(self, line_no: int, line: str) -> None:
         received = time.time()
@@ -278,6 +281,8 @@ class StreamRecorder:
                 self.store.add_phase(self.device, self.job.job_id, self.attempt, "window",
                                      data["index"], start, t_host)
             self.progress.set_state("running")
+        elif kind == "board" and _finite(data.get("temp_c")):
+            self.temps_c.append(float(data["temp_c"]))
         elif kind == "power" and _finite(data.get("power_w")):
             # a reading that is a mean over the period before it is stamped at its middle
             half_s = data["interval_s"] / 2 if _finite(data.get("interval_s")) else 0.0
@@ -344,6 +349,7 @@ class DeviceWorker:
         self.progress = Progress(device.name)
         self.thread = threading.Thread(target=self._main, name=f"device {device.name}", daemon=True)
         self.current = None
+        self.idle_temp_c: float | None = None  # the board at rest (its idle baseline)
 
     def _main(self) -> None:
         run = self.run
@@ -438,6 +444,11 @@ class DeviceWorker:
             before.samples,
         )
         spec = run.device_spec(job, self.device)
+        if job.kind != "idle" and run.cooldown_s > 0 and self.idle_temp_c is not None:
+            # after the cooldown, the agent waits (in setup) for the board's idle temperature
+            spec["telemetry"] = {**spec.get("telemetry", {}),
+                                 "cool_to_c": round(self.idle_temp_c + COOL_MARGIN_C, 1),
+                                 "cool_max_s": COOL_MAX_S}
         t_attempt = time.time()
         store.start_job(job.job_id, name, attempt, t_attempt)
         self.progress.set_state("starting")
@@ -481,6 +492,8 @@ class DeviceWorker:
             status, reason = (
                 ("lost", "device lost after the job") if status == "completed" else (status, reason)
             )
+        if job.kind == "idle" and recorder.temps_c and status == "completed":
+            self.idle_temp_c = sum(recorder.temps_c) / len(recorder.temps_c)
         return JobOutcome(status, exit_code, reason, recorder.metrics)
 
 

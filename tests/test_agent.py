@@ -260,3 +260,27 @@ def test_a_job_reports_the_conditions_it_ran_under(tmp_path):
     over = end.data["conditions"]
     assert over["implementation"] == start["implementation"]
     assert over["throttled"] in (True, False) and "temp_c_max" in over
+
+
+def test_cooldown_waits_for_the_idle_temperature_or_gives_up(tmp_path):
+    """Issue 15 point 5: arms start alike: before a job the agent waits (in its setup) for
+    the board to cool to its idle baseline's temperature, at most cool_max_s."""
+    from device_agent.conditions import cool_down
+    from device_agent.protocol import JobSpec
+
+    thermal = tmp_path / "temp"
+    thermal.write_text("58000\n")
+
+    def cooling(seconds: float) -> None:  # the board loses 2 degrees a second
+        thermal.write_text(str(int(thermal.read_text()) - 2000))
+
+    done = cool_down(50.0, 60.0, thermal=thermal, sleep=cooling)
+    assert done == {"to_c": 50.0, "from_c": 58.0, "at_c": 50.0, "waited_s": 4.0,
+                    "reached": True}
+    thermal.write_text("70000")
+    stuck = cool_down(50.0, 3.0, thermal=thermal, sleep=lambda s: None)
+    assert stuck["waited_s"] == 3.0 and stuck["reached"] is False
+    assert cool_down(50.0, 3.0, thermal=tmp_path / "none")["waited_s"] == 0.0  # no sensor
+    spec = idle_spec(1.0)
+    spec["telemetry"] = {"cool_to_c": 47.5, "cool_max_s": 30}
+    assert JobSpec.from_dict(spec).telemetry.cool_to_c == 47.5
