@@ -85,12 +85,13 @@ def search_format(model_name: str, args) -> tuple[str, dict]:
     model = build_model(model_name, recipe, in_shape=dataset.in_shape)
     report = search_model_momentum_format(
         model, recipe, training_batches(dataset, args.batch_size, 0),
-        warmup_steps=args.warmup_steps,
+        warmup_steps=args.warmup_steps, settle_steps=args.settle_steps,
     )
     if report.choice is None:
         raise SystemExit(f"{model_name}: no momentum format under the tolerance")
     return report.choice.spec, {"warmup_data": source, "bits": report.choice.bits,
-                                "warmup_lost_fraction": report.choice.lost_fraction}
+                                "warmup_lost_fraction": report.choice.lost_fraction_start,
+                                "steady_lost_fraction": report.choice.lost_fraction_steady}
 
 
 def run_worker(model_name: str, combination: str, momentum_format: str, args) -> dict:
@@ -109,6 +110,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     parser.add_argument("--warmup-steps", type=int, default=5, help="search warm-up steps")
+    parser.add_argument("--settle-steps", type=int, default=10,
+                        help="search steps between its warm-up and steady-state windows")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_MNIST)
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "COMBINATION", "FORMAT"),

@@ -13,7 +13,7 @@ from trainers.bits import PackedBits, pack_rows, signs_from_bits, unpack_rows
 from trainers.bop import Bop, bop_update, build_bop_optimizer, route_parameters
 from trainers.bop import optimizer as bop_optimizer
 from trainers.bop.fpformat import FloatFormat
-from trainers.bop.search import GradientTrace, search_momentum_format
+from trainers.bop.search import GradientTrace, TraceWindow, search_momentum_format
 from trainers.engine import train_step
 from trainers.errors import UsageError
 from trainers.layers import binary_layers, binary_weights, weight_values
@@ -189,7 +189,8 @@ def test_float16_momentum_with_tiny_tau_never_flips_and_reports_lost_updates():
     assert all(r.lost == r.attempted == grads.shape[1] for r in records)
     assert records[-1].lost_fraction == 1.0
 
-    trace = GradientTrace(grads, torch.ones(grads.shape[1]), (grads.shape[1],))
+    window = TraceWindow.from_zero(grads, torch.ones(grads.shape[1]))
+    trace = GradientTrace(window, window, (grads.shape[1],))
     report = search_momentum_format(trace, gamma=GAMMA, tau=1e-8, tolerance=0.05)
     assert {c.bits for c in report.candidates} == set(range(4, 17))
     float16 = next(c for c in report.candidates if c.spec == "5,10,15")

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from trainers.bop import resolve_momentum_format
-from trainers.bop.search import GradientTrace, candidate_formats, search_momentum_format
+from trainers.bop.search import (
+    GradientTrace,
+    TraceWindow,
+    candidate_formats,
+    record_gradient_trace,
+    search_momentum_format,
+)
 from trainers.cli import main
 from trainers.data import load_dataset
 from trainers.errors import UsageError
@@ -35,10 +41,27 @@ def test_candidates_cover_every_width_and_split():
 
 
 def synthetic_trace(seed: int = 0) -> GradientTrace:
+    """Gradients with a drift of half their spread; the steady window starts from the
+    momentum the drift builds up (its mean)."""
     gen = torch.Generator().manual_seed(seed)
     scale = 10.0 ** torch.empty(512).uniform_(-5, -2, generator=gen)
-    grads = torch.randn(8, 512, generator=gen) * scale + scale * 0.5
-    return GradientTrace(grads, torch.ones(512), (512, 100_000))
+    grads = torch.randn(16, 512, generator=gen) * scale + scale * 0.5
+    warmup = TraceWindow.from_zero(grads[:8], torch.ones(512))
+    steady = TraceWindow(grads[8:], torch.ones(512), scale * 0.5)
+    return GradientTrace(warmup, steady, (512, 100_000), settle_steps=100)
+
+
+def test_formats_are_judged_on_the_steady_state_not_the_warm_up():
+    """From m = 0 every step is large beside m and few updates are lost; from a settled
+    momentum the relative steps are tiny and narrow formats lose most of them."""
+    report = search_momentum_format(synthetic_trace(), gamma=1e-3, tau=1e-8, tolerance=0.2)
+    narrow = [c for c in report.candidates if c.bits <= 8 and c.represents_tau]
+    assert any(c.lost_fraction_start <= 0.2 < c.lost_fraction_steady for c in narrow)
+    assert all(c.eligible == (c.represents_tau and c.lost_fraction_steady <= 0.2)
+               for c in report.candidates)
+    assert report.choice.lost_fraction == report.choice.lost_fraction_steady
+    record = report.as_record()
+    assert record["judged_on"] == "steady" and record["settle_steps"] == 100
 
 
 def test_choice_is_the_narrowest_eligible_and_memory_is_reported():
@@ -77,21 +100,37 @@ def test_resolve_auto_runs_the_search_on_a_copy_of_the_model():
     model = build_model("mlp", recipe, in_shape=digits.in_shape)
     before = [p.detach().clone() for p in model.parameters()]
     resolved = resolve_momentum_format(recipe, model, digit_batches(digits), warmup_steps=4,
-                                       gamma=1e-3, sample_size=512)
-    assert resolved.momentum_format not in (None, "auto")
+                                       settle_steps=6, gamma=1e-3, sample_size=512)
+    assert resolved.momentum_format != "auto"
     assert resolved.switches == recipe.switches
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     fixed = make_recipe("bop", momentum_format="4,7,22")
     assert resolve_momentum_format(fixed, model, []) is fixed
 
 
+def test_the_steady_window_starts_from_the_momentum_the_run_reached():
+    digits = load_dataset("digits")
+    recipe = make_recipe("bop")
+    torch.manual_seed(0)
+    model = build_model("mlp", recipe, in_shape=digits.in_shape)
+    trace = record_gradient_trace(model, recipe, digit_batches(digits), steps=3, settle_steps=5,
+                                  gamma=1e-3, sample_size=512)
+    assert trace.warmup.grads.shape[0] == trace.steady.grads.shape[0] == 3
+    assert torch.count_nonzero(trace.warmup.momentum) == 0
+    # 8 steps of m <- m + gamma (g - m) from 0 reach m != 0 wherever a gradient was seen
+    assert torch.count_nonzero(trace.steady.momentum) > 0.9 * trace.steady.momentum.numel()
+    with pytest.raises(UsageError, match="got 22 batches; it needs 1003"):
+        record_gradient_trace(model, recipe, digit_batches(digits), steps=3, settle_steps=997)
+
+
 def test_cli_lists_candidates_and_the_choice_as_json(capsys):
     code = main(["bop-encodings", "--model", "mlp", "--dataset", "digits", "--batch-size", "50",
-                 "--warmup-steps", "3", "--sample-size", "512", "--gamma", "1e-3",
-                 "--format", "json"])
+                 "--warmup-steps", "3", "--settle-steps", "4", "--sample-size", "512",
+                 "--gamma", "1e-3", "--format", "json"])
     assert code == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["model"] == "mlp" and record["warmup_steps"] == 3
+    assert record["settle_steps"] == 4 and record["judged_on"] == "steady"
     assert {c["bits"] for c in record["candidates"]} == set(range(4, 17))
     assert record["choice"] is None or record["choice"]["eligible"]
 

@@ -227,6 +227,40 @@ def test_replayed_latents_are_mixed_into_every_minibatch_after_the_first(digits,
         assert torch.isin(y[50:], old).all()
 
 
+def test_cwr_resets_and_consolidates_the_union_of_new_and_replayed_classes(digits, monkeypatch):
+    """Lomonaco et al.'s latent-replay rule: after the first experience the classes reset and
+    consolidated are the new ones plus those in the replay memory, and each class's count
+    includes its replayed entries."""
+    from trainers.continual import cwr as cwr_module
+
+    resets, consolidations = [], []
+    real_before = cwr_module.CWRStar.before_experience
+    real_consolidate = cwr_module.CWRStar.consolidate
+
+    def before(self, head_weight, classes):
+        resets.append(sorted(classes))
+        return real_before(self, head_weight, classes)
+
+    def consolidate(self, head_weight, counts):
+        consolidations.append(dict(counts))
+        return real_consolidate(self, head_weight, counts)
+
+    monkeypatch.setattr(cwr_module.CWRStar, "before_experience", before)
+    monkeypatch.setattr(cwr_module.CWRStar, "consolidate", consolidate)
+    result = run_continual(config(experiences=5, replay_size=40), dataset=digits)
+    first, second, third = result.experiences[:3]
+    labels = digits.train_labels
+    new_counts = [{c: int((labels == c).sum()) for c in e.classes} for e in result.experiences]
+    assert resets[0] == sorted(first.classes)
+    assert consolidations[0] == new_counts[0]
+    # experience 2 replays the 40 entries of experience 1's 2 classes: 20 each
+    assert resets[1] == sorted(first.classes + second.classes)
+    assert consolidations[1] == {**new_counts[1], **{c: 20 for c in first.classes}}
+    # experience 3: the buffer holds 4 classes at 40 // 4 = 10 entries each
+    assert resets[2] == sorted(first.seen_classes + second.classes + third.classes)
+    assert consolidations[2] == {**new_counts[2], **{c: 10 for c in second.seen_classes}}
+
+
 def test_naive_keeps_no_buffer_and_forgets(digits):
     result = run_continual(config(strategy="naive"), dataset=digits)
     assert all(r.buffer_bytes == 0 and r.replay_entries == 0 for r in result.experiences)

@@ -120,6 +120,51 @@ def test_first_steps_under_the_ledger_report_the_tensor_peak_and_train_the_same(
         train(digits_config(tensor_peak_steps=-1), Recorder())
 
 
+def test_bop_gamma_and_tau_follow_their_step_schedules_epoch_by_epoch(monkeypatch):
+    from trainers.bop import optimizer as bop_module
+    from trainers.bop.schedule import StepSchedule
+
+    seen: list[tuple[float, float]] = []
+    real_update = bop_module.Bop._update
+
+    def spy(self, name, param, grad, state, fmt, gamma, tau):
+        seen.append((gamma, tau))
+        return real_update(self, name, param, grad, state, fmt, gamma, tau)
+
+    monkeypatch.setattr(bop_module.Bop, "_update", spy)
+    recipe = make_recipe("bop", bop_gamma=1e-3, bop_tau=1e-6)
+    config = digits_config(recipe=recipe, epochs=5, batch_size=200,
+                           gamma_schedule=StepSchedule(0.1, 2),
+                           tau_schedule=StepSchedule(0.5, 3))
+    result = train(config)
+    expected = [(1e-3, 1e-6), (1e-3, 1e-6), (1e-4, 1e-6), (1e-4, 5e-7), (1e-5, 5e-7)]
+    assert np.allclose([config.bop_hyper(e) for e in range(1, 6)], expected, rtol=1e-12)
+    steps_per_epoch = len(seen) // 5
+    assert np.allclose([seen[(e - 1) * steps_per_epoch] for e in range(1, 6)], expected,
+                       rtol=1e-12)
+    assert result.summary()["bop"]["gamma_schedule"] == {"factor": 0.1, "every_epochs": 2}
+    with pytest.raises(UsageError, match="need the bop optimizer"):
+        train(digits_config(gamma_schedule=StepSchedule(0.1, 2)))
+    with pytest.raises(UsageError, match=r"decay factor must be in \(0, 1\], got 2"):
+        StepSchedule(2, 1)
+
+
+def test_cli_bop_gamma_tau_and_schedules(capsys):
+    code = main(["train", "--model", "mlp", "--dataset", "digits", "--method", "bop",
+                 "--epochs", "1", "--max-steps", "2", "--gamma", "1e-3", "--tau", "1e-7",
+                 "--gamma-decay", "0.1", "--gamma-decay-every", "100", "--format", "json"])
+    assert code == 0
+    bop = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bop"]
+    assert bop["gamma"] == 1e-3 and bop["tau"] == 1e-7
+    assert bop["gamma_schedule"] == {"factor": 0.1, "every_epochs": 100}
+    assert bop["tau_schedule"] is None
+    code = main(["train", "--model", "mlp", "--dataset", "digits", "--method", "bop",
+                 "--tau-decay-every", "3"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --tau-decay and --tau-decay-every go together (got only --tau-decay-every)")
+
+
 def test_max_steps_stops_early_and_still_evaluates():
     recorder = Recorder()
     result = train(digits_config(epochs=5, max_steps=20), recorder)

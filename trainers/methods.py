@@ -14,6 +14,11 @@ from trainers.errors import UsageError, unknown_choice
 
 METHODS = ("standard", "lowmem", "bop", "cwr")
 OPTIMIZERS = ("adam", "sgd", "bop")
+# Bop's adaptivity rate and threshold: Larq's defaults (larq.optimizers.Bop), which are also
+# Helwegen et al.'s CIFAR-10 settings (the paper then decays gamma x0.1 every 100 epochs;
+# `trainers.train.TrainConfig.gamma_decay` gives such schedules).
+BOP_DEFAULT_GAMMA = 1e-4
+BOP_DEFAULT_TAU = 1e-8
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class Recipe:
     optimizer: str
     lr: float = 1e-3
     momentum_format: str | None = None  # Bop low-bit momentum: "E,M[,bias]", "auto" or None (fp32)
+    bop_gamma: float = BOP_DEFAULT_GAMMA  # Bop's adaptivity rate (the first epoch's if scheduled)
+    bop_tau: float = BOP_DEFAULT_TAU  # Bop's flip threshold
 
 
 def make_recipe(
@@ -68,6 +75,8 @@ def make_recipe(
     disable: tuple[str, ...] = (),
     lr: float = 1e-3,
     momentum_format: str | None = None,
+    bop_gamma: float = BOP_DEFAULT_GAMMA,
+    bop_tau: float = BOP_DEFAULT_TAU,
 ) -> Recipe:
     """Build a recipe from CLI-level names, refusing unknown ones with the choices."""
     if method not in METHODS:
@@ -81,10 +90,16 @@ def make_recipe(
         raise UsageError(f"learning rate must be positive, got {lr}")
     if momentum_format is not None and optimizer != "bop":
         raise UsageError(f"--momentum-format {momentum_format!r} needs the bop optimizer")
+    if not 0.0 < bop_gamma <= 1.0:
+        raise UsageError(f"--gamma must be in (0, 1], got {bop_gamma}")
+    if not 0.0 <= bop_tau < float("inf"):
+        raise UsageError(f"--tau must be finite and >= 0, got {bop_tau}")
     return Recipe(
         method=method,
         switches=base.with_changes(enable=enable, disable=disable),
         optimizer=optimizer,
         lr=lr,
         momentum_format=momentum_format,
+        bop_gamma=float(bop_gamma),
+        bop_tau=float(bop_tau),
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from trainers.bop.schedule import StepSchedule
 from trainers.data import Dataset, as_tensor, load_dataset, to_model_input
 from trainers.errors import UsageError, unknown_choice
 from trainers.methods import Recipe
@@ -40,6 +41,18 @@ class TrainConfig:
     eval_batch_size: int = 500
     # the first N steps run under the tensor ledger (slower) and report their tensor-level peak
     tensor_peak_steps: int = 0
+    # Bop: schedules of the recipe's gamma and tau, per epoch (None = constant)
+    gamma_schedule: StepSchedule | None = None
+    tau_schedule: StepSchedule | None = None
+
+    def bop_hyper(self, epoch: int) -> tuple[float, float]:
+        """Bop's (gamma, tau) during `epoch` (1-based)."""
+        gamma, tau = self.recipe.bop_gamma, self.recipe.bop_tau
+        if self.gamma_schedule is not None:
+            gamma = self.gamma_schedule.value(gamma, epoch)
+        if self.tau_schedule is not None:
+            tau = self.tau_schedule.value(tau, epoch)
+        return gamma, tau
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,17 @@ class TrainResult:
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures of the run (the CLI's last line with --format json)."""
         recipe = self.config.recipe
+        bop = {}
+        if recipe.optimizer == "bop":
+            bop = {"bop": {
+                "momentum_format": recipe.momentum_format,
+                "gamma": recipe.bop_gamma,
+                "tau": recipe.bop_tau,
+                "gamma_schedule": asdict(self.config.gamma_schedule)
+                if self.config.gamma_schedule else None,
+                "tau_schedule": asdict(self.config.tau_schedule)
+                if self.config.tau_schedule else None,
+            }}
         return {
             "model": self.config.model,
             "dataset": self.config.dataset,
@@ -102,6 +126,7 @@ class TrainResult:
             "test_accuracy": self.test_accuracy,
             "test_loss": self.test_loss,
             "history": [asdict(record) for record in self.history],
+            **bop,
         }
 
 
@@ -123,6 +148,8 @@ def check_config(config: TrainConfig, dataset: Dataset | None = None) -> None:
         raise UsageError(f"plateau patience must be >= 0, got {config.plateau_patience}")
     if config.eval_batch_size < 1:
         raise UsageError(f"eval batch size must be >= 1, got {config.eval_batch_size}")
+    if (config.gamma_schedule or config.tau_schedule) and config.recipe.optimizer != "bop":
+        raise UsageError("gamma and tau schedules need the bop optimizer")
     if dataset is not None and config.batch_size > dataset.train_size:
         raise UsageError(
             f"batch size {config.batch_size} is larger than the {dataset.train_size} "
@@ -169,12 +196,14 @@ class _Plateau:
         self.scheduler.step(test_loss)
 
 
-def _warmup_batches(data: Dataset, config: TrainConfig, count: int = 20):
-    """The first training batches, for Bop's momentum-format search."""
-    for start in range(0, min(data.train_size, count * config.batch_size), config.batch_size):
-        end = start + config.batch_size
-        yield (to_model_input(as_tensor(data.train_images[start:end])),
-               as_tensor(data.train_labels[start:end]))
+def _search_batches(data: Dataset, config: TrainConfig):
+    """Training batches in order, epoch after epoch, for Bop's momentum-format search (it
+    takes as many as its warm-up, settling and steady-state windows need)."""
+    while True:
+        for start in range(0, data.train_size - config.batch_size + 1, config.batch_size):
+            end = start + config.batch_size
+            yield (to_model_input(as_tensor(data.train_images[start:end])),
+                   as_tensor(data.train_labels[start:end]))
 
 
 def load_engine() -> None:
@@ -202,6 +231,13 @@ def _step_under_ledger(model, optimizer, x: torch.Tensor, y: torch.Tensor) -> tu
         [(x, y)],
     )
     return losses[0], peak.peak_bytes
+
+
+def _set_bop_hyper(optimizer: torch.optim.Optimizer, gamma: float, tau: float) -> None:
+    """Set gamma and tau in Bop's param groups (the groups that have them)."""
+    for group in optimizer.param_groups:
+        if "gamma" in group:
+            group["gamma"], group["tau"] = gamma, tau
 
 
 def _call(callbacks: Any, name: str, *args: Any, **kwargs: Any) -> None:
@@ -240,7 +276,7 @@ def train(
     if recipe.momentum_format == "auto":  # Bop: search the momentum format on real gradients
         from trainers.bop import resolve_momentum_format
 
-        recipe = resolve_momentum_format(recipe, model, _warmup_batches(data, config))
+        recipe = resolve_momentum_format(recipe, model, _search_batches(data, config))
     optimizer = build_optimizer(model, recipe)
     plateau = _Plateau(optimizer, config.plateau_patience) if config.lr_plateau else None
     train_eval = torch.randperm(
@@ -259,6 +295,8 @@ def train(
     run_start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         epoch_start = time.perf_counter()
+        if recipe.optimizer == "bop":
+            _set_bop_hyper(optimizer, *config.bop_hyper(epoch))
         lr = float(optimizer.param_groups[0].get("lr", float("nan")))
         _call(callbacks, "on_epoch_start", epoch)
         model.train()

@@ -43,15 +43,19 @@ def build_bop_optimizer(
     model: nn.Module,
     recipe: Recipe,
     *,
-    gamma: float = DEFAULT_GAMMA,
-    tau: float = DEFAULT_TAU,
+    gamma: float | None = None,
+    tau: float | None = None,
     warmup_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> RoutedOptimizer:
     """Bop for the binary weights, the recipe's Adam (lowmem-aware) for everything else.
 
+    `gamma` and `tau` default to the recipe's (`bop_gamma`, `bop_tau`).
+
     With `recipe.momentum_format == "auto"` the encoding search runs first on `warmup_batches`
     (see `resolve_momentum_format`); without them "auto" is refused.
     """
+    gamma = recipe.bop_gamma if gamma is None else gamma
+    tau = recipe.bop_tau if tau is None else tau
     if recipe.momentum_format == "auto":
         if warmup_batches is None:
             raise UsageError(
@@ -94,5 +98,6 @@ def resolve_momentum_format(
         return recipe
     from trainers.bop.search import search_model_momentum_format
 
+    search_options = {"gamma": recipe.bop_gamma, "tau": recipe.bop_tau} | search_options
     report = search_model_momentum_format(model, recipe, batches, **search_options)
     return replace(recipe, momentum_format=report.choice.spec if report.choice else None)

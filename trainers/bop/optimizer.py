@@ -20,9 +20,10 @@ from trainers.bits import PackedBits, pack_rows, signs_from_bits, unpack_rows, u
 from trainers.bop.fpformat import FloatFormat
 from trainers.bop.lost_updates import LayerLostUpdates, LostUpdates, count_lost_updates
 from trainers.layers import sign
+from trainers.methods import BOP_DEFAULT_GAMMA, BOP_DEFAULT_TAU
 
-DEFAULT_GAMMA = 1e-4
-DEFAULT_TAU = 1e-8
+DEFAULT_GAMMA = BOP_DEFAULT_GAMMA  # Larq's defaults (trainers.methods)
+DEFAULT_TAU = BOP_DEFAULT_TAU
 # Elements of one parameter updated at a time: bounds the temporaries of the update and of the
 # encoding (float64/int64 while rounding: 128 KiB each), so low-bit momentum saves memory.
 CHUNK_ELEMENTS = 1 << 14

@@ -1,13 +1,15 @@
 """The encoding search of Yayla & Chen: the cheapest momentum format that loses few updates.
 
-A short warm-up of the real model on real batches (Bop, float32 momentum) records the gradients
-of a random sample of binary weights. Each candidate format then replays that trace from m = 0,
-as training starts; it is eligible when it represents tau and loses at most `tolerance` of the
-attempted updates, and the narrowest eligible one is chosen. For information each candidate
-also replays the trace from m = the mean warm-up gradient, a stand-in for the steady state
-late in training, where |m| is large and the relative steps gamma (g - m) / m are tiny: there
-every format much narrower than float32 loses most updates (yet flips nearly the same weights,
-since a flip needs only the sign of m to change).
+A run of the real model on real batches (Bop, float32 momentum) records the gradients of a
+random sample of binary weights in two windows: the first steps from m = 0 (the warm-up),
+and, after `settle_steps` more steps, a window of the steady state, starting from the
+momentum the float32 run really reached there. Each candidate format replays both windows;
+it is eligible when it represents tau and loses at most `tolerance` of the attempted
+updates *in the steady state*, and the narrowest eligible one is chosen. The warm-up's
+lost fraction is reported beside it: it flatters narrow formats, because from m = 0 every
+step is large beside m, while late in training |m| is large and the relative steps
+gamma (g - m) / m are tiny (a format judged on the warm-up alone can lose nearly every
+steady-state update).
 """
 
 from __future__ import annotations
@@ -30,18 +32,34 @@ from trainers.methods import Recipe
 DEFAULT_WIDTHS = tuple(range(4, 17))
 DEFAULT_TOLERANCE = 0.25
 DEFAULT_WARMUP_STEPS = 20
+DEFAULT_SETTLE_STEPS = 300  # training steps between the two windows (half an MNIST epoch)
 DEFAULT_SAMPLE_SIZE = 1 << 14
 CANDIDATES_PER_PASS = 64  # rows replayed together (bounds the float64 temporaries)
 FLOAT32_BYTES = 4
 
 
 @dataclass(frozen=True)
-class GradientTrace:
-    """Gradients of sampled binary weights over the warm-up steps."""
+class TraceWindow:
+    """Gradients of the sampled binary weights over consecutive steps, and their state at
+    the window's start."""
 
     grads: torch.Tensor  # (steps, samples) float32
     weights: torch.Tensor  # (samples,) the sampled weights' +-1 at the start
+    momentum: torch.Tensor  # (samples,) float32 momentum at the start (0 for the warm-up)
+
+    @classmethod
+    def from_zero(cls, grads: torch.Tensor, weights: torch.Tensor) -> TraceWindow:
+        return cls(grads, weights, torch.zeros_like(weights))
+
+
+@dataclass(frozen=True)
+class GradientTrace:
+    """The warm-up window (from m = 0) and the steady-state window of one float32 run."""
+
+    warmup: TraceWindow
+    steady: TraceWindow
     layer_numels: tuple[int, ...]  # sizes of all binary-weight tensors (for the memory figures)
+    settle_steps: int = 0  # steps trained between the two windows
 
 
 @dataclass(frozen=True)
@@ -61,8 +79,8 @@ class CandidateResult:
 
     @property
     def lost_fraction(self) -> float:
-        """The warm-up's lost fraction, which eligibility is judged on."""
-        return self.lost_fraction_start
+        """The steady state's lost fraction, which eligibility is judged on."""
+        return self.lost_fraction_steady
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,8 @@ class SearchReport:
     tau: float
     tolerance: float
     warmup_steps: int
+    settle_steps: int
+    steady_steps: int
     sampled_weights: int
     binary_weights: int
     reference: CandidateResult
@@ -94,6 +114,9 @@ class SearchReport:
             "tau": self.tau,
             "tolerance": self.tolerance,
             "warmup_steps": self.warmup_steps,
+            "settle_steps": self.settle_steps,
+            "steady_steps": self.steady_steps,
+            "judged_on": "steady",
             "sampled_weights": self.sampled_weights,
             "binary_weights": self.binary_weights,
             "reference": row(self.reference),
@@ -121,21 +144,26 @@ def record_gradient_trace(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
     steps: int = DEFAULT_WARMUP_STEPS,
+    settle_steps: int = DEFAULT_SETTLE_STEPS,
     gamma: float = DEFAULT_GAMMA,
     tau: float = DEFAULT_TAU,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
     seed: int = 0,
 ) -> GradientTrace:
-    """Train a copy of `model` for `steps` batches with float32-momentum Bop, sampling gradients."""
+    """Train a copy of `model` with float32-momentum Bop for `steps`, `settle_steps`, then
+    `steps` more batches, sampling gradients in the first and the last window."""
     from trainers.bop import build_bop_optimizer
     from trainers.engine import train_step
 
     if steps < 1:
         raise UsageError(f"warm-up steps must be at least 1, got {steps}")
+    if settle_steps < 0:
+        raise UsageError(f"settle steps must be >= 0, got {settle_steps}")
     work = copy.deepcopy(model)
     optimizer = build_bop_optimizer(
         work, replace(recipe, momentum_format=None), gamma=gamma, tau=tau
     )
+    bop = optimizer.optimizers["bop"]
     layers = [layer for layer in binary_layers(work)
               if layer.weight.requires_grad or is_packed(layer.weight)]
     params = [layer.weight for layer in layers]
@@ -146,34 +174,54 @@ def record_gradient_trace(
     for size in sizes:
         count = min(size, max(16, round(sample_size * size / total)))
         picks.append(torch.randperm(size, generator=generator)[:count].sort().values)
-    weights = torch.cat([sign(weight_values(layer).detach().reshape(-1)[i].float())
-                         for layer, i in zip(layers, picks)])
-    rows: list[torch.Tensor] = []
+
+    def sampled_weights() -> torch.Tensor:
+        return torch.cat([sign(weight_values(layer).detach().reshape(-1)[i].float())
+                          for layer, i in zip(layers, picks)])
+
+    def sampled_momentum() -> torch.Tensor:
+        return torch.cat([bop.momentum(p).reshape(-1)[i] for p, i in zip(params, picks)])
+
+    steady_start = steps + settle_steps
+    windows: dict[str, list[torch.Tensor]] = {"warmup": [], "steady": []}
+    starts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    position = {"step": 0}
 
     def record(*_args) -> None:
+        step = position["step"]
+        name = "warmup" if step < steps else "steady" if step >= steady_start else None
+        if name is None:
+            return
+        if not windows[name]:
+            starts[name] = (sampled_weights(), sampled_momentum())
         grads = [flat_gradient(p) for p in params]
-        rows.append(torch.cat([
+        windows[name].append(torch.cat([
             g[i] if g is not None else torch.zeros(len(i)) for g, i in zip(grads, picks)
         ]))
 
     handle = optimizer.register_step_pre_hook(record)
     try:
-        for index, (x, y) in enumerate(batches):
-            if index >= steps:
+        for x, y in batches:
+            if position["step"] >= steady_start + steps:
                 break
             train_step(work, optimizer, x, y)
+            position["step"] += 1
     finally:
         handle.remove()
-    if not rows:
-        raise UsageError("the warm-up got no batches; the data set is empty")
-    return GradientTrace(torch.stack(rows), weights, tuple(sizes))
+    if len(windows["steady"]) < steps:
+        raise UsageError(
+            f"the encoding search got {position['step']} batches; it needs {steady_start + steps}"
+            f" ({steps} warm-up, {settle_steps} settling, {steps} steady-state steps)"
+        )
+    made = {name: TraceWindow(torch.stack(rows), *starts[name]) for name, rows in windows.items()}
+    return GradientTrace(made["warmup"], made["steady"], tuple(sizes), settle_steps)
 
 
 def replay(
-    trace: GradientTrace, formats: list[FloatFormat | None], start: torch.Tensor, gamma: float,
-    tau: float,
+    window: TraceWindow, formats: list[FloatFormat | None], gamma: float, tau: float,
 ) -> list[tuple[int, int, int]]:
-    """(attempted, lost, flips) of Bop over the trace from momentum `start`, per format.
+    """(attempted, lost, flips) of Bop over the window from its start state, per format
+    (the start momentum first rounded into the format).
 
     All formats replay at once, one row each (None = float32).
     """
@@ -188,12 +236,12 @@ def replay(
         return out
 
     count = len(formats)
-    momentum = store(start.expand(count, -1))
-    weight = trace.weights.expand(count, -1).clone()
+    momentum = store(window.momentum.expand(count, -1))
+    weight = window.weights.expand(count, -1).clone()
     attempted = torch.zeros(count, dtype=torch.int64)
     lost = torch.zeros_like(attempted)
     flips = torch.zeros_like(attempted)
-    for grad in trace.grads:
+    for grad in window.grads:
         step = gamma * (grad - momentum)
         stored = store(momentum + step)
         nonzero = step != 0
@@ -210,30 +258,31 @@ def evaluate_candidates(
     trace: GradientTrace, formats: list[FloatFormat | None], gamma: float, tau: float,
     tolerance: float,
 ) -> list[CandidateResult]:
-    """Replay each format from m = 0 and from the steady-state stand-in; judge eligibility."""
+    """Replay each format over the warm-up and the steady-state window; judge eligibility
+    on the steady state."""
     results = []
     for first in range(0, len(formats), CANDIDATES_PER_PASS):
         batch = formats[first:first + CANDIDATES_PER_PASS]
-        warmup = replay(trace, batch, torch.zeros_like(trace.weights), gamma, tau)
-        steady = replay(trace, batch, trace.grads.mean(0), gamma, tau)
-        for fmt, (attempted, lost, flips), (steady_attempted, steady_lost, _) in zip(
+        warmup = replay(trace.warmup, batch, gamma, tau)
+        steady = replay(trace.steady, batch, gamma, tau)
+        for fmt, (attempted, lost, _), (steady_attempted, steady_lost, flips) in zip(
             batch, warmup, steady
         ):
-            fraction = lost / attempted if attempted else 0.0
+            steady_fraction = steady_lost / steady_attempted if steady_attempted else 0.0
             represents = fmt.represents(tau) if fmt and tau > 0 else True
             results.append(CandidateResult(
                 spec=fmt.spec if fmt else "fp32",
                 bits=fmt.bits if fmt else 32,
                 represents_tau=represents,
-                attempted=attempted,
-                lost=lost,
-                lost_fraction_start=fraction,
-                lost_fraction_steady=steady_lost / steady_attempted if steady_attempted else 0.0,
+                attempted=steady_attempted,
+                lost=steady_lost,
+                lost_fraction_start=lost / attempted if attempted else 0.0,
+                lost_fraction_steady=steady_fraction,
                 flips=flips,
                 momentum_bytes=sum(
                     fmt.storage_bytes(n) if fmt else FLOAT32_BYTES * n for n in trace.layer_numels
                 ),
-                eligible=represents and fraction <= tolerance,
+                eligible=represents and steady_fraction <= tolerance,
             ))
     return results
 
@@ -276,7 +325,8 @@ def search_momentum_format(
     """Evaluate every candidate on the trace and choose the narrowest eligible one."""
     if not 0.0 <= tolerance < 1.0:
         raise UsageError(f"tolerance must be in [0, 1), got {tolerance}")
-    max_abs = float(trace.grads.abs().max())
+    max_abs = float(max(trace.warmup.grads.abs().max(), trace.steady.grads.abs().max(),
+                        trace.steady.momentum.abs().max()))
     reference, *candidates = evaluate_candidates(
         trace, [None, *candidate_formats(max_abs, widths)], gamma, tau, tolerance
     )
@@ -286,8 +336,10 @@ def search_momentum_format(
         gamma=gamma,
         tau=tau,
         tolerance=tolerance,
-        warmup_steps=trace.grads.shape[0],
-        sampled_weights=trace.grads.shape[1],
+        warmup_steps=trace.warmup.grads.shape[0],
+        settle_steps=trace.settle_steps,
+        steady_steps=trace.steady.grads.shape[0],
+        sampled_weights=trace.warmup.grads.shape[1],
         binary_weights=sum(trace.layer_numels),
         reference=reference,
         candidates=tuple(candidates),
@@ -301,6 +353,7 @@ def search_model_momentum_format(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
     warmup_steps: int = DEFAULT_WARMUP_STEPS,
+    settle_steps: int = DEFAULT_SETTLE_STEPS,
     gamma: float = DEFAULT_GAMMA,
     tau: float = DEFAULT_TAU,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -308,9 +361,11 @@ def search_model_momentum_format(
     widths: Sequence[int] = DEFAULT_WIDTHS,
     seed: int = 0,
 ) -> SearchReport:
-    """Warm up on `batches`, then search (the model itself is not changed)."""
+    """Train a copy on `batches` to record both windows, then search (the model itself is
+    not changed)."""
     trace = record_gradient_trace(
-        model, recipe, batches, steps=warmup_steps, gamma=gamma, tau=tau,
+        model, recipe, batches, steps=warmup_steps, settle_steps=settle_steps, gamma=gamma,
+        tau=tau,
         sample_size=sample_size, seed=seed,
     )
     return search_momentum_format(trace, gamma=gamma, tau=tau, tolerance=tolerance, widths=widths)

@@ -57,7 +57,9 @@ def measure_report(args: argparse.Namespace) -> dict:
         from trainers.bop import resolve_momentum_format
 
         batches = synthetic_batches(model.in_shape, args.batch_size)
-        recipe = resolve_momentum_format(recipe, model, (batches(i) for i in range(10)))
+        # a short search: synthetic gradients have no steady state worth settling into
+        recipe = resolve_momentum_format(recipe, model, (batches(i) for i in range(10)),
+                                         warmup_steps=3, settle_steps=4)
     optimizer = build_optimizer(model, recipe)
     result = measure_training(
         model, optimizer, lambda x, y: train_step(model, optimizer, x, y),

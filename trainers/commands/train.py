@@ -8,9 +8,10 @@ import sys
 import time
 from typing import TextIO
 
+from trainers.bop.schedule import schedule_from_flags
 from trainers.data.download import download
 from trainers.errors import UsageError
-from trainers.methods import make_recipe
+from trainers.methods import BOP_DEFAULT_GAMMA, BOP_DEFAULT_TAU, make_recipe
 from trainers.train import (
     EpochRecord,
     StepRecord,
@@ -139,6 +140,17 @@ def register(subparsers) -> None:
         metavar="E,M[,BIAS]|auto",
         help="Bop: store the momentum in this float format, or search it first (auto)",
     )
+    parser.add_argument("--gamma", type=float, default=BOP_DEFAULT_GAMMA,
+                        help="Bop's adaptivity rate (default %(default)s, Larq's)")
+    parser.add_argument("--tau", type=float, default=BOP_DEFAULT_TAU,
+                        help="Bop's flip threshold (default %(default)s, Larq's)")
+    parser.add_argument("--gamma-decay", type=float, metavar="FACTOR",
+                        help="Bop: multiply gamma by FACTOR every --gamma-decay-every epochs"
+                        " (Helwegen et al., CIFAR-10: 0.1 every 100)")
+    parser.add_argument("--gamma-decay-every", type=int, metavar="EPOCHS")
+    parser.add_argument("--tau-decay", type=float, metavar="FACTOR",
+                        help="Bop: multiply tau by FACTOR every --tau-decay-every epochs")
+    parser.add_argument("--tau-decay-every", type=int, metavar="EPOCHS")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.set_defaults(handler=run)
 
@@ -151,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
         disable=tuple(args.disable),
         lr=args.lr,
         momentum_format=args.momentum_format,
+        bop_gamma=args.gamma,
+        bop_tau=args.tau,
     )
     config = TrainConfig(
         model=args.model,
@@ -163,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         lr_plateau=args.lr_plateau,
         plateau_patience=args.plateau_patience,
+        gamma_schedule=schedule_from_flags("gamma", args.gamma_decay, args.gamma_decay_every),
+        tau_schedule=schedule_from_flags("tau", args.tau_decay, args.tau_decay_every),
     )
     check_config(config)
     if args.download:

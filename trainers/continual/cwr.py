@@ -2,9 +2,15 @@
 
 The head is a bias-free linear layer, one weight row per class. Before an experience the
 head is zeroed and the consolidated rows of its classes seen before are loaded; after
-it, each current class's trained row, centred on the mean of the current classes'
-weights, is averaged into the consolidated row, weighted by how many samples each side
-has seen.
+it, each class's trained row, centred on the mean of those classes' weights, is averaged
+into the consolidated row, weighted by how many samples each side has seen.
+
+With latent replay, "the classes of the experience" are the union of the new data's
+classes and the classes in the replay memory, and the per-class counts include the
+replayed entries (Lomonaco et al.'s AR1*/CWR* latent-replay code: `cur_class` is the
+union of the batch's and the memory's labels, `cur_j` counts both; Vorabbi et al. build
+on it). In a class-incremental stream without the union no class is ever seen twice, so
+the count weighting never runs and old rows are never trained against new classes.
 
 "Mean over current classes of W" is the mean of all weights of the current classes' rows
 (one number), as in the authors' code (`np.average(W[cur_class])`, Lomonaco et al.;
@@ -38,10 +44,10 @@ class CWRStar:
 
     @torch.no_grad()
     def consolidate(self, head_weight: torch.Tensor, current_counts: Mapping[int, int]) -> None:
-        """Fold the trained rows of the current classes into `cw` (METHODS.md 4).
+        """Fold the trained rows of this experience's classes into `cw` (METHODS.md 4).
 
-        `current_counts[c]` is the number of training samples of class `c` in this
-        experience (replayed samples are not counted).
+        `current_counts[c]` is the number of samples of class `c` the experience trained
+        on: its new data plus, with latent replay, the replay memory's entries of `c`.
         """
         classes = [c for c, n in current_counts.items() if n > 0]
         if not classes:

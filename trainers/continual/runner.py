@@ -227,9 +227,10 @@ class ContinualRun:
             build_optimizer(model, make_recipe("cwr", lr=config.lr)),
             parts.trainable().parameters(), config.qb,
         )
-        if self.cwr is not None:
-            self.cwr.before_experience(parts.head.weight.data, exp.classes)
         replay = 0 if first or self.buffer is None else len(self.buffer)
+        counts = self.experience_counts(exp, replay > 0)
+        if self.cwr is not None:
+            self.cwr.before_experience(parts.head.weight.data, list(counts))
 
         indices = torch.from_numpy(exp.train_indices)
         batch = min(config.batch_size, indices.numel())
@@ -257,7 +258,6 @@ class ContinualRun:
                 _call(self.callbacks, "on_step", ContinualStep(
                     exp.index + 1, self.step, loss, time.perf_counter() - step_start))
 
-        counts = {c: int((self.labels[indices] == c).sum()) for c in exp.classes}
         if self.cwr is not None:
             self.cwr.consolidate(parts.head.weight.data, counts)
             self.cwr.load_all(parts.head.weight.data)
@@ -287,6 +287,17 @@ class ContinualRun:
             trainable_bytes=trainable_bytes,
             seconds=time.perf_counter() - start,
         )
+
+    def experience_counts(self, exp: Experience, replaying: bool) -> dict[int, int]:
+        """Samples per class this experience trains on: its new data and, when replaying,
+        the buffer's entries (CWR*'s union rule: these are the classes reset and
+        consolidated, and the counts that weight consolidation)."""
+        labels = self.scenario.dataset.train_labels[exp.train_indices]
+        counts = {c: int((labels == c).sum()) for c in exp.classes}
+        if replaying:
+            for c in self.buffer.classes:
+                counts[c] = counts.get(c, 0) + self.buffer.count(c)
+        return counts
 
     def replay_order(self, n: int) -> torch.Tensor:
         """`n` buffer indices: whole shuffled passes over the buffer, as many as it takes."""
