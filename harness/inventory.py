@@ -69,7 +69,6 @@ ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # One ProxyJump hop: [user@]host[:port]; hops are separated by commas.
 JUMP_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.-]{0,31}@)?[A-Za-z0-9_.%-]{1,253}(:[0-9]{1,5})?$")
 SECRET_FIELDS = ("password", "key_passphrase")
-MAX_INVENTORY_BYTES = 1 << 20
 MAX_SECONDS = 86_400  # timeouts, back-off and keepalive periods: at most a day
 
 
@@ -202,6 +201,8 @@ def load_inventory(path: str | Path) -> Inventory:
         try:
             data = load_yaml_with_lines(path)
         except HarnessUsageError as exc:
+            if not _is_yaml_syntax_error(exc):
+                raise  # too large, not text, nested too deep, alias bomb: never Ansible's
             yaml_error = exc
     if isinstance(data, YamlMap) and any(key in data for key in NATIVE_KEYS):
         entries = _native_entries(data, source)
@@ -394,17 +395,18 @@ def _base_of(values: dict[str, tuple[Any, Location, str]], path: Path) -> Path |
 
 
 def _check_ansible_file(file: Path) -> None:
-    """Bounds in front of Ansible's reader: size, and YAML files through our bounded loader."""
+    """Our bounds in front of Ansible's reader: every file of the inventory (group_vars and
+    host_vars too) is read through the bounded YAML loader (size, UTF-8, nesting depth,
+    alias expansion); only a YAML syntax error passes, for files that are not YAML (INI)."""
     try:
-        size = file.stat().st_size
-    except OSError as exc:
-        raise HarnessUsageError(f"{file}: cannot read: {exc.strerror or exc}") from exc
-    if size > MAX_INVENTORY_BYTES:
-        raise HarnessUsageError(
-            f"{file}: {size} bytes; an inventory file may have at most {MAX_INVENTORY_BYTES}"
-        )
-    if file.suffix in YAML_SUFFIXES:
-        load_yaml_with_lines(file)  # its syntax errors and limits, with our line numbers
+        load_yaml_with_lines(file)
+    except HarnessUsageError as exc:
+        if not _is_yaml_syntax_error(exc) or file.suffix in YAML_SUFFIXES:
+            raise
+
+
+def _is_yaml_syntax_error(exc: HarnessUsageError) -> bool:
+    return ": invalid YAML" in str(exc)
 
 
 def _ssh_args(value: Any, where: Where, label: str) -> dict[str, str]:

@@ -129,8 +129,20 @@ def test_errors_name_the_file_the_line_and_ansibles_reason(tmp_path: Path):
         load_inventory(tmp_path / "winrm.ini")
     # Our bounds stand in front of Ansible's reader (group_vars files too).
     write_tree(tmp_path, {"group_vars/pi4.yml": "x: " + "a" * (1 << 20) + "\n"})
-    with pytest.raises(HarnessUsageError, match=r"pi4.yml: \d+ bytes; an inventory file may"):
+    with pytest.raises(HarnessUsageError, match=r"pi4.yml: larger than 1024 KiB"):
         load_inventory(tmp_path / "hosts.ini")
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdef", "bcdefg"))
+    write_tree(tmp_path, {"group_vars/pi4.yml": bomb, "host_vars/pi-c": bomb})
+    with pytest.raises(HarnessUsageError, match=r"once aliases \(\*name\) are expanded"):
+        load_inventory(tmp_path / "hosts.ini")  # refused before Ansible expands it
+    (tmp_path / "group_vars" / "pi4.yml").unlink()
+    with pytest.raises(HarnessUsageError, match=r"pi-c:\d+: more than 100000 values"):
+        load_inventory(tmp_path / "hosts.ini")  # a host_vars file without a suffix too
+    (tmp_path / "plain").write_text(bomb)
+    with pytest.raises(HarnessUsageError, match=r"once aliases"):
+        load_inventory(tmp_path / "plain")  # an inventory file without a suffix
 
 
 def test_ssh_common_args_give_proxy_jump_and_ssh_config(tmp_path: Path):

@@ -134,3 +134,28 @@ def test_plan_scripts_errors_name_file_line_and_field(tmp_path: Path):
     assert [j.job_id for j in jobs] == ["script-a-r0", "script-a-r1"]
     assert jobs[0].spec["script"]["args"] == ["--lr", "0.1"] and jobs[0].pinned == ("pi5",)
     assert json.loads(json.dumps(jobs[0].spec))["method"]["name"] == "script"
+
+
+def test_failing_scripts_are_recorded_and_the_others_go_on(tmp_path: Path):
+    """On the local device (modeled power): a script that raises and one that exits 3 fail
+    with their reason; the good one completes with its window, labelled modeled."""
+    (tmp_path / "good.py").write_text(
+        "import device_agent\nwith device_agent.window('work'):\n    sum(range(10**6))\n")
+    (tmp_path / "raises.py").write_text("raise RuntimeError('the user script broke')\n")
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(3)\n")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "idle_baseline_s: 0\ncooldown_s: 0\nmax_attempts: 1\n"
+        "scripts:\n  - {name: good, path: good.py}\n  - {name: raises, path: raises.py}\n"
+        "  - {name: exits, path: exits.py}\n")
+    result = harness("run", "--plan", str(plan), "--out", str(tmp_path / "runs"),
+                     "--run-id", "faults", timeout=300)
+    assert result.returncode == 3, result.stderr[-3000:]  # some jobs failed, others kept
+    run = api.load(tmp_path / "runs" / "faults")
+    jobs = run.run.jobs.set_index("job_id")
+    assert jobs.loc["script-good-r0", "status"] == "completed"
+    assert jobs.loc["script-raises-r0", "status"] == "failed"
+    assert "RuntimeError: the user script broke" in jobs.loc["script-raises-r0", "reason"]
+    assert "exited with status 3" in jobs.loc["script-exits-r0", "reason"]
+    windows = run.windows()
+    assert list(windows["window"]) == ["work"] and set(windows["meter_kind"]) == {"modeled"}
