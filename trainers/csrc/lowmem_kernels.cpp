@@ -1050,6 +1050,7 @@ std::vector<Tensor> dense_backward(const Tensor& grad_out, const Tensor& x_saved
 }  // namespace
 
 void register_bop_kernels(pybind11::module& m);  // bop_kernels.cpp
+void register_standard_kernels(pybind11::module& m);  // standard_kernels.cpp
 
 // The instruction-set extensions this build was compiled for (what `measure` reports).
 std::string simd_features() {
@@ -1087,6 +1088,7 @@ std::string simd_features() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_bop_kernels(m);
+  register_standard_kernels(m);
   m.def("simd_features", &simd_features, "instruction-set extensions compiled in");
   m.def("sign_pack", &sign_pack, "int8 signs (+ packed sign bits and |x| <= 1 mask) of rows");
   m.def("unpack_signs", &unpack_signs, "packed bits -> +-1 rows of a dtype");
