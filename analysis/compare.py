@@ -251,8 +251,12 @@ def compare_runs(jobs_a: pd.DataFrame, jobs_b: pd.DataFrame, across: bool = Fals
         sel_a = (a_done[keys] == pd.Series(group._asdict())).all(axis=1)
         sel_b = (b_done[keys] == pd.Series(group._asdict())).all(axis=1)
         for metric in RUN_METRICS:
+            spec = next((m for m in METRICS if m.column == metric), None)
             ia = t_interval(a_done.loc[sel_a, metric])
             ib = t_interval(b_done.loc[sel_b, metric])
+            if spec is not None:  # energy: with the jobs' measurement intervals
+                ia = with_measurement(ia, a_done.loc[sel_a], spec)
+                ib = with_measurement(ib, b_done.loc[sel_b], spec)
             if ia.n == 0 and ib.n == 0:
                 continue
             if metric == "test_accuracy":

@@ -229,7 +229,7 @@ def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say
         )
     if store.rejected_rows:
         say(f"run store: {store.rejected_rows} bad record(s) rejected (see the messages above)")
-    print_comparison(store, run_dir, devices)
+    print_comparison(store, run_dir)
     if interrupted:
         return ExitStatus.INTERRUPTED
     statuses = [r["status"] for r in store.query("SELECT status FROM jobs")]
@@ -281,7 +281,7 @@ def _sha(path: Path) -> str:
     return file_sha256(path)
 
 
-def print_comparison(store: RunStore, run_dir: Path, devices: list[Any]) -> None:
+def print_comparison(store: RunStore, run_dir: Path) -> None:
     """Per device, meter, method, model and data set: jobs, peak memory, time and energy per
     epoch (with its interval, from `analysis`: the figures the report and export show),
     accuracy; then how many energy figures are ok, low-confidence or withheld, and why."""
