@@ -24,6 +24,7 @@ from trainers.continual.runner import ContinualConfig, ContinualResult, run_cont
 from trainers.data import load_dataset
 
 MIN_CWR_GAIN_POINTS = 20.0  # CWR* (qf 8 / qb 16) over naive (qf 8 / qb 16)
+MIN_CWR_ACCURACY_POINTS = 80.0  # CWR* (qf 8 / qb 16) final average accuracy (issue 17)
 MAX_QUANTISATION_LOSS_POINTS = 2.0  # CWR* 32/32 minus CWR* 8/16
 ROWS = (("cwr", 32, 32), ("cwr", 8, 16), ("naive", 8, 16))
 
@@ -78,6 +79,7 @@ def run_rows(data_dir: str, seeds: list[int], epochs: int, replay_size: int,
 def checks(rows: dict[tuple, Row]) -> dict[str, float]:
     cwr_q, cwr_ref, naive_q = rows["cwr", 8, 16], rows["cwr", 32, 32], rows["naive", 8, 16]
     return {
+        "cwr_accuracy_points": cwr_q.mean_points,
         "cwr_gain_points": cwr_q.mean_points - naive_q.mean_points,
         "quantisation_loss_points": cwr_ref.mean_points - cwr_q.mean_points,
     }
@@ -112,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
                     args.latent_layer)
     figures = checks(rows)
     print_table(rows)
+    accuracy_ok = figures["cwr_accuracy_points"] >= MIN_CWR_ACCURACY_POINTS
     gain_ok = figures["cwr_gain_points"] >= MIN_CWR_GAIN_POINTS
     quant_ok = figures["quantisation_loss_points"] <= MAX_QUANTISATION_LOSS_POINTS
+    print(f"CWR* (qf 8 / qb 16) final average accuracy {figures['cwr_accuracy_points']:.2f} %"
+          f" (need >= {MIN_CWR_ACCURACY_POINTS:.0f}): {'ok' if accuracy_ok else 'FAIL'}")
     print(f"CWR* beats naive by {figures['cwr_gain_points']:.2f} points "
           f"(need >= {MIN_CWR_GAIN_POINTS:.0f}): {'ok' if gain_ok else 'FAIL'}")
     print(f"qf 8 / qb 16 loses {figures['quantisation_loss_points']:.2f} points against 32/32 "
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "latent_layer": rows["cwr", 8, 16].results[0].latent_layer,
         **figures,
     }))
-    return 0 if gain_ok and quant_ok else 1
+    return 0 if accuracy_ok and gain_ok and quant_ok else 1
 
 
 if __name__ == "__main__":

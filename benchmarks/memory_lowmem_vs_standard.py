@@ -8,6 +8,13 @@ model both peaks, their ratio, the step-time ratio, and per method the measured
 categories beside the published and extended models (within 25 % or not); with
 --format json the last stdout line is one JSON object.
 
+The measured `standard` is heavier than the paper's modeled one: autograd keeps three
+float32 tensors per block (layer input, batch norm's normalised output, the STE mask as
+floats), an fp32 sgn(W) for the matmul and int64 max-pool indices, where METHODS.md's model
+counts each layer's input only. So the measured ratio overstates the saving against the
+paper's baseline; the ratio of lowmem's measured peak to the *analytical* standard
+(METHODS.md's model, what the paper's ratios are computed against) is printed beside it.
+
     python benchmarks/memory_lowmem_vs_standard.py --models mlp cnv binarynet
 """
 
@@ -43,6 +50,7 @@ def summarise(model: str, reports: dict[str, dict]) -> dict:
     peak_ratio = standard["peak_tensor_bytes"] / lowmem["peak_tensor_bytes"]
     time_ratio = lowmem["step_time_s"] / standard["step_time_s"]
     target = PEAK_RATIO_TARGETS.get(model)
+    standard_modeled = standard["modeled"]["published"]["total_mib"] * MIB
     return {
         "model": model,
         "standard_peak_bytes": standard["peak_tensor_bytes"],
@@ -50,6 +58,8 @@ def summarise(model: str, reports: dict[str, dict]) -> dict:
         "peak_ratio": peak_ratio,
         "peak_ratio_target": target,
         "peak_ratio_met": target is None or peak_ratio >= target,
+        "standard_analytical_bytes": standard_modeled,
+        "ratio_vs_analytical_standard": standard_modeled / lowmem["peak_tensor_bytes"],
         "standard_rss_delta_bytes": standard["peak_rss_delta_bytes"],
         "lowmem_rss_delta_bytes": lowmem["peak_rss_delta_bytes"],
         "standard_step_time_s": standard["step_time_s"],
@@ -68,6 +78,10 @@ def print_model(summary: dict, reports: dict[str, dict], out) -> None:
           f" lowmem {s['lowmem_peak_bytes'] / MIB:.2f} MiB -> {s['peak_ratio']:.2f}x"
           f" (target >= {s['peak_ratio_target']}x: {'met' if s['peak_ratio_met'] else 'MISSED'})",
           file=out)
+    analytical = s["standard_analytical_bytes"] / MIB
+    print(f"against the analytical standard (METHODS.md's model, {analytical:.2f} MiB; the"
+          f" measured standard keeps more): lowmem's measured peak is"
+          f" {s['ratio_vs_analytical_standard']:.2f}x smaller", file=out)
     print(f"process peak above baseline: standard {s['standard_rss_delta_bytes'] / MIB:.1f} MiB,"
           f" lowmem {s['lowmem_rss_delta_bytes'] / MIB:.1f} MiB", file=out)
     print(f"median step: standard {s['standard_step_time_s'] * 1e3:.0f} ms,"
@@ -112,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         summaries.append(summary)
         print_model(summary, reports, text_out)
     passed = all(s["peak_ratio_met"] and s["step_time_ratio_met"] for s in summaries)
-    print("\n" + "  ".join(f"{s['model']} {s['peak_ratio']:.2f}x mem, {s['step_time_ratio']:.2f}x"
-                           " time" for s in summaries) + f"  -> {'PASS' if passed else 'FAIL'}",
-          file=text_out)
+    line = "  ".join(f"{s['model']} {s['peak_ratio']:.2f}x mem"
+                     f" ({s['ratio_vs_analytical_standard']:.2f}x vs analytical standard),"
+                     f" {s['step_time_ratio']:.2f}x time" for s in summaries)
+    print(f"\n{line}  -> {'PASS' if passed else 'FAIL'}", file=text_out)
     if args.format == "json":
         print(json.dumps({"passed": passed, "models": summaries}))
     return 0

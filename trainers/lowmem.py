@@ -388,7 +388,9 @@ class LowMemBlockFunction(torch.autograd.Function):
             g.div_(per_channel(sigma1, g))
             if sw.bn_sign_trick:
                 # xhat ~ sgn(y) mean|y| in the exact L1 gradient; the mean(sgn) term keeps
-                # sum(dz) = 0 per channel, as the exact gradient has it (see docs/methods-notes.md).
+                # sum(dz) = 0 per channel, as the exact gradient has it (sum(xhat) = 0 per
+                # channel, while sum(sgn(y)) is not). Wang et al.'s code keeps sgn(xhat) and
+                # mean|xhat| instead, with beta added outside, and has no such term.
                 scale = mean_abs_y * mean_gy
                 dz = g.sub_(per_channel(mean_g - mean_sgn * scale, g)).sub_(
                     y_sign(s, e).mul_(per_channel(scale, g)))
