@@ -151,13 +151,12 @@ def print_text(result: dict) -> None:
           f" (Yayla & Chen: 2.04-2.47x)")
     print(f"accuracy drop {result['accuracy_drop_points']:.2f} points after {result['epochs']}"
           f" epochs (need <= {MAX_DROP_POINTS}): {'ok' if result['meets_requirement'] else 'FAIL'}")
-    lowmem = {run["run"]: run for run in result["runs"]}
-    if len(lowmem) < 4:
+    if len(result["runs"]) < 4:
         return
-    print(f"finding: Bop on the lowmem switches reaches"
-          f" {100 * lowmem['lowmem+bop fp32 tau 1e-8']['test_accuracy']:.2f} % at tau 1e-8 and"
-          f" {100 * lowmem[f'lowmem+bop fp32 tau {LOWMEM_TAU:g}']['test_accuracy']:.2f} % at tau"
-          f" {LOWMEM_TAU:g}, Bop alone {100 * lowmem['bop fp32']['test_accuracy']:.2f} %")
+    bop_alone, _, default_tau, scaled_tau = result["runs"]
+    print(f"finding: Bop on the lowmem switches reaches {100 * default_tau['test_accuracy']:.2f} %"
+          f" at tau {default_tau['tau']:g} and {100 * scaled_tau['test_accuracy']:.2f} % at tau"
+          f" {scaled_tau['tau']:g}; Bop alone {100 * bop_alone['test_accuracy']:.2f} %")
 
 
 def main() -> int:
