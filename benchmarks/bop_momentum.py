@@ -56,7 +56,9 @@ DEFAULT_MNIST = Path(
 )
 MAX_DROP_POINTS = 1.0
 MIN_STATE_RATIO = 2.0
-LOWMEM_TAU = 1e-5  # ~ sqrt(gamma) / sqrt(N) for the MLP's 256x256 layers: noise stays below it
+# tau on the sign gradients' scale: below sqrt(gamma) / sqrt(N) (2.2e-5 to 2.0e-4 for the MLP),
+# the size of the momentum's noise when sgn(dW) / sqrt(N) flips sign at random
+LOWMEM_TAU = 1e-5
 
 
 def batches(dataset, batch_size: int, seed: int, epochs: int | None):
