@@ -77,6 +77,6 @@ def device_table(run: Run) -> pd.DataFrame:
     devices.insert(0, "device", devices["name"])
     devices.insert(1, "machine", [f.get("machine") for f in facts])
     for key in ("cpu_model", "cpu_cores", "total_memory_bytes", "os", "pi_model",
-                "python_version", "torch_version"):
+                "python_version", "torch_version", "emulation"):
         devices[key] = [f.get(key) for f in facts]
     return devices

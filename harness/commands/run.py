@@ -300,6 +300,7 @@ def print_comparison(store: RunStore, run_dir: Path) -> None:
                    "peak RSS+ MiB", "s / epoch", "J / epoch [95 %]", "test accuracy"):
         table.add_column(column, justify="right")
     keys = ["device", "meter", "meter_kind", "method", "model", "dataset"]
+    emulated = _emulated_devices(run)
     for key, frame in jobs.groupby(keys, dropna=False, sort=False):
         device, meter, kind, method, model, dataset = key
         done = frame[frame["result_status"] == "completed"]
@@ -314,12 +315,15 @@ def print_comparison(store: RunStore, run_dir: Path) -> None:
             text = "withheld" if withheld else "n/a"
         throttled = int(done["throttled"].fillna(False).astype(bool).sum())
         shown = f"{method} ({throttled} throttled)" if throttled else str(method)
-        table.add_row(str(device), meter if isinstance(meter, str) else "-", shown,
+        name = f"{device} (emulated)" if device in emulated else str(device)
+        table.add_row(name, meter if isinstance(meter, str) else "-", shown,
                       str(model), str(dataset), f"{len(done)}/{len(frame)}",
                       _mean(done["peak_tensor_bytes"], MIB),
                       _mean(done["peak_rss_delta_bytes"], MIB), _mean(done["epoch_s"]), text,
                       _mean(done["test_accuracy"]))
     console.print(table)
+    for device, how in emulated.items():
+        console.print(f"{device}: emulated ({how}): its times and energy are not the target's")
     if energy.empty:
         console.print("energy: no figures (no power samples or no recorded phases)")
     else:
@@ -333,6 +337,14 @@ def print_comparison(store: RunStore, run_dir: Path) -> None:
             where = f"epoch {r.epoch}" if r.phase == "epoch" else r.phase
             console.print(f"  {r.status}: {r.device}/{r.meter} {r.job} {where}: {r.reason}")
     print(f"run directory: {run_dir}")
+
+
+def _emulated_devices(run) -> dict[str, str]:
+    """Devices whose `hello` facts say they run emulated (the lab's arm64 devices)."""
+    from analysis.conditions import device_table
+
+    table = device_table(run)
+    return {str(d): str(e) for d, e in zip(table["device"], table["emulation"]) if e == e and e}
 
 
 def _mean(values, scale: float = 1.0) -> str:
