@@ -53,8 +53,11 @@ def test_default_run_completes_every_job_with_samples_and_manifest(tmp_path):
     outcomes = db.execute("SELECT job_id, status, exit_code, reason FROM jobs").fetchall()
     assert proc.returncode == ExitStatus.OK, (outcomes, stderr[-2000:])
     assert f"run directory: runs/{run_dir.name}" in stdout
-    for header in ("peak RSS+ MiB", "s / epoch", "J / epoch (modeled)", "test accuracy"):
+    for header in ("peak RSS+ MiB", "s / epoch", "J / epoch [95 %]", "test accuracy"):
         assert header in stdout
+    assert "] modeled" in stdout  # each modeled figure says so, beside its interval
+    # every energy figure of the embedded default run is confident (issue 15 point 8)
+    assert " ok, 0 low-confidence, 0 withheld" in stdout, stdout[-3000:]
     jobs = db.execute("SELECT job_id, kind, status, attempts FROM jobs").fetchall()
     assert {j[0] for j in jobs} == {
         "idle-local",
