@@ -88,11 +88,11 @@ def _memory_peaks(run: Run) -> pd.DataFrame:
     mem = run.memory
     if mem.empty:
         return pd.DataFrame(columns=["job_id", "attempt", "sampled_hwm_bytes",
-                                     "sampled_tensor_peak_bytes", "memory_samples"])
+                                     "sampled_peak_tensor_bytes", "memory_samples"])
     grouped = mem.groupby(["job_id", "attempt"])
     return grouped.agg(
         sampled_hwm_bytes=("hwm_bytes", "max"),
-        sampled_tensor_peak_bytes=("tensor_peak_bytes", "max"),
+        sampled_peak_tensor_bytes=("peak_tensor_bytes", "max"),
         memory_samples=("seq", "size"),
     ).reset_index()
 

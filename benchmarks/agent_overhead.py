@@ -22,8 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from contract.jobspec import TelemetrySpec
 from device_agent.events import EventWriter
-from device_agent.protocol import TelemetrySpec
 from device_agent.sampler import MemorySampler
 
 LIMIT = 0.02

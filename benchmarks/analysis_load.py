@@ -26,7 +26,7 @@ from analysis.compare import compare_methods, headline
 from analysis.jobs import job_table
 from analysis.load import Run, load_run
 from analysis.run_energy import energy_table
-from analysis.synthetic import DEFAULT_METHODS, build_synthetic_run
+from harness.store.synthetic import DEFAULT_METHODS, build_synthetic_run
 
 IDLE_W = 2.0  # build_synthetic_run's default idle power
 

@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+from contract.events import AgentExit, Error, Hello, clock_reply
+from contract.fields import SpecError
+from contract.jobspec import JobSpec
 from device_agent.events import EventWriter
 from device_agent.facts import device_facts
-from device_agent.protocol import AgentExit, JobSpec, SpecError, clock_reply
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -24,15 +26,15 @@ def _run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = EventWriter(sys.stdout, out_dir / "events.jsonl")
     try:
-        writer.emit("hello", **device_facts())
+        writer.emit(Hello(**device_facts()))
         try:
             spec = JobSpec.from_json(Path(args.job).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
-            writer.emit("error", type=type(exc).__name__, message=f"{args.job}: {exc}", oom=False)
+            writer.emit(Error(type=type(exc).__name__, message=f"{args.job}: {exc}", oom=False))
             print(f"error: {args.job}: {exc}", file=sys.stderr)
             return AgentExit.BAD_SPEC
         except SpecError as exc:
-            writer.emit("error", type="SpecError", field=exc.field, message=str(exc), oom=False)
+            writer.emit(Error(type="SpecError", field=exc.field, message=str(exc), oom=False))
             print(f"error: {args.job}: {exc}", file=sys.stderr)
             return AgentExit.BAD_SPEC
         (out_dir / "spec.json").write_text(spec.to_json())

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from contract.jobspec import JobSpec
 from device_agent.facts import _package_version
-from device_agent.protocol import JobSpec
 
 CPUFREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq")
 THERMAL = Path("/sys/class/thermal/thermal_zone0/temp")

@@ -12,9 +12,9 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
-from device_agent.protocol import Event
+from contract.events import Event, EventPayload
 
 
 class EventWriter:
@@ -28,16 +28,10 @@ class EventWriter:
         self.job_id = "agent"
         self.host_gone = False
 
-    def emit(self, kind: str, **data: Any) -> Event:
+    def emit(self, payload: EventPayload) -> Event:
+        """Number, time-stamp and write one event (a `contract.events` payload)."""
         with self._lock:
-            event = Event(
-                kind=kind,
-                job_id=self.job_id,
-                seq=self._seq,
-                t_mono_ns=time.monotonic_ns(),
-                t_wall_s=time.time(),
-                data=data,
-            )
+            event = Event.of(payload, self.job_id, self._seq, time.monotonic_ns(), time.time())
             self._seq += 1
             line = event.to_line() + "\n"
             if not self.host_gone:

@@ -8,8 +8,6 @@ an idle baseline, `clock` and `facts` never load torch. The outcome is an
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import resource
 import runpy
@@ -20,6 +18,19 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from contract.checksum import file_sha256
+from contract.events import (
+    AgentExit,
+    EpochEnd,
+    EpochStart,
+    Error,
+    Interrupted,
+    JobEnd,
+    JobStart,
+    Setup,
+    Step,
+)
+from contract.jobspec import JobSpec
 from device_agent import windows
 from device_agent.conditions import (
     cool_down,
@@ -30,9 +41,9 @@ from device_agent.conditions import (
 )
 from device_agent.events import EventWriter
 from device_agent.facts import pi_model
-from device_agent.protocol import AgentExit, JobSpec
 from device_agent.sampler import (
     BoardStateSampler,
+    MemoryReading,
     MemorySampler,
     ModeledPowerSampler,
     PeriodicSampler,
@@ -57,14 +68,6 @@ class DatasetMismatch(RuntimeError):
     """The data set file on the device is missing or its checksum differs from the spec."""
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     """MemoryError, or the allocator's refusal that torch reports as a RuntimeError."""
     if isinstance(exc, MemoryError):
@@ -72,17 +75,23 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MESSAGES)
 
 
-def _record_fields(record: Any) -> dict[str, Any]:
-    """A callback record (dataclass or plain object) as a JSON-safe dict."""
-    if dataclasses.is_dataclass(record) and not isinstance(record, type):
-        items = ((f.name, getattr(record, f.name)) for f in dataclasses.fields(record))
-    else:
-        items = vars(record).items()
-    return {
-        key: value
-        for key, value in items
-        if isinstance(value, (int, float, str, bool)) or value is None
-    }
+def _epoch_end(record: Any) -> EpochEnd:
+    """The engine's epoch record (training: `EpochRecord`; continual: `ExperienceRecord`)."""
+    return EpochEnd(
+        epoch=record.epoch,
+        steps=record.steps,
+        train_loss=record.train_loss,
+        test_loss=record.test_loss,
+        test_accuracy=record.test_accuracy,
+        seconds=record.seconds,
+        train_accuracy=getattr(record, "train_accuracy", None),
+        lr=getattr(record, "lr", None),
+        experience=getattr(record, "experience", None),
+        train_samples=getattr(record, "train_samples", None),
+        replay_entries=getattr(record, "replay_entries", None),
+        buffer_bytes=getattr(record, "buffer_bytes", None),
+        trainable_bytes=getattr(record, "trainable_bytes", None),
+    )
 
 
 class StreamingCallbacks:
@@ -93,7 +102,7 @@ class StreamingCallbacks:
         self._sampler = sampler
         self._step_every = step_every
         self.steps = 0
-        self.epoch_records: list[dict[str, Any]] = []
+        self.epoch_records: list[EpochEnd] = []
         self.peak_tensor_bytes: int | None = None
         self.mhz_seen: list[float] = []
 
@@ -104,29 +113,36 @@ class StreamingCallbacks:
     def on_setup(self, stage: str, **info: Any) -> None:
         """A setup stage begins (loading data, building model): the host shows it."""
         self._check_host()
-        self._writer.emit("setup", stage=stage, **info)
+        self._writer.emit(Setup(stage=stage, **info))
 
     def on_epoch_start(self, epoch: int) -> None:
         self._check_host()
-        self._writer.emit("epoch_start", epoch=epoch)
+        self._writer.emit(EpochStart(epoch=epoch))
 
     def on_step(self, record: Any) -> None:
+        """The engine's step record (`StepRecord`, or continual learning's `ContinualStep`)."""
         self.steps += 1
-        fields = _record_fields(record)
-        peak = fields.get("peak_tensor_bytes")
-        if isinstance(peak, int):
-            self._sampler.tensor_peak_bytes = peak
+        peak = getattr(record, "peak_tensor_bytes", None)
+        if peak is not None:
+            self._sampler.peak_tensor_bytes = peak
             self.peak_tensor_bytes = max(self.peak_tensor_bytes or 0, peak)
         self._sampler.step = self.steps
         if self.steps % self._step_every == 0:
-            self._writer.emit("step", global_step=self.steps, **fields)
+            self._writer.emit(Step(
+                global_step=self.steps,
+                epoch=record.epoch,
+                step=record.step,
+                loss=record.loss,
+                step_time_s=record.step_time_s,
+                peak_tensor_bytes=peak,
+            ))
         self._check_host()
 
     def on_epoch_end(self, record: Any) -> None:
         self.mhz_seen.append(cpu_mhz())  # the CPU's frequency over the job, once an epoch
-        fields = _record_fields(record)
-        self.epoch_records.append(fields)
-        self._writer.emit("epoch_end", **fields)
+        payload = _epoch_end(record)
+        self.epoch_records.append(payload)
+        self._writer.emit(payload)
         self._check_host()
 
 
@@ -216,7 +232,7 @@ def _run_training(spec: JobSpec, callbacks: StreamingCallbacks) -> dict[str, Any
             lr=spec.method.lr,
         )
         result = run_continual(continual, callbacks)
-        return _record_fields(result) if result is not None else {}
+        return {"seconds": result.seconds, "latent_layer": result.latent_layer}
     from trainers.methods import make_recipe
     from trainers.train import TrainConfig, train
 
@@ -241,23 +257,34 @@ def _run_training(spec: JobSpec, callbacks: StreamingCallbacks) -> dict[str, Any
         tensor_peak_steps=spec.telemetry.tensor_peak_steps,
     )
     result = train(config, callbacks)
-    return _record_fields(result) if result is not None else {}
+    return {"seconds": result.seconds}
 
 
-def _final_metrics(callbacks: StreamingCallbacks, result: dict[str, Any]) -> dict[str, Any]:
-    metrics: dict[str, Any] = {}
-    if callbacks.epoch_records:
-        last = callbacks.epoch_records[-1]
-        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
-            metrics[key] = last.get(key)
-        seconds = [r["seconds"] for r in callbacks.epoch_records if "seconds" in r]
-        metrics["mean_epoch_s"] = sum(seconds) / len(seconds) if seconds else None
-    metrics["epochs"] = len(callbacks.epoch_records)
-    metrics["steps"] = callbacks.steps
-    metrics["peak_tensor_bytes"] = callbacks.peak_tensor_bytes
-    for key, value in result.items():
-        metrics.setdefault(key, value)
-    return metrics
+def _job_end(
+    callbacks: StreamingCallbacks, result: dict[str, Any], seconds_total: float,
+    baseline: MemoryReading, end: MemoryReading,
+) -> JobEnd:
+    """The job's figures: the last epoch's, the run's, and the process memory's."""
+    epochs = callbacks.epoch_records
+    last = epochs[-1] if epochs else None
+    return JobEnd(
+        epochs=len(epochs),
+        steps=callbacks.steps,
+        seconds_total=seconds_total,
+        train_loss=last.train_loss if last else None,
+        train_accuracy=last.train_accuracy if last else None,
+        test_loss=last.test_loss if last else None,
+        test_accuracy=last.test_accuracy if last else None,
+        mean_epoch_s=sum(e.seconds for e in epochs) / len(epochs) if epochs else None,
+        peak_tensor_bytes=callbacks.peak_tensor_bytes,
+        peak_hwm_bytes=end.hwm_bytes,
+        peak_rss_delta_bytes=(
+            end.hwm_bytes - baseline.rss_bytes
+            if end.hwm_bytes is not None and baseline.rss_bytes is not None
+            else None
+        ),
+        **result,
+    )
 
 
 def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
@@ -291,12 +318,12 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
         if spec.script is not None:
             _check_file(Path(spec.script.path), spec.script.sha256, "script")
         if spec.dataset is not None:
-            writer.emit("setup", stage="checking data")
+            writer.emit(Setup(stage="checking data"))
             _check_file(Path(spec.dataset.path), spec.dataset.sha256, "data set")
         setup_s = 0.0
         lowmem_block = None  # which low-memory block runs: "fused C++" or why the reference
         if spec.method.name not in ("idle", "script"):  # the engine before the baseline
-            writer.emit("setup", stage=_engine_stage())
+            writer.emit(Setup(stage=_engine_stage()))
             from trainers import native
             from trainers.train import load_engine
 
@@ -317,9 +344,8 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
         limit = _apply_limits(spec)
         conditions = {**start_conditions(spec), "cooldown": cooled,
                       "temp_c_start": temperature_c()}
-        writer.emit(
-            "job_start",
-            spec=spec.to_dict(),
+        writer.emit(JobStart(
+            spec=spec,
             rss_start_bytes=baseline.rss_bytes,
             hwm_reset=hwm_reset,
             address_space_limit_bytes=limit,
@@ -327,7 +353,7 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
             kernel_build_s=round(setup_s, 1),
             lowmem_block=lowmem_block,
             conditions=conditions,
-        )
+        ))
         sampler.begin()
         if power:
             power.begin()
@@ -340,44 +366,35 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
         else:
             result = _run_training(spec, callbacks)
         stop_samplers()
-        end = read_memory()
-        metrics = _final_metrics(callbacks, result)
-        metrics.update(
-            seconds_total=time.monotonic() - started,
-            peak_hwm_bytes=end.hwm_bytes,
-            peak_rss_delta_bytes=(
-                end.hwm_bytes - baseline.rss_bytes
-                if end.hwm_bytes is not None and baseline.rss_bytes is not None
-                else None
-            ),
-        )
+        extra = dict(result)
         if board:
-            metrics.update(board.state.to_metrics())
-        metrics["conditions"] = end_conditions(
+            extra.update(board.state.to_metrics())
+        extra["conditions"] = end_conditions(
             conditions, board.state.to_metrics() if board else None, callbacks.mhz_seen)
         if isinstance(power, PmicSampler):
-            metrics.update(pmic_reads=power.reads, pmic_cpu_share=power.cpu_share)
-        outcome = {"status": "completed", "exit_code": int(AgentExit.OK), "metrics": metrics}
-        writer.emit("job_end", **metrics)
+            extra.update(pmic_reads=power.reads, pmic_cpu_share=power.cpu_share)
+        job_end = _job_end(callbacks, extra, time.monotonic() - started, baseline, read_memory())
+        outcome = {"status": "completed", "exit_code": int(AgentExit.OK),
+                   "metrics": job_end.to_data()}
+        writer.emit(job_end)
     except JobInterrupted as exc:
         stopping = True
         stop_samplers()
         outcome = {"status": "interrupted", "exit_code": int(AgentExit.INTERRUPTED)}
-        writer.emit("interrupted", reason=str(exc), steps=callbacks.steps)
+        writer.emit(Interrupted(reason=str(exc), steps=callbacks.steps))
     except BaseException as exc:  # every failure becomes an error event
         stopping = True
         stop_samplers()
         oom = is_out_of_memory(exc)
         code = AgentExit.OUT_OF_MEMORY if oom else AgentExit.CRASHED
         outcome = {"status": "oom" if oom else "failed", "exit_code": int(code)}
-        writer.emit(
-            "error",
+        writer.emit(Error(
             type=type(exc).__name__,
             message=str(exc)[:2000],
             traceback=traceback.format_exc()[-8000:],
             oom=oom,
             steps=callbacks.steps,
-        )
+        ))
     finally:
         stopping = True
         stop_samplers()

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from contract.events import Board, Memory, Power
 from device_agent.events import EventWriter
 
 STATUS_PATH = Path("/proc/self/status")
@@ -163,20 +164,19 @@ class MemorySampler(PeriodicSampler):
         super().__init__(hz)
         self._writer = writer
         self.step: int | None = None
-        self.tensor_peak_bytes: int | None = None  # set by the job from the engine's step records
+        self.peak_tensor_bytes: int | None = None  # set by the job from the engine's step records
         self.peak_rss_bytes = 0
 
     def sample(self) -> None:
         reading = read_memory()
         self.peak_rss_bytes = max(self.peak_rss_bytes, reading.rss_bytes or 0)
-        self._writer.emit(
-            "memory",
+        self._writer.emit(Memory(
             rss_bytes=reading.rss_bytes,
             hwm_bytes=reading.hwm_bytes,
             vm_bytes=reading.vm_bytes,
-            tensor_peak_bytes=self.tensor_peak_bytes,
+            peak_tensor_bytes=self.peak_tensor_bytes,
             step=self.step,
-        )
+        ))
 
 
 def cpu_times() -> tuple[float, float] | None:
@@ -232,8 +232,7 @@ class ModeledPowerSampler(PeriodicSampler):
         utilisation = min(1.0, max(0.0, (current[0] - previous[0]) / (current[1] - previous[1])))
         frequency = cpu_frequency_fraction()
         load = utilisation * (frequency if frequency is not None else 1.0)
-        self._writer.emit(
-            "power",
+        self._writer.emit(Power(
             source="modeled",
             modeled=True,
             power_w=self.idle_w + (self.busy_w - self.idle_w) * load,
@@ -241,7 +240,7 @@ class ModeledPowerSampler(PeriodicSampler):
             frequency_fraction=frequency,
             interval_s=elapsed_s,
             profile=self.profile,
-        )
+        ))
 
 
 _PMIC_LINE = re.compile(r"^\s*(\S+)_([AV])\s+(?:current|volt)\(\d+\)=([-0-9.eE+]+)[AV]\s*$")
@@ -311,8 +310,9 @@ class PmicSampler(PeriodicSampler):
         self._period_s = max(self._fastest_s, self.mean_cpu_s / SAMPLER_CPU_SHARE)
         power_w, rails = parse_pmic_adc(run.stdout)
         if rails:
-            self._writer.emit("power", source="pmic", power_w=power_w, rails=len(rails),
-                              read_cpu_s=round(run.cpu_s, 6), period_s=round(self._period_s, 3))
+            self._writer.emit(Power(source="pmic", power_w=power_w, rails=len(rails),
+                                    read_cpu_s=round(run.cpu_s, 6),
+                                    period_s=round(self._period_s, 3)))
 
 
 def decode_throttled(value: int) -> list[str]:
@@ -400,7 +400,7 @@ class BoardStateSampler(PeriodicSampler):
         if throttled is not None and source is not None:
             state.throttled_bits |= throttled
             state.sources.add(source)
-        self._writer.emit("board", temp_c=temp_c,
-                          throttled=None if throttled is None else hex(throttled),
-                          throttled_now=decode_throttled((throttled or 0) & 0xF) or None,
-                          source=source)
+        self._writer.emit(Board(temp_c=temp_c,
+                                throttled=None if throttled is None else hex(throttled),
+                                throttled_now=decode_throttled((throttled or 0) & 0xF) or None,
+                                source=source))

@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from contract.events import WindowEnd, WindowStart
+
 WINDOW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/+-]{0,99}$")
 
 
@@ -79,7 +81,7 @@ def begin_window(name: str) -> None:
         _WINDOWS.open[name] = (index, wall, mono)
         writer = _WINDOWS.writer
     if writer is not None:
-        writer.emit("window_start", name=name, index=index)
+        writer.emit(WindowStart(name=name, index=index))
 
 
 def end_window(name: str) -> WindowRecord:
@@ -91,8 +93,8 @@ def end_window(name: str) -> WindowRecord:
         writer = _WINDOWS.writer
     record = WindowRecord(name, index, wall, time.time(), (time.monotonic_ns() - mono) / 1e9)
     if writer is not None:
-        writer.emit("window_end", name=name, index=index, t_start_wall_s=wall,
-                    t_start_mono_ns=mono, elapsed_s=record.elapsed_s)
+        writer.emit(WindowEnd(name=name, index=index, t_start_wall_s=wall,
+                              t_start_mono_ns=mono, elapsed_s=record.elapsed_s))
     return record
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import device_agent
-from device_agent.protocol import MAX_EVENT_LINE_BYTES, SpecError, parse_clock_reply
+from contract.events import MAX_EVENT_LINE_BYTES, parse_clock_reply
+from contract.fields import SpecError
 from harness.errors import DeviceLost, DeviceUnreachable
 from harness.transport import DATA_DIR, device_job_dir, device_side_spec
 

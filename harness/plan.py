@@ -43,7 +43,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from device_agent.protocol import METHODS, JobSpec, SpecError
+from contract.fields import SpecError
+from contract.jobspec import JobSpec
+from contract.vocabulary import IDLE_METHOD, SCRIPT_METHOD, TRAINING_METHODS
 from harness.errors import HarnessUsageError
 from harness.fleet.yaml_lines import YamlList, YamlMap, load_yaml_with_lines
 from harness.store import PlannedJob
@@ -79,6 +81,9 @@ LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,40}$")
 # A plan expands to at most this many jobs (a typo in `repeats` must not eat the machine).
 MAX_PLAN_JOBS = 10_000
 PLACEHOLDER_SHA256 = "0" * 64
+# A job spec field -> the matrix entry key it comes from (errors point at the entry's line).
+SPEC_TO_ENTRY_KEY = {"model": "models", "dataset": "datasets", "batch_size": "batch_sizes",
+                     "seed": "seeds"}
 
 
 @dataclass(frozen=True)
@@ -160,17 +165,17 @@ def _method(where: _Where, entry: YamlMap, value: Any, name: str) -> dict[str, A
                 f"{name}.{key}",
                 f"unknown option; choose from {', '.join(METHOD_KEYS)}",
             )
-    if method.get("name") not in METHODS or method.get("name") == "idle":
+    if method.get("name") == SCRIPT_METHOD:
+        raise where.error(method if isinstance(method, YamlMap) else entry, "name",
+                          f"{name}.name", "your own scripts go in the plan's 'scripts' list")
+    if method.get("name") not in TRAINING_METHODS:
         raise where.error(
             method if isinstance(method, YamlMap) else entry,
             "name",
             f"{name}.name",
             f"unknown method {method.get('name')!r}; choose one of "
-            f"{', '.join(m for m in METHODS if m not in ('idle', 'script'))}",
+            f"{', '.join(TRAINING_METHODS)}",
         )
-    if method.get("name") == "script":
-        raise where.error(method if isinstance(method, YamlMap) else entry, "name",
-                          f"{name}.name", "your own scripts go in the plan's 'scripts' list")
     label = method.get("label", method["name"])
     if not isinstance(label, str) or not LABEL_PATTERN.match(label):
         raise where.error(
@@ -281,7 +286,7 @@ def _scripts(where: _Where, doc: YamlMap, path: Path, telemetry: dict) -> list[P
         for repeat in range(repeats):
             job_id = f"script-{name}-r{repeat}"
             spec = JobSpec.from_dict({
-                "schema_version": 1, "job_id": job_id, "method": {"name": "script"},
+                "schema_version": 1, "job_id": job_id, "method": {"name": SCRIPT_METHOD},
                 "model": None, "dataset": None, "epochs": None, "telemetry": dict(telemetry),
                 "script": {"name": name, "path": str(script), "sha256": PLACEHOLDER_SHA256,
                            "args": [str(a) for a in args]},
@@ -391,6 +396,7 @@ def _expand_entry(
             checked = JobSpec.from_dict(spec)
         except SpecError as exc:
             key = exc.field.split(".")[0]
+            key = SPEC_TO_ENTRY_KEY.get(key, key)
             node = entry if key in entry else (method["options"] if key == "method" else entry)
             raise where.error(
                 node if isinstance(node, YamlMap) else entry,
@@ -425,7 +431,7 @@ def idle_job(device: str, duration_s: float, telemetry: dict[str, Any]) -> Plann
         {
             "schema_version": 1,
             "job_id": job_id,
-            "method": {"name": "idle", "duration_s": duration_s},
+            "method": {"name": IDLE_METHOD, "duration_s": duration_s},
             "model": None,
             "dataset": None,
             "epochs": None,

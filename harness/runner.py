@@ -12,7 +12,6 @@ number. Meters are recorded for the whole run, through `harness.meters`.
 
 from __future__ import annotations
 
-import math
 import signal
 import threading
 import time
@@ -21,14 +20,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_agent.protocol import (
+from contract.events import (
+    FINAL_KINDS,
     AgentExit,
+    Board,
+    EpochEnd,
+    EpochStart,
+    Error,
     Event,
-    JobSpec,
+    Hello,
+    JobEnd,
+    JobStart,
     MalformedLine,
-    fits_int64,
+    Memory,
+    Power,
+    Setup,
+    Step,
+    WindowEnd,
+    WindowStart,
     parse_event_line,
 )
+from contract.jobspec import JobSpec
 from harness.clock import ClockEstimate, estimate_offset
 from harness.errors import DeviceLost, DeviceUnreachable, HarnessUsageError
 from harness.plan import eligible
@@ -210,50 +222,48 @@ class StreamRecorder:
                 )
             ]
         )
-        if parsed.kind in ("job_end", "error", "interrupted"):
+        if parsed.kind in FINAL_KINDS:
             self.last_kind = parsed.kind
-        if parsed.known_kind:
+        if parsed.payload is not None:
             self._handle(parsed, t_host)
 
     def _handle(self, event: Event, t_host: float) -> None:
-        data = event.data
-        kind = event.kind
-        if kind == "hello":
-            self.store.set_device_facts(self.device, data)
-        elif kind == "setup" and isinstance(data.get("stage"), str):
-            self.progress.set_state(f"setup: {data['stage'][:40]}")
-            if self.log is not None and data["stage"] in LOGGED_STAGES:
-                self.log(f"[{self.device}] {self.job.job_id}: {data['stage']} ...")
-            if fits_int64(data.get("steps_per_epoch")) and data["steps_per_epoch"] > 0:
-                self.progress.steps_per_epoch = data["steps_per_epoch"]
-        elif kind == "job_start":
+        payload = event.payload
+        if isinstance(payload, Hello):
+            self.store.set_device_facts(self.device, payload.to_data())
+        elif isinstance(payload, Setup):
+            self.progress.set_state(f"setup: {payload.stage[:40]}")
+            if self.log is not None and payload.stage in LOGGED_STAGES:
+                self.log(f"[{self.device}] {self.job.job_id}: {payload.stage} ...")
+            if payload.steps_per_epoch is not None and payload.steps_per_epoch > 0:
+                self.progress.steps_per_epoch = payload.steps_per_epoch
+        elif isinstance(payload, JobStart):
             self.t_start_host_s = t_host
             if not self.progress.state.startswith("setup"):
                 self.progress.set_state("running")
             if self.job.kind in ("idle", "script"):  # no epochs: the work starts here
                 self._end_setup(t_host)
-        elif kind == "epoch_start" and fits_int64(data.get("epoch")):
-            self._epoch_start_host_s[data["epoch"]] = t_host
+        elif isinstance(payload, EpochStart):
+            self._epoch_start_host_s[payload.epoch] = t_host
             self._end_setup(t_host)
-            self.progress.epoch = data["epoch"]
+            self.progress.epoch = payload.epoch
             self.progress.set_state("running")
-        elif kind == "step":
-            self.progress.step = data.get("global_step")
-            loss = data.get("loss")
-            self.progress.loss = loss if isinstance(loss, (int, float)) else None
-        elif kind == "epoch_end" and fits_int64(data.get("epoch")):
-            start = self._epoch_start_host_s.get(data["epoch"])
+        elif isinstance(payload, Step):
+            self.progress.step = payload.global_step
+            self.progress.loss = payload.loss
+        elif isinstance(payload, EpochEnd):
+            start = self._epoch_start_host_s.get(payload.epoch)
             if start is not None:
                 self.store.add_phase(
                     self.device,
                     self.job.job_id,
                     self.attempt,
                     "epoch",
-                    data["epoch"],
+                    payload.epoch,
                     start,
                     t_host,
                 )
-        elif kind == "memory":
+        elif isinstance(payload, Memory):
             self.store.add_memory_samples(
                 [
                     MemorySample(
@@ -264,39 +274,39 @@ class StreamRecorder:
                         t_host,
                         event.t_wall_s,
                         event.t_mono_ns,
-                        _int_or_none(data.get("rss_bytes")),
-                        _int_or_none(data.get("hwm_bytes")),
-                        _int_or_none(data.get("vm_bytes")),
-                        _int_or_none(data.get("tensor_peak_bytes")),
-                        _int_or_none(data.get("step")),
+                        payload.rss_bytes,
+                        payload.hwm_bytes,
+                        payload.vm_bytes,
+                        payload.peak_tensor_bytes,
+                        payload.step,
                     )
                 ]
             )
-        elif kind == "window_start" and isinstance(data.get("name"), str):
-            self.progress.set_state(f"window {data['name'][:40]}")
-        elif (kind == "window_end" and fits_int64(data.get("index"))
-              and _finite(data.get("t_start_wall_s"))):
-            start = self.clock.to_host(float(data["t_start_wall_s"]))
+        elif isinstance(payload, WindowStart):
+            self.progress.set_state(f"window {payload.name[:40]}")
+        elif isinstance(payload, WindowEnd):
+            start = self.clock.to_host(payload.t_start_wall_s)
             if t_host >= start:  # the name stays in the event (analysis.windows reads it)
                 self.store.add_phase(self.device, self.job.job_id, self.attempt, "window",
-                                     data["index"], start, t_host)
+                                     payload.index, start, t_host)
             self.progress.set_state("running")
-        elif kind == "board" and _finite(data.get("temp_c")):
-            self.temps_c.append(float(data["temp_c"]))
-        elif kind == "power" and _finite(data.get("power_w")):
+        elif isinstance(payload, Board):
+            if payload.temp_c is not None:
+                self.temps_c.append(payload.temp_c)
+        elif isinstance(payload, Power):
             # a reading that is a mean over the period before it is stamped at its middle
-            half_s = data["interval_s"] / 2 if _finite(data.get("interval_s")) else 0.0
+            half_s = payload.interval_s / 2 if payload.interval_s is not None else 0.0
             self.store.add_power_samples(
                 self.device,
-                str(data.get("source", "agent")),
-                [_AgentPower(t_host - half_s, float(data["power_w"]), event.t_wall_s)],
+                payload.source,
+                [_AgentPower(t_host - half_s, payload.power_w, event.t_wall_s)],
             )
-        elif kind in ("job_end", "error", "interrupted"):
+        if event.kind in FINAL_KINDS:
             self.t_end_host_s = t_host
-            self.metrics = dict(data)
-            if kind == "error":
-                self.error = f"{data.get('type')}: {data.get('message')}"
-        if kind == "job_end":
+            self.metrics = dict(event.data)
+            if isinstance(payload, Error):
+                self.error = f"{payload.type}: {payload.message}"
+        if isinstance(payload, JobEnd):
             self._end_setup(self.t_start_host_s or t_host)
             start = self.t_work_host_s if self.job.kind != "idle" else self.t_start_host_s
             if start is not None and t_host > start:
@@ -325,19 +335,6 @@ class _AgentPower:
     t_meter_s: float
     volts: float | None = None
     amps: float | None = None
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if fits_int64(value) else None
-
-
-def _finite(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and abs(value) < 1e300
-    )
 
 
 class DeviceWorker:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.protocol import AgentExit, Event, parse_event_line
+from contract.events import AgentExit, Event, parse_event_line
 from device_agent.sampler import parse_pmic_adc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +173,7 @@ def test_facts_prints_one_json_object_without_torch(tmp_path):
             sys.executable,
             "-c",
             "import sys, device_agent.cli, device_agent.job, "
-            "device_agent.protocol; print('torch' in sys.modules)",
+            "contract.events; print('torch' in sys.modules)",
         ],
         cwd=REPO,
         capture_output=True,
@@ -265,8 +265,9 @@ def test_a_job_reports_the_conditions_it_ran_under(tmp_path):
 def test_cooldown_waits_for_the_idle_temperature_or_gives_up(tmp_path):
     """Issue 15 point 5: arms start alike: before a job the agent waits (in its setup) for
     the board to cool to its idle baseline's temperature, at most cool_max_s."""
+    from contract.jobspec import JobSpec
+
     from device_agent.conditions import cool_down
-    from device_agent.protocol import JobSpec
 
     thermal = tmp_path / "temp"
     thermal.write_text("58000\n")

@@ -13,7 +13,7 @@ from analysis.jobs import job_table
 from analysis.load import load_run
 from analysis.report import missing_notes
 from analysis.run_energy import devices_without_power, energy_table
-from analysis.synthetic import DEFAULT_METHODS, build_synthetic_run
+from harness.store.synthetic import DEFAULT_METHODS, build_synthetic_run
 
 GAP = (1.0, 2.0)  # seconds into the first job on each device
 

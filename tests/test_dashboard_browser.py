@@ -328,7 +328,7 @@ def test_the_dashboards_job_figure_is_the_reports(tmp_path, browser):
     `job` row of the report's energy table, value and interval, to the digit shown."""
     from analysis.load import load_run
     from analysis.run_energy import energy_table
-    from analysis.synthetic import build_synthetic_run
+    from harness.store.synthetic import build_synthetic_run
 
     run_dir = tmp_path / "syn"
     build_synthetic_run(run_dir, devices=("pi-a",), seeds=(0, 1), gap=(1.0, 2.0))

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from analysis.emissions import CODECARBON_COLUMNS, DEFAULT_INTENSITY_G_PER_KWH
-from analysis.synthetic import build_synthetic_run
 from harness.commands.export import export_run
+from harness.store.synthetic import build_synthetic_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import pytest
 from analysis.jobs import job_table
 from analysis.load import load_run
 from analysis.run_energy import energy_table
-from analysis.synthetic import build_synthetic_run
 from harness.cli import main
+from harness.store.synthetic import build_synthetic_run
 
 ENERGY = ["device", "job", "method", "model", "phase", "epoch", "window", "t_start_s",
           "t_end_s", "duration_s", "energy_j", "energy_lo_j", "energy_hi_j", "above_idle_j",

@@ -16,7 +16,7 @@ import pytest
 from analysis import figures
 from analysis.report import analyse, write_report
 from analysis.style import method_colours
-from analysis.synthetic import build_synthetic_run
+from harness.store.synthetic import build_synthetic_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 

@@ -43,7 +43,8 @@ def test_deploy_skips_by_checksum_and_job_runs_from_workdir(
         assert (workdir / "data" / "digits.npz").read_bytes() == digits_file.read_bytes()
         assert not list(workdir.rglob("*.partial"))
         # Only device code goes over: no harness, no analysis.
-        assert {p.name for p in (workdir / "code").iterdir()} == {"device_agent", "trainers"}
+        code = {p.name for p in (workdir / "code").iterdir()}
+        assert code == {"contract", "device_agent", "trainers"}
         # The device's agent is the deployed copy, not the host's.
         assert transport.probe.device_agent_path == str(
             workdir / "code" / "device_agent" / "__init__.py")

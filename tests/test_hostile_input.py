@@ -22,7 +22,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from device_agent.protocol import Event, MalformedLine, fits_int64, parse_event_line
+from contract.events import Event, MalformedLine, parse_event_line
+from contract.fields import fits_int64
 from harness.errors import HarnessUsageError
 from harness.inventory import load_inventory
 from harness.plan import ENTRY_KEYS, METHOD_KEYS, PLAN_KEYS, load_plan

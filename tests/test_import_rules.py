@@ -29,7 +29,7 @@ def loaded_after(imports: str) -> set[str]:
         "import harness.cli; harness.cli.build_parser()",
         "import harness.runner, harness.store, harness.plan, harness.local, harness.clock",
         "import harness.commands.run, harness.commands.data, harness.commands.export",
-        "import device_agent.protocol",
+        "import contract.events, contract.jobspec, contract.vocabulary",
     ],
 )
 def test_host_side_does_not_import_torch(imports):
@@ -37,7 +37,7 @@ def test_host_side_does_not_import_torch(imports):
 
 
 def test_device_protocol_and_agent_cli_import_nothing_of_the_host():
-    loaded = loaded_after("import device_agent.protocol, device_agent.cli, device_agent.job")
+    loaded = loaded_after("import contract.events, device_agent.cli, device_agent.job")
     assert not loaded & set(HOST_STACK), loaded & set(HOST_STACK)
 
 

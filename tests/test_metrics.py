@@ -55,7 +55,7 @@ def test_metrics_scraped_over_http(tmp_path: Path):
         assert math.isclose(job, expected, rel_tol=1e-9)
         assert value(metrics["bnn_device_energy_joules"], **labels) == job  # _total counter
         assert value(metrics["bnn_device_memory_rss_bytes"], run="r1", device="pi-1") == 5e7
-        assert value(metrics["bnn_device_memory_tensor_peak_bytes"], device="pi-1") == 4e6
+        assert value(metrics["bnn_device_memory_peak_tensor_bytes"], device="pi-1") == 4e6
         assert value(metrics["bnn_device_state"], device="pi-1", bnn_device_state="running") == 1
         assert value(metrics["bnn_device_state"], device="pi-1", bnn_device_state="done") == 0
         assert value(metrics["bnn_jobs"], run="r1", status="running") == 1

@@ -11,9 +11,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from analysis.synthetic import build_synthetic_run
 from harness.commands.notebook import run_notebook
 from harness.commands.run import point_latest
+from harness.store.synthetic import build_synthetic_run
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "analysis" / "notebooks"
 # notebook -> figures it must draw against the run below (two devices, one metered)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.protocol import JobSpec
+from contract.jobspec import JobSpec
 from harness.errors import HarnessUsageError
 from harness.plan import assign_to_devices, eligible, idle_job, load_plan
 
@@ -111,41 +111,57 @@ def test_pinning_by_name_or_tag():
     [
         ("matrix: []\n", r"plan.yaml:1: field 'matrix': expected a non-empty list"),
         (
-            "matrix:\n  - methods: [fancy]\n    models: [mlp]\n    datasets: [d]\n"
-            "datasets: {d: {}}\n",
+            "matrix:\n  - methods: [fancy]\n    models: [mlp]\n    datasets: [digits]\n"
+            "datasets: {digits: {}}\n",
             r"plan.yaml:2: field 'matrix\[0\].methods\[0\].name': unknown method 'fancy'",
         ),
         (
-            "datasets: {d: {}}\nmatrix:\n  - methods: [standard]\n    models: [mlp]\n"
-            "    datasets: [d]\n    batch_sizes: [100, -3]\n",
+            "datasets: {digits: {}}\nmatrix:\n  - methods: [standard]\n    models: [mlp]\n"
+            "    datasets: [digits]\n    batch_sizes: [100, -3]\n",
             r"plan.yaml:6: field 'matrix\[0\].batch_sizes': expected integers >= 1, got -3",
         ),
         (
-            "datasets: {d: {}}\nmatrix:\n  - methods: [standard]\n    models: [mlp]\n"
+            "datasets: {digits: {}}\nmatrix:\n  - methods: [standard]\n    models: [mlp]\n"
             "    datasets: [e]\n",
             r"plan.yaml:5: field 'matrix\[0\].datasets': 'e' is not in",
         ),
         (
-            "datasets: {d: {}}\nmatrix:\n  - methods: [standard]\n    models: [mlp]\n"
-            "    datasets: [d]\n    epochs: two\n",
+            "datasets: {digits: {}}\nmatrix:\n  - methods: [standard]\n    models: [mlp]\n"
+            "    datasets: [digits]\n    epochs: two\n",
             r"plan.yaml:6: field 'matrix\[0\].epochs': expected an integer or null, got 'two'",
         ),
         (
-            "datasets: {d: {}}\nmatrix:\n  - methods: [standard]\n    models: [mlp]\n"
-            "    datasets: [d]\n    colour: red\n",
+            "datasets: {digits: {}}\nmatrix:\n  - methods: [standard]\n    models: [mlp]\n"
+            "    datasets: [digits]\n    colour: red\n",
             r"plan.yaml:6: field 'matrix\[0\].colour'",
         ),
         (
-            "datasets: {d: {}}\nmatrix:\n  - methods: [standard, standard]\n    models: [mlp]\n"
-            "    datasets: [d]\n",
-            r"job 'mlp-d-standard-b100-s0-r0' is also made",
+            "datasets: {digits: {}}\nmatrix:\n  - methods: [standard, standard]\n"
+            "    models: [mlp]\n    datasets: [digits]\n",
+            r"job 'mlp-digits-standard-b100-s0-r0' is also made",
         ),
         ("idle_baseline_s: -1\nmatrix: []\n", r"plan.yaml:1: field 'idle_baseline_s'"),
+        (
+            "datasets: {digits: {}}\nmatrix:\n  - methods: [standard]\n    models: [mpl]\n"
+            "    datasets: [digits]\n",
+            r"plan.yaml:4: field 'matrix\[0\].model': expected one of mlp, cnv, binarynet, "
+            r"resnete18, got 'mpl'",
+        ),
+        (
+            "datasets: {digits: {}}\nmatrix:\n  - methods: [{name: lowmem, disable: [fp16]}]\n"
+            "    models: [mlp]\n    datasets: [digits]\n",
+            r"plan.yaml:3: field 'matrix\[0\].method.disable': expected one of binary_inputs",
+        ),
+        (
+            "datasets: {digits: {}}\nmatrix:\n  - methods: [{name: bop, momentum_format: '6'}]\n"
+            "    models: [mlp]\n    datasets: [digits]\n",
+            r"plan.yaml:3: field 'matrix\[0\].method.momentum_format': expected 'E,M' or",
+        ),
         ("matrix: [\n", r"plan.yaml:2: invalid YAML"),
         ("- just a list\n", r"a plan is a mapping"),
         (
-            "datasets: {d: {}}\nmatrix:\n  - methods: [{name: lowmem, lr: -1}]\n    models: [mlp]\n"
-            "    datasets: [d]\n",
+            "datasets: {digits: {}}\nmatrix:\n  - methods: [{name: lowmem, lr: -1}]\n"
+            "    models: [mlp]\n    datasets: [digits]\n",
             r"field 'matrix\[0\].method.lr': expected a positive number",
         ),
     ],

@@ -13,7 +13,7 @@ from pathlib import Path
 from fleet import digits_file, training_spec  # noqa: F401
 from rich.console import Console
 
-from device_agent.protocol import Event, parse_event_line
+from contract.events import Event, parse_event_line
 from harness.clock import ClockEstimate
 from harness.progress import FleetProgress, describe, job_fraction
 from harness.runner import Progress, StreamRecorder
@@ -52,6 +52,10 @@ def recorder_for(tmp_path: Path, logged: list[str]) -> tuple[StreamRecorder, Pro
     return StreamRecorder(store, "pi-a", job, 1, clock, progress, log=logged.append), progress
 
 
+SPEC = {"schema_version": 1, "job_id": "j1", "method": {"name": "standard"}, "model": "mlp",
+        "dataset": {"name": "digits", "path": "data/digits.npz", "sha256": "ab" * 32}}
+
+
 def line(kind: str, seq: int, **data) -> str:
     return json.dumps({"v": 1, "kind": kind, "job_id": "j1", "seq": seq, "t_mono_ns": seq,
                        "t_wall_s": 1000.0 + seq, "data": data})
@@ -65,12 +69,13 @@ def test_setup_stages_reach_the_devices_progress_and_the_log(tmp_path: Path):
     assert logged == ["[pi-a] j1: building kernels ..."]  # said once, for logs without a tty
     since = progress.state_since_s
     assert describe(progress, now=since + 41).endswith("building kernels 0:00:41")
-    recorder.line(1, line("job_start", 1))
+    recorder.line(1, line("job_start", 1, spec=SPEC, rss_start_bytes=1 << 20, hwm_reset=True))
     recorder.line(2, line("setup", 2, stage="loading data"))
     recorder.line(3, line("setup", 3, stage="building model", steps_per_epoch=44))
     assert progress.state == "setup: building model" and progress.steps_per_epoch == 44
     recorder.line(4, line("epoch_start", 4, epoch=1))
-    recorder.line(5, line("step", 5, global_step=11, loss=1.5))
+    recorder.line(5, line("step", 5, global_step=11, epoch=1, step=11, loss=1.5,
+                          step_time_s=0.01))
     assert progress.state == "running"
     assert describe(progress) == "epoch 1/2 loss 1.500"
     assert job_fraction(progress) == (11.0, 88.0)

@@ -8,17 +8,30 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_agent.protocol import (
+from contract.events import (
+    EVENT_KINDS,
     EVENT_SCHEMA_VERSION,
     MAX_EVENT_LINE_BYTES,
+    PAYLOADS,
+    Board,
+    EpochEnd,
+    EpochStart,
+    Error,
     Event,
-    JobSpec,
+    Hello,
+    Interrupted,
+    JobEnd,
+    JobStart,
     MalformedLine,
-    SpecError,
+    Memory,
+    Power,
+    Step,
     clock_reply,
     parse_clock_reply,
     parse_event_line,
 )
+from contract.fields import SpecError
+from contract.jobspec import JobSpec
 
 SHA = "ab" * 32
 
@@ -90,6 +103,20 @@ def test_idle_spec_needs_a_duration_and_no_model():
         ({"limits": {"extra_address_space_bytes": 0}}, "limits.extra_address_space_bytes", "0"),
         ({"epochs": None, "max_steps": None}, "epochs", "None"),
         ({"colour": "blue"}, "colour", "'blue'"),
+        # the engine's vocabulary
+        ({"model": "mpl"}, "model", "'mpl'"),
+        ({"method": {"name": "lowmem", "disable": ["fp16grads"]}}, "method.disable",
+         "'fp16grads'"),
+        ({"method": {"name": "standard", "optimizer": "rmsprop"}}, "method.optimizer",
+         "'rmsprop'"),
+        ({"method": {"name": "bop", "momentum_format": "6;5"}}, "method.momentum_format", "'6;5'"),
+        ({"method": {"name": "bop", "momentum_format": "9,5"}}, "method.momentum_format", "9"),
+        ({"method": {"name": "bop", "momentum_format": "8,23,0"}}, "method.momentum_format",
+         "'8,23,0'"),
+        ({"method": {"name": "lowmem", "momentum_format": "6,5"}}, "method.momentum_format",
+         "'6,5'"),
+        ({"dataset": {"name": "imagenet", "path": "x", "sha256": "ab" * 32}}, "dataset.name",
+         "'imagenet'"),
     ],
 )
 def test_bad_spec_fields_are_named_with_their_value(changes, field, value):
@@ -116,17 +143,70 @@ def event_line(**changes) -> str:
         "seq": 4,
         "t_mono_ns": 12,
         "t_wall_s": 1.5,
-        "data": {"loss": 0.25},
+        "data": {"global_step": 4, "epoch": 1, "step": 4, "loss": 0.25, "step_time_s": 0.01},
     }
     event.update(changes)
     return json.dumps(event)
 
 
-def test_event_round_trip():
-    event = Event("epoch_end", "j", 3, 99, 12.5, {"test_accuracy": 0.9})
+EXAMPLE_PAYLOADS = [
+    Hello(agent_version="0.1.0", python_version="3.11.2", cpu_cores=2),
+    JobStart(spec=JobSpec.from_dict(valid_spec()), rss_start_bytes=1 << 20, hwm_reset=True),
+    EpochStart(epoch=1),
+    Step(global_step=3, epoch=1, step=3, loss=0.5, step_time_s=0.01, peak_tensor_bytes=4096),
+    EpochEnd(epoch=1, steps=10, train_loss=0.4, test_loss=0.5, test_accuracy=0.9, seconds=1.5,
+             train_accuracy=0.91, lr=1e-3),
+    Memory(rss_bytes=10, hwm_bytes=12, vm_bytes=None, peak_tensor_bytes=None, step=3),
+    Power(source="pmic", power_w=3.25, rails=7),
+    Board(temp_c=48.5, throttled="0x50000", throttled_now=["under-voltage"], source="sysfs"),
+    JobEnd(epochs=2, steps=20, seconds_total=4.0, test_accuracy=0.9, peak_tensor_bytes=4096),
+    Error(type="RuntimeError", message="", oom=False, traceback="...", steps=0),
+    Interrupted(reason="SIGTERM", steps=5),
+]
+
+
+def test_every_kind_has_one_payload_class():
+    assert sorted(type(p).kind for p in EXAMPLE_PAYLOADS) == sorted(EVENT_KINDS)
+    assert set(PAYLOADS) == set(EVENT_KINDS)
+
+
+@pytest.mark.parametrize("payload", EXAMPLE_PAYLOADS, ids=lambda p: p.kind)
+def test_every_payload_round_trips_through_an_event_line(payload):
+    event = Event.of(payload, "j", 3, 99, 12.5)
     parsed = parse_event_line(event.to_line())
     assert parsed == event
     assert parsed.known_kind
+    assert parsed.payload == payload
+    assert type(payload).from_data(json.loads(json.dumps(payload.to_data()))) == payload
+
+
+def test_every_field_is_sent_and_missing_optional_fields_read_as_null():
+    data = Memory(rss_bytes=None, hwm_bytes=1, vm_bytes=2).to_data()
+    assert data == {"rss_bytes": None, "hwm_bytes": 1, "vm_bytes": 2,
+                    "peak_tensor_bytes": None, "step": None}
+    assert Memory.from_data({"rss_bytes": None, "hwm_bytes": 1, "vm_bytes": 2}) == Memory(
+        rss_bytes=None, hwm_bytes=1, vm_bytes=2)
+
+
+@pytest.mark.parametrize(
+    ("kind", "data", "named"),
+    [
+        ("step", {"global_step": 1, "epoch": 1, "step": 1, "loss": "low", "step_time_s": 0.1},
+         "'step.loss'"),
+        ("step", {"global_step": 1, "epoch": 1, "step": 1, "step_time_s": 0.1}, "'step.loss'"),
+        ("memory", {"rss_bytes": 1, "hwm_bytes": 1, "vm_bytes": 1, "tensor_peak_bytes": 1},
+         "'memory.tensor_peak_bytes'"),
+        ("epoch_start", {"epoch": True}, "'epoch_start.epoch'"),
+        ("error", {"type": "X", "message": "m", "oom": "no"}, "'error.oom'"),
+        ("job_start", {"spec": {"job_id": "x"}, "rss_start_bytes": 1, "hwm_reset": True},
+         "'schema_version'"),
+    ],
+)
+def test_a_known_kind_with_a_bad_payload_is_malformed_naming_the_field(kind, data, named):
+    parsed = parse_event_line(event_line(kind=kind, data=data))
+    assert isinstance(parsed, MalformedLine)
+    assert named in parsed.reason
+    assert parsed.kind == kind
 
 
 def test_unknown_kind_is_a_valid_event_the_host_can_skip():
@@ -200,3 +280,8 @@ def test_clock_reply_round_trip_and_garbage():
         parse_clock_reply("garbage")
     with pytest.raises(SpecError, match="'t_wall_s'"):
         parse_clock_reply('{"t_wall_s": "x"}')
+
+
+@pytest.mark.parametrize("text", ["6,5,67", "5,10", "8,7", "auto"])
+def test_momentum_formats_the_engine_takes_pass_the_contract(text):
+    assert JobSpec.from_dict(valid_spec(method={"name": "bop", "momentum_format": text}))

@@ -12,8 +12,8 @@ import pytest
 
 from analysis.load import load_run
 from analysis.report import analyse, write_report
-from analysis.synthetic import DEFAULT_METHODS, MethodProfile, build_synthetic_run
 from harness.cli import main
+from harness.store.synthetic import DEFAULT_METHODS, MethodProfile, build_synthetic_run
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "artifacts"

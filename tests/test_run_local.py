@@ -16,7 +16,7 @@ import pandas as pd
 from fleet import wait_until
 from runs import table_ready
 
-from device_agent.protocol import MAX_EVENT_LINE_BYTES, Event
+from contract.events import MAX_EVENT_LINE_BYTES, Event, JobEnd, Memory
 from harness.clock import ClockEstimate
 from harness.commands.export import export_run
 from harness.exit_codes import ExitStatus
@@ -127,7 +127,7 @@ cooldown_s: 0
 max_attempts: 1
 datasets: {digits: {}}
 matrix:
-  - methods: [{name: standard, label: raises, momentum_format: "4,3"}]
+  - methods: [{name: bop, label: raises, momentum_format: "4,3"}]  # tau: refused on the device
     models: [mlp]
     datasets: [digits]
     epochs: 1
@@ -210,7 +210,7 @@ def test_malformed_event_lines_are_recorded_and_never_crash(tmp_path):
     recorder = StreamRecorder(
         store, "dev", job, 1, ClockEstimate(0.0, 2.0, 0.01, 0.005, 8), Progress("dev")
     )
-    good = Event("memory", "j", 0, 5, 100.0, {"rss_bytes": 10, "hwm_bytes": 12}).to_line()
+    good = Event.of(Memory(rss_bytes=10, hwm_bytes=12, vm_bytes=None), "j", 0, 5, 100.0).to_line()
     lines = [
         good,
         good[:-9],  # truncated
@@ -219,7 +219,8 @@ def test_malformed_event_lines_are_recorded_and_never_crash(tmp_path):
         "x" * (MAX_EVENT_LINE_BYTES + 1),
         Event("gpu_clock", "j", 2, 6, 101.0, {"mhz": 1}).to_line(),  # unknown kind: kept, skipped
         Event("epoch_start", "j", 3, 7, 102.0, {"epoch": "one"}).to_line(),  # wrong type inside
-        Event("job_end", "j", 4, 8, 103.0, {"test_accuracy": 0.5}).to_line(),
+        Event.of(JobEnd(epochs=1, steps=3, seconds_total=1.0, test_accuracy=0.5), "j", 4, 8,
+                 103.0).to_line(),
     ]
     for line_no, line in enumerate(lines):
         recorder.line(line_no, line)
@@ -231,12 +232,13 @@ def test_malformed_event_lines_are_recorded_and_never_crash(tmp_path):
     ).fetchall()
     assert [r[0] for r in rows] == list(range(len(lines)))
     malformed = {r[0]: r[2] for r in rows if r[2]}
-    assert set(malformed) == {1, 2, 3, 4}
+    assert set(malformed) == {1, 2, 3, 4, 6}
     assert "not JSON" in malformed[1] and "'v'" in malformed[2] and "'seq'" in malformed[3]
+    assert "'epoch_start.epoch'" in malformed[6]  # the contract checks each kind's fields
     assert "too long" in malformed[4] and rows[4][4] <= 1000
     assert rows[0][3] == 98.0  # device time mapped through the offset
     assert db.execute("SELECT rss_bytes, t_host_s FROM memory_samples").fetchall() == [(10, 98.0)]
-    assert recorder.malformed == 4 and recorder.last_kind == "job_end"
+    assert recorder.malformed == 5 and recorder.last_kind == "job_end"
 
 
 def test_setup_is_its_own_phase_never_inside_the_jobs(tmp_path):

@@ -17,7 +17,9 @@ import pytest
 
 from harness.errors import HarnessError, HarnessUsageError
 from harness.manifest import redact
-from harness.store import EventRecord, RunStore, connect_read_only, schema
+from harness.store import EventRecord, RunStore
+from runstore import schema
+from runstore.reader import StoreReader
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +71,7 @@ def test_many_producers_lose_and_duplicate_nothing(tmp_path):
         worker.join()
     store.add_events([EventRecord("dev0", "job", 1, 0, "{}", 0.0, seq=0)])  # a repeat
     store.close()
-    conn = connect_read_only(tmp_path / "r")
+    conn = StoreReader(tmp_path / "r").conn
     assert conn.execute("SELECT COUNT(*) FROM power_samples").fetchone()[0] == per_thread * threads
     assert conn.execute("SELECT COUNT(DISTINCT t_host_s) FROM power_samples").fetchone()[0] == (
         per_thread * threads
@@ -79,7 +81,7 @@ def test_many_producers_lose_and_duplicate_nothing(tmp_path):
 
 def test_a_sample_is_visible_to_a_reader_within_a_second(tmp_path):
     store = RunStore.create(tmp_path / "r")
-    reader = connect_read_only(tmp_path / "r")
+    reader = StoreReader(tmp_path / "r").conn
     delays = []
     for i in range(5):
         handed = time.monotonic()
@@ -118,7 +120,7 @@ def test_samples_survive_sigkill_of_the_writer_after_a_second(tmp_path):
     time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
-    conn = connect_read_only(tmp_path / "r")
+    conn = StoreReader(tmp_path / "r").conn
     assert conn.execute("SELECT COUNT(*) FROM power_samples").fetchone()[0] == 100
 
 
@@ -128,7 +130,7 @@ def test_reader_reads_while_the_writer_writes(tmp_path):
     counts = []
 
     def read() -> None:
-        reader = connect_read_only(tmp_path / "r")
+        reader = StoreReader(tmp_path / "r").conn
         while not stop.is_set():
             counts.append(reader.execute("SELECT COUNT(*) FROM power_samples").fetchone()[0])
 
@@ -143,7 +145,7 @@ def test_reader_reads_while_the_writer_writes(tmp_path):
     stop.set()
     thread.join()
     assert counts == sorted(counts) and counts[-1] > 0
-    reader = connect_read_only(tmp_path / "r")
+    reader = StoreReader(tmp_path / "r").conn
     with pytest.raises(sqlite3.OperationalError):
         reader.execute("INSERT INTO power_samples (device, meter, t_host_s) VALUES ('x','y',1)")
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from contract.vocabulary import OPTIMIZERS, default_optimizer
+from contract.vocabulary import TRAINING_METHODS as METHODS
 from trainers.errors import UsageError, unknown_choice
 
-METHODS = ("standard", "lowmem", "bop", "cwr")
-OPTIMIZERS = ("adam", "sgd", "bop")
 # Bop's adaptivity rate and threshold: Larq's defaults (larq.optimizers.Bop), which are also
 # Helwegen et al.'s CIFAR-10 settings (the paper then decays gamma x0.1 every 100 epochs;
 # `trainers.train.TrainConfig.gamma_decay` gives such schedules).
@@ -23,7 +23,10 @@ BOP_DEFAULT_TAU = 1e-8
 
 @dataclass(frozen=True)
 class LowMemSwitches:
-    """One flag per row of the lowmem table in METHODS.md (all off = standard)."""
+    """One flag per row of the lowmem table in docs/methods.md (all off = standard).
+
+    The fields are `contract.vocabulary.LOWMEM_SWITCHES`, in that order (a test holds it).
+    """
 
     binary_inputs: bool = False  # keep sgn(input) packed for dW; first layer keeps its input
     bn_sign_trick: bool = False  # batch norm keeps sgn(y) bit-packed + per-channel 16-bit stats
@@ -82,8 +85,7 @@ def make_recipe(
     if method not in METHODS:
         raise unknown_choice("method", method, METHODS)
     base = LowMemSwitches.all_on() if method == "lowmem" else LowMemSwitches()
-    default_optimizer = "bop" if method == "bop" else "adam"
-    optimizer = optimizer or default_optimizer
+    optimizer = optimizer or default_optimizer(method)
     if optimizer not in OPTIMIZERS:
         raise unknown_choice("optimizer", optimizer, OPTIMIZERS)
     if lr <= 0:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from contract import vocabulary
 from trainers import native
 from trainers.errors import UsageError, unknown_choice
 from trainers.layers import (
@@ -40,7 +41,7 @@ DEFAULT_INPUT_SHAPES = {
     "binarynet": (3, 32, 32),
     "resnete18": (3, 224, 224),
 }
-MODELS = tuple(DEFAULT_INPUT_SHAPES)
+MODELS = vocabulary.MODELS  # the keys of DEFAULT_INPUT_SHAPES (a test holds it)
 
 
 def default_input_shape(name: str) -> tuple[int, int, int]:

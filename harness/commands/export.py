@@ -9,7 +9,8 @@ The energy table carries every joule column in kWh too (`energy_kwh` beside `ene
 `emissions.csv` (always CSV) is CodeCarbon's format, one row per job and meter
 (`analysis.emissions`: `--carbon-intensity` gCO2e/kWh, default 475, the IEA's 2019 world
 average; `--country` ISO code for the record).
-The store is opened read-only, so exporting a run that is still being written is safe.
+The store is read through `runstore.reader.StoreReader` (read-only), so exporting a run
+that is still being written is safe.
 """
 
 from __future__ import annotations
@@ -18,19 +19,11 @@ import argparse
 from pathlib import Path
 
 from harness.errors import HarnessUsageError
-from harness.store import connect_read_only
+from runstore.reader import StoreProblem, StoreReader, find_run_dir
+from runstore.schema import TABLES
 
-TABLES = (
-    "run_info",
-    "events",
-    "memory_samples",
-    "power_samples",
-    "meter_gaps",
-    "meter_stats",
-    "clock_offsets",
-    "phases",
-    "results",
-)
+# `jobs` and `devices` are written by `tidy_tables`, with the columns scripts want.
+STORE_TABLES = tuple(table for table in TABLES if table not in ("jobs", "devices"))
 
 
 def export_run(run_dir: Path, fmt: str, out_dir: Path | None = None,
@@ -42,15 +35,19 @@ def export_run(run_dir: Path, fmt: str, out_dir: Path | None = None,
 
     if fmt not in ("parquet", "csv"):
         raise HarnessUsageError(f"--format: unknown {fmt!r}; choose one of: csv, parquet")
-    conn = connect_read_only(run_dir)
+    try:
+        run_dir = find_run_dir(run_dir)
+        reader = StoreReader(run_dir, accept_older=True)
+    except StoreProblem as exc:
+        raise HarnessUsageError(str(exc)) from exc
     out_dir = out_dir or (run_dir / "export")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     try:
-        frames = {table: pd.read_sql_query(f"SELECT * FROM {table}", conn)  # names: TABLES only
-                  for table in TABLES}
+        frames = {table: pd.read_sql_query(reader.select_sql(table), reader.conn)
+                  for table in STORE_TABLES}
     finally:
-        conn.close()
+        reader.close()
     intensity = (DEFAULT_INTENSITY_G_PER_KWH if carbon_intensity_g_per_kwh is None
                  else carbon_intensity_g_per_kwh)
     if not (intensity >= 0 and intensity < 1e5):

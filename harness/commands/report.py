@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from harness.errors import HarnessUsageError
+from runstore.reader import StoreProblem, find_run_dir
 
 TERMINAL_COLUMNS = ("device", "meter", "meter_kind", "method", "n", "energy withheld",
                     "s / epoch", "J / epoch", "J / epoch above idle",
@@ -21,12 +22,10 @@ TERMINAL_COLUMNS = ("device", "meter", "meter_kind", "method", "n", "energy with
 
 
 def _run_dir(value: str) -> Path:
-    path = Path(value)
-    if path.name == "run.sqlite":
-        path = path.parent
-    if not (path / "run.sqlite").is_file():
-        raise HarnessUsageError(f"{value}: no run.sqlite (not a run directory)")
-    return path
+    try:
+        return find_run_dir(value)
+    except StoreProblem as exc:
+        raise HarnessUsageError(str(exc)) from exc
 
 
 def _print_table(rows: list[dict], columns: list[str], title: str) -> None:

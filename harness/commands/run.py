@@ -88,7 +88,7 @@ def _start_meters(devices: list[Any], store: RunStore, say) -> tuple[list[Any], 
 
 def _jobs_to_run(store: RunStore, planned: list[Any]) -> tuple[list[Any], dict[str, int]]:
     store.flush()
-    rows = {r["job_id"]: r for r in store.query("SELECT job_id, status, attempts FROM jobs")}
+    rows = store.reader.job_states()
     todo = [job for job in planned if rows[job.job_id]["status"] in RERUN_STATUSES]
     attempts = {job_id: row["attempts"] for job_id, row in rows.items()}
     return todo, attempts
@@ -232,7 +232,7 @@ def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say
     print_comparison(store, run_dir)
     if interrupted:
         return ExitStatus.INTERRUPTED
-    statuses = [r["status"] for r in store.query("SELECT status FROM jobs")]
+    statuses = [r["status"] for r in store.reader.job_states().values()]
     return ExitStatus.OK if all(s == "completed" for s in statuses) else ExitStatus.PARTIAL
 
 

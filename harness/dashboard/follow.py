@@ -6,8 +6,8 @@ summary (devices, jobs, meter statistics) is a handful of small tables. Each job
 is `analysis.run_energy.figure_for` (the one definition, the report's figure) over the
 samples this follower already holds: a finished job's recorded `job` (or `idle`) phase;
 a running job's work so far, from the end of its setup to its meter's latest sample.
-A store that is missing, empty or of another schema version is a `StoreProblem` with a
-message for the page, never a stack trace.
+All reads go through `runstore.reader.StoreReader`: a store that is missing, empty or of
+another schema version is a `StoreProblem` with a message for the page, never a stack trace.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from analysis.run_energy import (
     meter_infos_from_rows,
     unknown_meter,
 )
-from harness.store import DB_NAME, SCHEMA_VERSION
+from runstore.reader import StoreProblem, StoreReader
+
+__all__ = ["StoreFollower", "StoreProblem", "open_store", "run_overview"]
 
 # Event kinds that carry a device's progress (the rest stay in the store).
 PROGRESS_KINDS = ("job_start", "epoch_start", "step", "epoch_end", "job_end", "error")
@@ -45,46 +47,9 @@ STATUS_CATEGORY = {
 CHUNK_ROWS = 20_000
 
 
-class StoreProblem(Exception):
-    """Why a run store cannot be shown yet (missing, empty, other schema, unreadable)."""
-
-
-def open_store(run_dir: Path) -> sqlite3.Connection:
-    """A read-only connection to a store this dashboard can read, or a `StoreProblem`."""
-    path = Path(run_dir) / DB_NAME
-    if not Path(run_dir).is_dir():
-        raise StoreProblem(f"{run_dir}: no such run directory")
-    if not path.is_file():
-        raise StoreProblem(f"{path}: no run store yet (missing {DB_NAME}; has the run started?)")
-    if path.stat().st_size == 0:
-        raise StoreProblem(f"{path}: the run store is empty (no schema written yet)")
-    try:
-        # Not tied to one thread: `/metrics` keeps a follower across requests (under a lock).
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0,
-                               check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    except sqlite3.DatabaseError as exc:
-        raise StoreProblem(f"{path}: not a readable run store ({exc})") from exc
-    if not tables:
-        conn.close()
-        raise StoreProblem(f"{path}: the run store is empty (no tables yet)")
-    version = 0  # a store from before schema versioning
-    if "schema_version" in tables:
-        version = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
-    if version != SCHEMA_VERSION:
-        conn.close()
-        age = "older" if version < SCHEMA_VERSION else "newer"
-        hint = (
-            "open it once with this harness (e.g. `harness run --resume`) to back it up and migrate"
-            if version < SCHEMA_VERSION
-            else "use the harness version that wrote it"
-        )
-        raise StoreProblem(
-            f"{path}: schema version {version} is {age} than the version this dashboard "
-            f"reads ({SCHEMA_VERSION}); {hint}"
-        )
-    return conn
+def open_store(run_dir: Path) -> StoreReader:
+    """A reader of a store this dashboard can read (this schema version), or a `StoreProblem`."""
+    return StoreReader(run_dir)
 
 
 class Series:
@@ -143,7 +108,7 @@ class StoreFollower:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
-        self.conn = open_store(self.run_dir)
+        self.store = open_store(self.run_dir)
         self.cursors = {"power": 0, "memory": 0, "phases": 0, "gaps": 0, "events": 0}
         self.series: dict[tuple[str, str], Series] = {}
         self.gaps: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -153,24 +118,18 @@ class StoreFollower:
         self.progress_changed = False  # a progress event arrived since the last summary
 
     def close(self) -> None:
-        self.conn.close()
+        self.store.close()
 
-    def _rows(self, cursor: str, sql: str) -> list[sqlite3.Row]:
-        rows = self.conn.execute(sql, (self.cursors[cursor], CHUNK_ROWS)).fetchall()
+    def _rows(self, stream: str, kinds: tuple[str, ...] = ()) -> list[Any]:
+        rows = self.store.rows_after(stream, self.cursors[stream], CHUNK_ROWS, kinds)
         if rows:
-            self.cursors[cursor] = rows[-1]["id"]
+            self.cursors[stream] = rows[-1]["id"]
         return rows
 
     def _power_rows(self) -> tuple[list[list[Any]], bool]:
         """New power samples grouped per (device, meter), in columns: [device, meter, t_s,
         power_w, volts, amps] (plain tuples: the bulk of a store, read fast)."""
-        cursor = self.conn.cursor()
-        cursor.row_factory = None
-        rows = cursor.execute(
-            "SELECT id, device, meter, t_host_s, power_w, volts, amps FROM power_samples "
-            "WHERE id > ? AND power_w IS NOT NULL ORDER BY id LIMIT ?",
-            (self.cursors["power"], CHUNK_ROWS),
-        ).fetchall()
+        rows = self.store.power_after(self.cursors["power"], CHUNK_ROWS)
         if not rows:
             return [], False
         self.cursors["power"] = rows[-1][0]
@@ -191,31 +150,15 @@ class StoreFollower:
     def poll(self) -> tuple[dict[str, list[list[Any]]], bool]:
         """New rows since the last call, as compact lists; True when a chunk was full."""
         power, power_full = self._power_rows()
-        memory = self._rows(
-            "memory",
-            "SELECT id, device, job_id, t_host_s, rss_bytes, hwm_bytes, tensor_peak_bytes "
-            "FROM memory_samples WHERE id > ? AND t_host_s IS NOT NULL ORDER BY id LIMIT ?",
-        )
-        phases = self._rows(
-            "phases",
-            "SELECT id, device, job_id, attempt, kind, idx, t_start_host_s, t_end_host_s "
-            "FROM phases WHERE id > ? ORDER BY id LIMIT ?",
-        )
+        memory = self._rows("memory")
+        phases = self._rows("phases")
         self.phases += [
             PhaseWindow(r["device"], r["job_id"], r["attempt"], r["kind"], r["idx"],
                         r["t_start_host_s"], r["t_end_host_s"])
             for r in phases if r["t_end_host_s"] > r["t_start_host_s"]
         ]
-        gaps = self._rows(
-            "gaps",
-            "SELECT id, device, meter, t_start_s, t_end_s, reason FROM meter_gaps "
-            "WHERE id > ? ORDER BY id LIMIT ?",
-        )
-        events = self._rows(
-            "events",
-            "SELECT id, device, job_id, kind, t_host_s, raw_json FROM events WHERE id > ? "
-            f"AND kind IN ({', '.join(repr(k) for k in PROGRESS_KINDS)}) ORDER BY id LIMIT ?",
-        )
+        gaps = self._rows("gaps")
+        events = self._rows("events", PROGRESS_KINDS)
         for row in gaps:
             end = row["t_end_s"] if row["t_end_s"] is not None else float("inf")
             self.gaps.setdefault((row["device"], row["meter"]), []).append((row["t_start_s"], end))
@@ -231,7 +174,7 @@ class StoreFollower:
                     r["t_host_s"],
                     r["rss_bytes"],
                     r["hwm_bytes"],
-                    r["tensor_peak_bytes"],
+                    r["peak_tensor_bytes"],
                 ]
                 for r in memory
             ],
@@ -287,34 +230,10 @@ class StoreFollower:
         """Devices with status and progress, jobs with energy so far, meter statistics."""
         now = time.time()
         self.progress_changed = False
-        devices = [
-            dict(r)
-            for r in self.conn.execute(
-                "SELECT name, transport, status, reason, meter_json, updated_host_s FROM devices "
-                "ORDER BY name"
-            )
-        ]
-        stats = [
-            dict(r)
-            for r in self.conn.execute(
-                "SELECT device, meter, samples, achieved_hz, rejected_records, gaps, "
-                "updated_host_s FROM meter_stats ORDER BY device, meter"
-            )
-        ]
-        jobs = [
-            dict(r)
-            for r in self.conn.execute(
-                "SELECT job_id, plan_index, kind, method, model, dataset, epochs, status, device, "
-                "attempts, reason, t_start_host_s, t_end_host_s FROM jobs "
-                "ORDER BY t_start_host_s IS NULL, t_start_host_s, plan_index"
-            )
-        ]
-        results = {
-            r["job_id"]: dict(r)
-            for r in self.conn.execute(
-                "SELECT job_id, test_accuracy, train_accuracy, epochs, steps FROM results"
-            )
-        }
+        devices = [dict(r) for r in self.store.devices()]
+        stats = [dict(r) for r in self.store.meter_stats()]
+        jobs = [dict(r) for r in self.store.jobs_by_start()]
+        results = self.store.result_summaries()
         for device in devices:
             device["category"] = STATUS_CATEGORY.get(device["status"], device["status"])
             device["progress"] = vars(self.progress.get(device["name"], Progress()))
@@ -326,16 +245,10 @@ class StoreFollower:
 
     def _energy_context(self) -> dict[str, Any]:
         """What every figure needs besides the samples: meters, clock bounds."""
-        info_rows = self.conn.execute("SELECT value FROM run_info WHERE key = 'meters'").fetchall()
-        recorded = json.loads(info_rows[0]["value"]) if info_rows else {}
-        devices = self.conn.execute("SELECT name, meter_json FROM devices").fetchall()
-        offsets = self.conn.execute(
-            "SELECT job_id, attempt, phase, t_host_s, offset_s, error_s FROM clock_offsets"
-        ).fetchall()
         return {
-            "meters": meter_infos_from_rows(recorded, [(r["name"], r["meter_json"])
-                                                       for r in devices]),
-            "clocks": clock_bounds(dict(r) for r in offsets),
+            "meters": meter_infos_from_rows(self.store.recorded_meters(),
+                                            self.store.device_meters()),
+            "clocks": clock_bounds(self.store.clock_offsets()),
         }
 
     def _job_energy(self, job: dict[str, Any], now: float, context: dict[str, Any]
@@ -405,11 +318,8 @@ class StoreFollower:
 
     def run_finished(self) -> bool:
         """No job is pending or running (the page stops showing 'live')."""
-        row = self.conn.execute(
-            "SELECT COUNT(*) FROM jobs WHERE status IN ('pending', 'running')"
-        ).fetchone()
-        total = self.conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
-        return total > 0 and row[0] == 0
+        unfinished, total = self.store.unfinished_jobs()
+        return total > 0 and unfinished == 0
 
 
 def _finite(value: float) -> float | None:
@@ -426,18 +336,12 @@ def _number(value: Any) -> float | int | None:
 def run_overview(run_dir: Path) -> dict[str, Any]:
     """One line of the run list: devices, jobs by status, first and last time; or the problem."""
     try:
-        conn = open_store(run_dir)
+        store = open_store(run_dir)
     except StoreProblem as exc:
         return {"problem": str(exc)}
     try:
-        statuses = dict(
-            conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
-        )
-        devices = conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
-        started = conn.execute("SELECT MIN(t_start_host_s) FROM jobs").fetchone()[0]
-        ended = conn.execute("SELECT MAX(t_end_host_s) FROM jobs").fetchone()[0]
+        return store.overview()
     except sqlite3.DatabaseError as exc:
         return {"problem": f"{run_dir}: cannot read the store ({exc})"}
     finally:
-        conn.close()
-    return {"devices": devices, "jobs": statuses, "t_start_s": started, "t_end_s": ended}
+        store.close()

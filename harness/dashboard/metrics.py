@@ -9,7 +9,7 @@ new rows are read per scrape) and renders, through the official `prometheus_clie
   far, idle baseline included (counter);
 - `bnn_job_energy_joules{run, device, job, method, meter}`: one job's window, so far while
   it runs; `bnn_job_energy_low_confidence`: 1 when it rests on too few samples or gaps;
-- `bnn_device_memory_{rss,hwm,tensor_peak}_bytes{run, device}`: the latest memory sample;
+- `bnn_device_memory_{rss,hwm,peak_tensor}_bytes{run, device}`: the latest memory sample;
 - `bnn_device_state{run, device, bnn_device_state}`: planned, running, done, lost,
   unreachable, error (state set); `bnn_device_{epoch,step,loss}{run, device, job}`;
 - `bnn_jobs{run, status}`: jobs by status; `bnn_meter_{samples,gaps}_total{run, device,
@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, StateSetMetricFamily
 
 from harness.dashboard.follow import StoreFollower, StoreProblem
-from harness.store import DB_NAME
+from runstore.schema import DB_NAME
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEVICE_STATES = ("planned", "running", "done", "lost", "unreachable", "error")
@@ -122,7 +122,7 @@ class RunMetrics:
 
     def _memory_families(self, run: str) -> list[Any]:
         names = ("rss", "resident set size"), ("hwm", "peak resident set size (VmHWM)"), (
-            "tensor_peak", "tensor-level peak of the engine's ledger")
+            "peak_tensor", "tensor-level peak of the engine's ledger")
         families = []
         for index, (name, what) in enumerate(names, start=2):
             family = GaugeMetricFamily(f"bnn_device_memory_{name}_bytes",

@@ -30,7 +30,7 @@ from harness.dashboard.follow import StoreFollower, StoreProblem, run_overview
 from harness.dashboard.metrics import CONTENT_TYPE as METRICS_TYPE
 from harness.dashboard.metrics import FleetMetrics
 from harness.errors import HarnessUsageError
-from harness.store import DB_NAME
+from runstore.schema import DB_NAME
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 PUSH_INTERVAL_S = 0.1

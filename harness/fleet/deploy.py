@@ -2,7 +2,7 @@
 
 Layout of a device's work directory::
 
-    code/device_agent/...   code/trainers/...   (PYTHONPATH for the agent)
+    code/contract/...  code/device_agent/...  code/trainers/...  (PYTHONPATH for the agent)
     data/<data set file>                         (job specs name data/<file>)
     jobs/<job id>/job.json  jobs/<job id>/...    (written per job; the agent's --out)
 
@@ -24,7 +24,7 @@ from harness.fleet.connection import DeviceConnection
 from harness.fleet.errors import DeviceNotReady
 from harness.transport import device_data_path
 
-DEVICE_PACKAGES = ("device_agent", "trainers")
+DEVICE_PACKAGES = ("contract", "device_agent", "trainers")
 CODE_DIR = "code"
 
 # Runs on the device with the device's Python: stdin is a JSON list of relative paths.

@@ -26,7 +26,8 @@ from typing import Any
 
 import paramiko
 
-from device_agent.protocol import JOB_ID_PATTERN, parse_clock_reply
+from contract.events import parse_clock_reply
+from contract.jobspec import JOB_ID_PATTERN
 from harness.errors import DeviceLost, DeviceUnreachable, HarnessUsageError
 from harness.fleet.connection import DeviceConnection, shell_command
 from harness.fleet.deploy import (

@@ -1,12 +1,13 @@
-"""The run store: `runs/<run-id>/run.sqlite` (+ `manifest.json`); the only module that writes SQL.
+"""The run store's writer: `runs/<run-id>/run.sqlite` (+ `manifest.json`); the only module that
+writes SQL.
 
 Many producers (a thread per device, a thread per meter) call the `add_*` /
 `set_*` methods, which only enqueue; one writer thread commits what is queued
 in one transaction at least every `COMMIT_INTERVAL_S`, so a sample is on disk
 within a second of being handed over. WAL mode lets the dashboard and notebooks
-read (`connect_read_only`) while the harness writes. The schema is versioned;
-opening an older store backs it up and migrates it. `docs/run-store.md`
-documents every table and column.
+read (`runstore.reader.StoreReader`, which `query` uses too) while the harness
+writes. The schema (`runstore.schema`) is versioned; opening an older store backs
+it up and migrates it. `docs/run-store.md` documents every table and column.
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ from typing import Any
 
 from harness.errors import HarnessError, HarnessUsageError
 from harness.store.records import EventRecord, MemorySample, PlannedJob
-from harness.store.schema import SCHEMA_VERSION, migrate
+from runstore.reader import StoreReader
+from runstore.schema import DB_NAME, MANIFEST_NAME, SCHEMA_VERSION, SchemaError, migrate
 
-DB_NAME = "run.sqlite"
-MANIFEST_NAME = "manifest.json"
 COMMIT_INTERVAL_S = 0.25
 BUSY_TIMEOUT_S = 10.0
 # At most this many rejected-record messages are kept and printed (all are counted).
@@ -42,7 +42,6 @@ __all__ = [
     "MemorySample",
     "PlannedJob",
     "RunStore",
-    "connect_read_only",
 ]
 
 JOB_STATUSES = (
@@ -61,16 +60,6 @@ JOB_STATUSES = (
 class _Write:
     sql: str
     rows: list[Sequence[Any]]
-
-
-def connect_read_only(run_dir: Path) -> sqlite3.Connection:
-    """A reader's connection (dashboard, analysis): never blocks or disturbs the writer."""
-    path = Path(run_dir) / DB_NAME
-    if not path.is_file():
-        raise HarnessUsageError(f"{run_dir}: no {DB_NAME} (not a run directory)")
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
-    conn.row_factory = sqlite3.Row
-    return conn
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -97,7 +86,7 @@ class RunStore:
         self.fatal_error: str | None = None  # set when nothing more can be written (disk full)
         self.lost_rows = 0  # rows not written because of `fatal_error`
         self._read_lock = threading.Lock()
-        self._reader: sqlite3.Connection | None = None
+        self._reader: StoreReader | None = None
         self._writer = threading.Thread(target=self._write_loop, name="run-store", daemon=True)
         self._writer.start()
 
@@ -126,6 +115,8 @@ class RunStore:
             migrate(conn, path)
         except sqlite3.DatabaseError as exc:
             raise HarnessError(f"{path}: cannot open the run store: {exc}") from exc
+        except SchemaError as exc:
+            raise HarnessError(str(exc)) from exc
         return cls(run_dir, conn)
 
     def __enter__(self) -> RunStore:
@@ -341,8 +332,7 @@ class RunStore:
     def mark_unfinished_incomplete(self, reason: str) -> list[str]:
         """On resume: jobs left `running` by a dead harness become `incomplete`; returns them."""
         self.flush()
-        rows = self.query("SELECT job_id FROM jobs WHERE status = 'running'")
-        ids = [row["job_id"] for row in rows]
+        ids = self.reader.running_job_ids()
         self._enqueue(
             "UPDATE jobs SET status = 'incomplete', reason = ? WHERE job_id = ?",
             [(reason, job_id) for job_id in ids],
@@ -379,7 +369,7 @@ class RunStore:
     def add_memory_samples(self, samples: Sequence[MemorySample]) -> None:
         self._enqueue(
             "INSERT OR IGNORE INTO memory_samples (device, job_id, attempt, seq, t_host_s, "
-            "t_wall_s, t_mono_ns, rss_bytes, hwm_bytes, vm_bytes, tensor_peak_bytes, step) "
+            "t_wall_s, t_mono_ns, rss_bytes, hwm_bytes, vm_bytes, peak_tensor_bytes, step) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
@@ -393,7 +383,7 @@ class RunStore:
                     s.rss_bytes,
                     s.hwm_bytes,
                     s.vm_bytes,
-                    s.tensor_peak_bytes,
+                    s.peak_tensor_bytes,
                     s.step,
                 )
                 for s in samples
@@ -521,12 +511,17 @@ class RunStore:
 
     # ------------------------------------------------------------ reads (after flush)
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        """Read what is committed so far (call `flush()` first to include queued writes)."""
+    @property
+    def reader(self) -> StoreReader:
+        """The store's reader (what is committed so far: `flush()` first for queued writes)."""
         with self._read_lock:
             if self._reader is None:
-                self._reader = _connect(self.db_path)
-            return self._reader.execute(sql, params).fetchall()
+                self._reader = StoreReader(self.run_dir)
+            return self._reader
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Read what is committed so far (call `flush()` first to include queued writes)."""
+        return self.reader.query(sql, params)
 
     # ------------------------------------------------------------ manifest
 

@@ -36,7 +36,7 @@ class MemorySample:
     rss_bytes: int | None
     hwm_bytes: int | None
     vm_bytes: int | None
-    tensor_peak_bytes: int | None
+    peak_tensor_bytes: int | None
     step: int | None
 
 

@@ -16,12 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
+from contract.fields import SpecError
+from contract.vocabulary import (
+    EXPONENT_BITS_RANGE,
+    FLOAT32_MAX_EXPONENT,
+    FLOAT32_MIN_EXPONENT,
+    MANTISSA_BITS_RANGE,
+    parse_momentum_format,
+)
 from trainers.errors import UsageError
-
-FLOAT32_MIN_EXPONENT = -149  # exponent of float32's smallest subnormal
-FLOAT32_MAX_EXPONENT = 127
-EXPONENT_BITS_RANGE = (2, 8)
-MANTISSA_BITS_RANGE = (0, 23)
 
 
 def _pow2(exponents: torch.Tensor) -> torch.Tensor:
@@ -68,18 +71,13 @@ class FloatFormat:
 
     @classmethod
     def parse(cls, text: str, *, saturate: bool = True, subnormals: bool = True) -> FloatFormat:
-        """Read "E,M" or "E,M,bias" (e.g. "5,10" is float16, "8,7" bfloat16)."""
-        parts = [part.strip() for part in str(text).split(",")]
-        if len(parts) not in (2, 3):
-            raise UsageError(f"momentum format must be 'E,M' or 'E,M,bias', got {text!r}")
+        """Read "E,M" or "E,M,bias" (e.g. "5,10" is float16, "8,7" bfloat16): the syntax of
+        `contract.vocabulary.parse_momentum_format`, which the host checks plans with."""
         try:
-            numbers = [int(part) for part in parts]
-        except ValueError:
-            raise UsageError(
-                f"momentum format must be integers 'E,M[,bias]', got {text!r}"
-            ) from None
-        bias = numbers[2] if len(numbers) == 3 else None
-        return cls(numbers[0], numbers[1], bias, saturate=saturate, subnormals=subnormals)
+            e_bits, m_bits, bias = parse_momentum_format(text, "momentum format")
+        except SpecError as exc:
+            raise UsageError(str(exc)) from None
+        return cls(e_bits, m_bits, bias, saturate=saturate, subnormals=subnormals)
 
     # --- properties of the format -------------------------------------------------------
     @property

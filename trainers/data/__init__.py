@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from contract import vocabulary
 from trainers.data.canonical import canonical_filename, read_canonical, read_meta
 from trainers.data.cifar10 import load_cifar10
 from trainers.data.dataset import Dataset, as_tensor, make_dataset, synthetic, to_model_input
@@ -18,7 +19,7 @@ from trainers.data.svhn import load_svhn
 from trainers.errors import UsageError, unknown_choice
 
 RAW_LOADERS = {"mnist": load_mnist, "cifar10": load_cifar10, "svhn": load_svhn}
-DATASETS = ("mnist", "cifar10", "svhn", "digits", "synthetic")
+DATASETS = vocabulary.DATASETS
 NEEDS_DATA_DIR = tuple(RAW_LOADERS)
 
 __all__ = [

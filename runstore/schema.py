@@ -1,8 +1,10 @@
 """The run store's schema: versioned table definitions and the migration that applies them.
 
 Each version lists the statements that bring a store from the previous version to
-it; `migrate` backs a non-empty older store up (`run.sqlite.v<N>.bak`) before
-changing it and refuses a store written by a newer harness.
+it; `migrate` (the writer, `harness.store.RunStore`, runs it when it opens a store)
+backs a non-empty older store up (`run.sqlite.v<N>.bak`) before changing it and
+refuses a store written by a newer harness. `docs/run-store.md` documents every
+table and column; `runstore.reader` reads them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,12 @@ import sqlite3
 import time
 from pathlib import Path
 
-from harness.errors import HarnessError
+DB_NAME = "run.sqlite"
+MANIFEST_NAME = "manifest.json"
+
+
+class SchemaError(RuntimeError):
+    """A store this code cannot bring to its schema (written by a newer harness)."""
 
 # Version -> statements that bring a store from the previous version to this one.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -70,12 +77,35 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # a meter's own cumulative energy counter at the sample (UM: the selected group's mWh)
     2: ("ALTER TABLE power_samples ADD COLUMN counter_wh REAL",),
+    # one name for the tensor-level peak everywhere (the `memory` event's field)
+    3: ("ALTER TABLE memory_samples RENAME COLUMN tensor_peak_bytes TO peak_tensor_bytes",),
 }
 
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
-def _current_version(conn: sqlite3.Connection) -> int:
+def latest_version() -> int:
+    """The version this code writes, looked up at call time (tests add versions)."""
+    return max(MIGRATIONS)
+
+# Every table, in the order readers list them (`schema_version` is the store's own).
+TABLES = (
+    "run_info",
+    "devices",
+    "jobs",
+    "events",
+    "memory_samples",
+    "power_samples",
+    "meter_gaps",
+    "meter_stats",
+    "clock_offsets",
+    "phases",
+    "results",
+)
+
+
+def stored_version(conn: sqlite3.Connection) -> int:
+    """The schema version a store was last migrated to (0: before versioning, or empty)."""
     exists = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
     ).fetchone()
@@ -87,10 +117,10 @@ def _current_version(conn: sqlite3.Connection) -> int:
 
 def migrate(conn: sqlite3.Connection, path: Path) -> int:
     """Bring the store to the latest version, backing up a non-empty older store first."""
-    latest = max(MIGRATIONS)  # looked up at call time (tests add versions)
-    current = _current_version(conn)
+    latest = latest_version()
+    current = stored_version(conn)
     if current > latest:
-        raise HarnessError(
+        raise SchemaError(
             f"{path}: schema version {current} is newer than this harness ({latest})"
         )
     if current == latest:

@@ -1,0 +1,17 @@
+"""The contract between the host and the devices, importable on both sides without torch.
+
+Modules (standard library only, except `datafile`, which needs numpy):
+
+- `vocabulary`: the engine's names a job may use: models, methods, optimizers, data sets,
+  lowmem switches, and the momentum-format syntax (`parse_momentum_format`).
+- `jobspec`: the job spec (`JobSpec` and its parts): what the host sends a device.
+- `events`: the event envelope and one frozen dataclass per event kind (`Step`,
+  `EpochEnd`, `Memory`, ...): what a device streams back; the agent's exit codes.
+- `fields`: `SpecError` and the field checks the records above share.
+- `layout`: a device's work directory (`code/`, `data/`, `jobs/<job id>/`).
+- `checksum`: the one sha256-of-a-file helper.
+- `datafile`: the canonical per-dataset file the host prepares and the engine reads.
+
+Nothing here imports `trainers`, `device_agent`, `harness` or `analysis`: every other
+package imports this one (see docs/DEVELOPMENT.md for the arrows).
+"""

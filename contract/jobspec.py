@@ -1,0 +1,339 @@
+"""The job spec: everything one device needs to run one job, nothing host-specific.
+
+Both sides import this module, so it uses the standard library only (no torch,
+no pydantic: a Pi 3B+ has 1 GiB). Every record is a frozen dataclass with explicit
+validation against the engine's vocabulary (`contract.vocabulary`); a bad value
+raises `SpecError`, whose message names the field and the value. Example
+(`schema_version` 1)::
+
+    {"schema_version": 1, "job_id": "mlp-digits-lowmem-b100-s0-r0",
+     "method": {"name": "lowmem", "optimizer": "adam", "lr": 0.001,
+                "enable": [], "disable": [], "momentum_format": null,
+                "lr_plateau": false, "duration_s": null},
+     "model": "mlp",
+     "dataset": {"name": "digits", "path": "data/digits.npz", "sha256": "..."},
+     "batch_size": 100, "epochs": 3, "max_steps": null, "seed": 0,
+     "eval_every_epochs": 1,
+     "telemetry": {"memory_hz": 10.0, "power_hz": 5.0, "step_every": 1,
+                   "tensor_peak_steps": 2},
+     "limits": {"extra_address_space_bytes": null}}
+
+Method `script` runs the user's script named in `script` ({"name", "path", "sha256",
+"args"}) in the agent, like a built-in job (`model` and `dataset` null); inside it,
+`device_agent.window("NAME")` marks phases, streamed as `window_start` / `window_end`.
+
+Method `idle` runs no training: the agent rests `method.duration_s` seconds
+while its samplers run (the idle baseline); `model` and `dataset` are null.
+`dataset.path` is where the file is on the device (`contract.layout.device_data_path`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from contract.fields import (
+    SpecError,
+    bool_field,
+    float_field,
+    int_field,
+    name_list_field,
+    refuse_constant,
+    reject_unknown,
+    require_mapping,
+    str_field,
+)
+from contract.vocabulary import (
+    DATASETS,
+    IDLE_METHOD,
+    LOWMEM_SWITCHES,
+    METHODS,
+    MODELS,
+    OPTIMIZERS,
+    SCRIPT_METHOD,
+    check_momentum_format,
+    default_optimizer,
+)
+
+JOB_SCHEMA_VERSION = 1
+# Job ids become file and directory names on the device: keep them to a safe alphabet.
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+MAX_EPOCHS = 1_000_000
+MAX_BATCH_SIZE = 1_000_000
+MAX_SEED = 2**32 - 1  # numpy's and most generators' seed range
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Which method and its options (the engine's `make_recipe` arguments, plus idle)."""
+
+    name: str
+    optimizer: str | None = None  # None: the method's default (bop for bop, adam otherwise)
+    lr: float = 1e-3
+    enable: tuple[str, ...] = ()  # lowmem switches to turn on
+    disable: tuple[str, ...] = ()  # lowmem switches to turn off
+    momentum_format: str | None = None  # Bop low-bit momentum "E,M[,bias]" or "auto"
+    lr_plateau: bool = False
+    duration_s: float | None = None  # idle only: how long to rest
+
+    @classmethod
+    def from_dict(cls, data: object, prefix: str = "method.") -> MethodSpec:
+        data = require_mapping(data, prefix.rstrip("."))
+        reject_unknown(data, cls, prefix)
+        name = str_field(data.get("name"), prefix + "name", choices=METHODS)
+        spec = cls(
+            name=name,
+            optimizer=str_field(data.get("optimizer"), prefix + "optimizer", True, OPTIMIZERS),
+            lr=float_field(data.get("lr", 1e-3), prefix + "lr", positive=True),
+            enable=name_list_field(data.get("enable", []), prefix + "enable", LOWMEM_SWITCHES),
+            disable=name_list_field(data.get("disable", []), prefix + "disable", LOWMEM_SWITCHES),
+            momentum_format=str_field(data.get("momentum_format"), prefix + "momentum_format",
+                                      True),
+            lr_plateau=bool_field(data.get("lr_plateau", False), prefix + "lr_plateau"),
+            duration_s=float_field(data.get("duration_s"), prefix + "duration_s", True,
+                                   optional=True),
+        )
+        if spec.momentum_format is not None:
+            check_momentum_format(spec.momentum_format, prefix + "momentum_format")
+            if (spec.optimizer or default_optimizer(name)) != "bop":
+                raise SpecError(prefix + "momentum_format", spec.momentum_format,
+                                "null unless the optimizer is bop")
+        if name == IDLE_METHOD and spec.duration_s is None:
+            raise SpecError(prefix + "duration_s", None, "a positive number for method idle")
+        if name != IDLE_METHOD and spec.duration_s is not None:
+            raise SpecError(prefix + "duration_s", spec.duration_s, "null unless method is idle")
+        return spec
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A prepared canonical data set file on the device, checked by checksum before use."""
+
+    name: str
+    path: str  # relative to the agent's working directory, or absolute
+    sha256: str
+
+    @classmethod
+    def from_dict(cls, data: object, prefix: str = "dataset.") -> DatasetSpec:
+        data = require_mapping(data, prefix.rstrip("."))
+        reject_unknown(data, cls, prefix)
+        sha = str_field(data.get("sha256"), prefix + "sha256")
+        if not SHA256_PATTERN.match(sha):
+            raise SpecError(prefix + "sha256", sha, "64 lower-case hex digits")
+        return cls(
+            name=str_field(data.get("name"), prefix + "name", choices=DATASETS),
+            path=str_field(data.get("path"), prefix + "path"),
+            sha256=sha,
+        )
+
+
+@dataclass(frozen=True)
+class PowerModelSpec:
+    """The device's `modeled` power source, computed by the agent where the load is:
+    idle_w + (busy_w - idle_w) x CPU utilisation x (frequency / max frequency)."""
+
+    profile: str
+    idle_w: float
+    busy_w: float
+
+    @classmethod
+    def from_dict(cls, data: object, prefix: str = "telemetry.power_model.") -> PowerModelSpec:
+        data = require_mapping(data, prefix.rstrip("."))
+        reject_unknown(data, cls, prefix)
+        spec = cls(
+            profile=str_field(data.get("profile"), prefix + "profile"),
+            idle_w=float_field(data.get("idle_w"), prefix + "idle_w", positive=True),
+            busy_w=float_field(data.get("busy_w"), prefix + "busy_w", positive=True),
+        )
+        if spec.busy_w < spec.idle_w:
+            raise SpecError(prefix + "busy_w", spec.busy_w, f"at least idle_w ({spec.idle_w})")
+        return spec
+
+
+@dataclass(frozen=True)
+class ScriptSpec:
+    """A user's training script, deployed to the device by checksum, with its arguments."""
+
+    name: str
+    path: str  # relative to the agent's working directory, or absolute
+    sha256: str
+    args: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: object, prefix: str = "script.") -> ScriptSpec:
+        data = require_mapping(data, prefix.rstrip("."))
+        reject_unknown(data, cls, prefix)
+        name = str_field(data.get("name"), prefix + "name")
+        if not JOB_ID_PATTERN.match(name):
+            raise SpecError(prefix + "name", name, "letters, digits, '.', '_', '-'")
+        sha = str_field(data.get("sha256"), prefix + "sha256")
+        if not SHA256_PATTERN.match(sha):
+            raise SpecError(prefix + "sha256", sha, "64 lower-case hex digits")
+        args = data.get("args", [])
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise SpecError(prefix + "args", args, "a list of strings")
+        return cls(name=name, path=str_field(data.get("path"), prefix + "path"), sha256=sha,
+                   args=tuple(args))
+
+
+@dataclass(frozen=True)
+class TelemetrySpec:
+    """How often the agent samples memory and on-board power, and which steps it reports."""
+
+    memory_hz: float = 10.0
+    power_hz: float = 5.0
+    step_every: int = 1  # emit a `step` event every N steps
+    # the first N training steps run under the engine's tensor ledger (a little slower), so
+    # the job reports its tensor-level peak memory beside the process-level one; 0: off
+    tensor_peak_steps: int = 2
+    power_model: PowerModelSpec | None = None  # a remote device's `modeled` power source
+    # before the job (in its setup), wait up to cool_max_s for the board to cool to this
+    # temperature (the device's idle baseline's, plus a margin): arms start alike
+    cool_to_c: float | None = None
+    cool_max_s: float = 120.0
+
+    @classmethod
+    def from_dict(cls, data: object, prefix: str = "telemetry.") -> TelemetrySpec:
+        data = require_mapping(data, prefix.rstrip("."))
+        reject_unknown(data, cls, prefix)
+        spec = cls(
+            memory_hz=float_field(data.get("memory_hz", 10.0), prefix + "memory_hz",
+                                  positive=True),
+            power_hz=float_field(data.get("power_hz", 5.0), prefix + "power_hz", positive=True),
+            step_every=int_field(data.get("step_every", 1), prefix + "step_every", minimum=1),
+            tensor_peak_steps=int_field(data.get("tensor_peak_steps", 2),
+                                        prefix + "tensor_peak_steps", minimum=0),
+            power_model=(PowerModelSpec.from_dict(data["power_model"])
+                         if data.get("power_model") is not None else None),
+            cool_to_c=float_field(data.get("cool_to_c"), prefix + "cool_to_c", optional=True),
+            cool_max_s=float_field(data.get("cool_max_s", 120.0), prefix + "cool_max_s",
+                                   positive=True),
+        )
+        for name in ("memory_hz", "power_hz"):
+            if getattr(spec, name) > 1000:
+                raise SpecError(prefix + name, getattr(spec, name), "a rate of at most 1000 Hz")
+        return spec
+
+
+@dataclass(frozen=True)
+class LimitsSpec:
+    """Resource limits the agent applies to itself before the job runs.
+
+    `extra_address_space_bytes` sets RLIMIT_AS to the agent's address space after
+    start-up plus this many bytes: a big host can then behave like a small device.
+    """
+
+    extra_address_space_bytes: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: object, prefix: str = "limits.") -> LimitsSpec:
+        data = require_mapping(data, prefix.rstrip("."))
+        reject_unknown(data, cls, prefix)
+        return cls(
+            extra_address_space_bytes=int_field(
+                data.get("extra_address_space_bytes"),
+                prefix + "extra_address_space_bytes",
+                minimum=1,
+                optional=True,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job for one device: everything the agent needs, nothing host-specific."""
+
+    job_id: str
+    method: MethodSpec
+    model: str | None
+    dataset: DatasetSpec | None
+    batch_size: int = 100
+    epochs: int | None = 1
+    max_steps: int | None = None  # stop after this many steps in total (None: all epochs)
+    seed: int = 0
+    eval_every_epochs: int = 1
+    telemetry: TelemetrySpec = field(default_factory=TelemetrySpec)
+    limits: LimitsSpec = field(default_factory=LimitsSpec)
+    script: ScriptSpec | None = None  # method `script` only
+    schema_version: int = JOB_SCHEMA_VERSION
+
+    @property
+    def is_idle(self) -> bool:
+        return self.method.name == IDLE_METHOD
+
+    @classmethod
+    def from_dict(cls, data: object) -> JobSpec:
+        """Validate a decoded JSON object; raise `SpecError` naming the first bad field."""
+        data = require_mapping(data, "job")
+        reject_unknown(data, cls, "")
+        version = data.get("schema_version")
+        if version != JOB_SCHEMA_VERSION:
+            raise SpecError("schema_version", version, f"{JOB_SCHEMA_VERSION}")
+        job_id = str_field(data.get("job_id"), "job_id")
+        if not JOB_ID_PATTERN.match(job_id):
+            raise SpecError("job_id", job_id, "letters, digits, '.', '_', '-' (max 128)")
+        method = MethodSpec.from_dict(data.get("method"))
+        script = method.name == SCRIPT_METHOD
+        idle = method.name == IDLE_METHOD or script  # neither has the engine's model or data
+        model = str_field(data.get("model"), "model", optional=idle,
+                          choices=None if idle else MODELS)
+        raw_dataset = data.get("dataset")
+        dataset = None if idle and raw_dataset is None else DatasetSpec.from_dict(raw_dataset)
+        if idle and (model is not None or dataset is not None):
+            raise SpecError("model" if model else "dataset", model or raw_dataset,
+                            f"null for {method.name}")
+        raw_script = data.get("script")
+        if script != (raw_script is not None):
+            raise SpecError("script", raw_script,
+                            "the script to run" if script else "null unless method is script")
+        script_spec = ScriptSpec.from_dict(raw_script) if script else None
+        epochs = int_field(data.get("epochs", 1), "epochs", minimum=1, optional=True,
+                           maximum=MAX_EPOCHS)
+        max_steps = int_field(data.get("max_steps"), "max_steps", minimum=1, optional=True)
+        if not idle and epochs is None and max_steps is None:
+            raise SpecError("epochs", None, "epochs or max_steps (or both)")
+        return cls(
+            job_id=job_id,
+            method=method,
+            model=model,
+            dataset=dataset,
+            batch_size=int_field(data.get("batch_size", 100), "batch_size", minimum=1,
+                                 maximum=MAX_BATCH_SIZE),
+            epochs=epochs,
+            max_steps=max_steps,
+            seed=int_field(data.get("seed", 0), "seed", minimum=0, maximum=MAX_SEED),
+            eval_every_epochs=int_field(data.get("eval_every_epochs", 1), "eval_every_epochs",
+                                        1),
+            telemetry=TelemetrySpec.from_dict(data.get("telemetry", {})),
+            limits=LimitsSpec.from_dict(data.get("limits", {})),
+            script=script_spec,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        try:
+            data = json.loads(text, parse_constant=refuse_constant)
+        except json.JSONDecodeError as exc:
+            raise SpecError("job", text[:40], f"valid JSON ({exc.msg} at {exc.pos})") from exc
+        except (ValueError, RecursionError) as exc:  # NaN / Infinity, absurd nesting
+            raise SpecError("job", text[:40], f"valid JSON ({exc})") from exc
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["method"]["enable"] = list(self.method.enable)
+        data["method"]["disable"] = list(self.method.disable)
+        if self.script is not None:
+            data["script"]["args"] = list(self.script.args)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def with_dataset(self, dataset: DatasetSpec | None) -> JobSpec:
+        """The same job reading another data set file (the host fills path and checksum)."""
+        return dataclasses.replace(self, dataset=dataset)
