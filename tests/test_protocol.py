@@ -25,7 +25,10 @@ from contract.events import (
     MalformedLine,
     Memory,
     Power,
+    Setup,
     Step,
+    WindowEnd,
+    WindowStart,
     clock_reply,
     parse_clock_reply,
     parse_event_line,
@@ -152,6 +155,7 @@ def event_line(**changes) -> str:
 EXAMPLE_PAYLOADS = [
     Hello(agent_version="0.1.0", python_version="3.11.2", cpu_cores=2),
     JobStart(spec=JobSpec.from_dict(valid_spec()), rss_start_bytes=1 << 20, hwm_reset=True),
+    Setup(stage="building model", steps_per_epoch=71),
     EpochStart(epoch=1),
     Step(global_step=3, epoch=1, step=3, loss=0.5, step_time_s=0.01, peak_tensor_bytes=4096),
     EpochEnd(epoch=1, steps=10, train_loss=0.4, test_loss=0.5, test_accuracy=0.9, seconds=1.5,
@@ -161,6 +165,8 @@ EXAMPLE_PAYLOADS = [
     Board(temp_c=48.5, throttled="0x50000", throttled_now=["under-voltage"], source="sysfs"),
     JobEnd(epochs=2, steps=20, seconds_total=4.0, test_accuracy=0.9, peak_tensor_bytes=4096),
     Error(type="RuntimeError", message="", oom=False, traceback="...", steps=0),
+    WindowStart(name="warm-up", index=0),
+    WindowEnd(name="warm-up", index=0, t_start_wall_s=1.5, t_start_mono_ns=10, elapsed_s=0.5),
     Interrupted(reason="SIGTERM", steps=5),
 ]
 
