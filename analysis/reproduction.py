@@ -1,4 +1,4 @@
-"""The reproduction table: the engine's modeled memory next to measured memory and METHODS.md.
+"""The reproduction table: the engine's modeled memory next to measured memory and docs/methods.md.
 
 Modeled figures come from `python -m trainers memory --format json`, run as a
 subprocess so that the host never imports torch; where torch is not installed the
@@ -20,15 +20,15 @@ MIB = 2**20
 REPO = Path(__file__).resolve().parent.parent
 MODEL_TIMEOUT_S = 120.0
 
-# The papers' models and batch size (METHODS.md §2 reference points: MNIST MLP, CIFAR-10
+# The papers' models and batch size (docs/methods.md §2 reference points: MNIST MLP, CIFAR-10
 # and SVHN CNV, CIFAR-10 BinaryNet, batch 100).
 PAPER_MODELS = ("mlp", "cnv", "binarynet")
 PAPER_BATCH_SIZE = 100
 
-# What METHODS.md publishes about memory reduction (quoted, per method).
+# What docs/methods.md publishes about memory reduction (quoted, per method).
 PUBLISHED = {
-    "lowmem": "no per-model factor stated in METHODS.md (§2)",
-    "bop": "2.47x, 2.43x, 2.04x below 32-bit momentum depending on the model (METHODS.md §3)",
+    "lowmem": "no per-model factor stated in docs/methods.md (§2)",
+    "bop": "2.47x, 2.43x, 2.04x below 32-bit momentum depending on the model (docs/methods.md §3)",
 }
 
 
@@ -94,7 +94,7 @@ def _measured(jobs: pd.DataFrame, model: str, batch: int, method: str, col: str)
 
 def reproduction_table(jobs: pd.DataFrame, modeled: pd.DataFrame) -> pd.DataFrame:
     """Per (model, batch): modeled standard/lowmem MiB and factor (published and extended
-    model), measured peaks and factor, and what METHODS.md publishes."""
+    model), measured peaks and factor, and what docs/methods.md publishes."""
     keys = set(zip(modeled["model"], modeled["batch_size"].astype(int))) if len(modeled) else set()
     trained = jobs.dropna(subset=["model", "batch_size"])
     keys |= {(str(m), int(b)) for m, b in zip(trained["model"], trained["batch_size"])}

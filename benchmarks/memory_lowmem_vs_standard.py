@@ -10,10 +10,10 @@ categories beside the published and extended models (within 25 % or not); with
 
 The measured `standard` is heavier than the paper's modeled one: autograd keeps three
 float32 tensors per block (layer input, batch norm's normalised output, the STE mask as
-floats), an fp32 sgn(W) for the matmul and int64 max-pool indices, where METHODS.md's model
+floats), an fp32 sgn(W) for the matmul and int64 max-pool indices, where docs/methods.md's model
 counts each layer's input only. So the measured ratio overstates the saving against the
 paper's baseline; the ratio of lowmem's measured peak to the *analytical* standard
-(METHODS.md's model, what the paper's ratios are computed against) is printed beside it.
+(docs/methods.md's model, what the paper's ratios are computed against) is printed beside it.
 
     python benchmarks/memory_lowmem_vs_standard.py --models mlp cnv binarynet
 """
@@ -79,7 +79,7 @@ def print_model(summary: dict, reports: dict[str, dict], out) -> None:
           f" (target >= {s['peak_ratio_target']}x: {'met' if s['peak_ratio_met'] else 'MISSED'})",
           file=out)
     analytical = s["standard_analytical_bytes"] / MIB
-    print(f"against the analytical standard (METHODS.md's model, {analytical:.2f} MiB; the"
+    print(f"against the analytical standard (docs/methods.md's model, {analytical:.2f} MiB; the"
           f" measured standard keeps more): lowmem's measured peak is"
           f" {s['ratio_vs_analytical_standard']:.2f}x smaller", file=out)
     print(f"process peak above baseline: standard {s['standard_rss_delta_bytes'] / MIB:.1f} MiB,"

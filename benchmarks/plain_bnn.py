@@ -8,7 +8,7 @@ style), as the benchmarks' independent reference for `standard`: no engine code.
 - torch's own `nn.BatchNorm1d/2d`, `nn.MaxPool2d`, `torch.optim.Adam`, float32 throughout,
   autograd for everything.
 
-The layer shapes are METHODS.md's models (mlp, cnv, binarynet), so step times and memory are
+The layer shapes are docs/methods.md's models (mlp, cnv, binarynet), so step times and memory are
 comparable with the engine's; the batch norm is torch's (mean/variance, affine), not the
 engine's L1 batch norm. Usable options a user would reach for: bf16 autocast
 (`torch.autocast("cpu", torch.bfloat16)`) and activation checkpointing
@@ -81,7 +81,7 @@ def _conv(cin: int, cout: int, padding: int, pool: str | None) -> nn.Module:
 
 
 def build_plain(name: str, num_classes: int = 10) -> nn.Sequential:
-    """METHODS.md's model `name` as a plain `nn.Sequential` of blocks (one block per binary
+    """docs/methods.md's model `name` as a plain `nn.Sequential` of blocks (one block per binary
     layer; the flatten is its own entry)."""
     if name == "mlp":
         return nn.Sequential(nn.Flatten(), *_dense([784, 256, 256, 256, 256, num_classes]))

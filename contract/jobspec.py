@@ -46,6 +46,7 @@ from contract.fields import (
     require_mapping,
     str_field,
 )
+from contract.layout import device_data_path
 from contract.vocabulary import (
     DATASETS,
     IDLE_METHOD,
@@ -334,6 +335,11 @@ class JobSpec:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    def with_dataset(self, dataset: DatasetSpec | None) -> JobSpec:
-        """The same job reading another data set file (the host fills path and checksum)."""
-        return dataclasses.replace(self, dataset=dataset)
+    def on_device(self) -> JobSpec:
+        """The spec as the agent reads it: files named where deployment puts them on every
+        device (`contract.layout`: data/<file name>), whatever the host's paths."""
+        dataset = self.dataset and dataclasses.replace(
+            self.dataset, path=device_data_path(self.dataset.path))
+        script = self.script and dataclasses.replace(
+            self.script, path=device_data_path(self.script.path))
+        return dataclasses.replace(self, dataset=dataset, script=script)

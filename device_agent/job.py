@@ -43,14 +43,12 @@ from device_agent.events import EventWriter
 from device_agent.facts import pi_model
 from device_agent.sampler import (
     BoardStateSampler,
-    MemoryReading,
     MemorySampler,
     ModeledPowerSampler,
     PeriodicSampler,
     PmicSampler,
-    read_memory,
-    reset_peak_rss,
 )
+from trainers.procmem import MemoryReading, read_memory, reset_peak_rss
 
 UNBOUNDED_EPOCHS = 1_000_000
 OOM_MESSAGES = ("can't allocate memory", "out of memory", "cannot allocate memory")

@@ -22,9 +22,8 @@ from pathlib import Path
 
 from contract.events import Board, Memory, Power
 from device_agent.events import EventWriter
+from trainers.procmem import read_memory
 
-STATUS_PATH = Path("/proc/self/status")
-CLEAR_REFS_PATH = Path("/proc/self/clear_refs")
 THERMAL_PATH = Path("/sys/class/thermal/thermal_zone0/temp")
 # Raspberry Pi OS kernels expose the firmware's throttling word here (Pi 4: soc/soc:firmware,
 # Pi 5: soc@107c000000/...:firmware); `vcgencmd get_throttled` is the fallback.
@@ -37,40 +36,6 @@ THROTTLED_BITS = {0: "under-voltage", 1: "arm frequency capped", 2: "throttled",
                   19: "soft temperature limit occurred"}
 # The agent's own reads of the board may take at most this share of one core.
 SAMPLER_CPU_SHARE = 0.01
-
-
-@dataclass(frozen=True)
-class MemoryReading:
-    rss_bytes: int | None
-    hwm_bytes: int | None
-    vm_bytes: int | None
-
-
-def read_memory() -> MemoryReading:
-    """VmRSS, VmHWM and VmSize of this process from /proc (psutil's RSS elsewhere)."""
-    values: dict[str, int] = {}
-    try:
-        with STATUS_PATH.open("rb") as status:
-            for line in status:
-                if line.startswith((b"VmRSS:", b"VmHWM:", b"VmSize:")):
-                    key, amount, _unit = line.split()
-                    values[key[:-1].decode()] = int(amount) * 1024
-    except OSError:
-        import psutil
-
-        info = psutil.Process().memory_info()
-        return MemoryReading(info.rss, None, info.vms)
-    return MemoryReading(values.get("VmRSS"), values.get("VmHWM"), values.get("VmSize"))
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so the peak is the job's own."""
-    try:
-        CLEAR_REFS_PATH.write_text("5")
-    except OSError:
-        return False
-    return True
-
 
 @dataclass
 class CommandRun:

@@ -35,14 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
     parser.add_argument("--traceback", action="store_true", help="show the stack on errors")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"harness.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"harness.commands.{name}":
-                continue  # command group not built yet
-            raise
-        module.register(subparsers)
+    for name in COMMAND_MODULES:  # every one exists: a module that fails to import is a bug
+        importlib.import_module(f"harness.commands.{name}").register(subparsers)
     return parser
 
 

@@ -9,8 +9,7 @@ installed packages (PYTHONPATH points at them).
 
 from __future__ import annotations
 
-import hashlib
-import json
+import importlib.util
 import os
 import select
 import shutil
@@ -22,22 +21,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import device_agent
+from contract.checksum import file_sha256
 from contract.events import MAX_EVENT_LINE_BYTES, parse_clock_reply
 from contract.fields import SpecError
+from contract.jobspec import JobSpec
+from contract.layout import DATA_DIR, device_job_dir, device_spec_path
 from harness.errors import DeviceLost, DeviceUnreachable
-from harness.transport import DATA_DIR, device_job_dir, device_side_spec
 
 CLOCK_TIMEOUT_S = 5.0
-CODE_ROOT = Path(device_agent.__file__).resolve().parents[1]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# Where the device packages are installed on this machine (found without importing them).
+CODE_ROOT = Path(importlib.util.find_spec("device_agent").origin).resolve().parents[1]
 
 
 class LocalJob:
@@ -137,11 +130,12 @@ class LocalTransport:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def ensure_deployed(self, datasets: list[Path]) -> None:
-        """Copy each data set into `data/` unless a file with the same checksum is there."""
-        for source in datasets:
+    def ensure_deployed(self, datasets: dict[Path, str]) -> None:
+        """Copy each data set (path -> its sha256) into `data/` unless a file with the same
+        checksum is there."""
+        for source, sha256 in datasets.items():
             target = self.workdir / DATA_DIR / source.name
-            if target.is_file() and _sha256(target) == _sha256(source):
+            if target.is_file() and file_sha256(target) == sha256:
                 continue
             try:
                 shutil.copyfile(source, target.with_suffix(target.suffix + ".part"))
@@ -171,12 +165,11 @@ class LocalTransport:
         except SpecError as exc:
             raise DeviceLost(f"device {self.name!r}: bad clock answer: {exc}") from exc
 
-    def start_job(self, job_spec: dict[str, Any]) -> LocalJob:
-        job_dir = device_job_dir(job_spec["job_id"])
+    def start_job(self, spec: JobSpec) -> LocalJob:
+        job_dir = device_job_dir(spec.job_id)
         (self.workdir / job_dir).mkdir(parents=True, exist_ok=True)
-        spec_path = f"{job_dir}/job.json"
-        spec = device_side_spec(job_spec)
-        (self.workdir / spec_path).write_text(json.dumps(spec, sort_keys=True))
+        spec_path = device_spec_path(spec.job_id)
+        (self.workdir / spec_path).write_text(spec.on_device().to_json())
         try:
             with (self.workdir / job_dir / "stderr.log").open("ab") as stderr:
                 process = subprocess.Popen(

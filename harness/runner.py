@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from contract.checksum import file_sha256
 from contract.events import (
     FINAL_KINDS,
     AgentExit,
@@ -510,15 +511,18 @@ class Runner:
         log: Callable[[str], None],
         transport_factory: Callable[[Any], Transport] = make_transport,
         script_files: dict[str, Path] | None = None,
+        checksums: dict[Path, str] | None = None,
     ) -> None:
         self.store = store
         self.devices = devices
         self.queue = JobQueue(jobs)
         self.datasets = dataset_files
         self.script_files = dict(script_files or {})  # script name -> the run's copy
-        # deployed to every device by checksum (into data/, beside the data sets)
-        self.dataset_files = sorted(set(dataset_files.values()) | set(self.script_files.values()))
-        self._sha256: dict[str, str] = {}
+        # deployed to every device by checksum (into data/, beside the data sets): each file
+        # hashed once per run (`checksums`, as the manifest recorded them)
+        files = sorted(set(dataset_files.values()) | set(self.script_files.values()))
+        known = checksums or {}
+        self.dataset_files = {path: known.get(path) or file_sha256(path) for path in files}
         self.max_attempts = max_attempts
         self.cooldown_s = cooldown_s
         self._attempts = dict(attempts)
@@ -540,7 +544,7 @@ class Runner:
             self._attempts[job_id] = self._attempts.get(job_id, 0) + 1
             return self._attempts[job_id]
 
-    def device_spec(self, job: PlannedJob, device: Any = None) -> dict[str, Any]:
+    def device_spec(self, job: PlannedJob, device: Any = None) -> JobSpec:
         """The job's spec with the data set's (a script's) host path and checksum filled in,
         and the device's `modeled` power source when the agent computes it; validated."""
         spec = dict(job.spec)
@@ -549,19 +553,13 @@ class Runner:
             spec["telemetry"] = {**spec.get("telemetry", {}), "power_model": model}
         if job.dataset is not None:
             path = self.datasets[job.dataset]
-            spec["dataset"] = {"name": job.dataset, "path": str(path), "sha256": self._sha(path)}
+            spec["dataset"] = {"name": job.dataset, "path": str(path),
+                               "sha256": self.dataset_files[path]}
         if job.kind == "script":
             path = self.script_files[spec["script"]["name"]]
-            spec["script"] = {**spec["script"], "path": str(path), "sha256": self._sha(path)}
-        JobSpec.from_dict(spec)
-        return spec
-
-    def _sha(self, path: Path) -> str:
-        if str(path) not in self._sha256:
-            from trainers.data.canonical import file_sha256
-
-            self._sha256[str(path)] = file_sha256(path)
-        return self._sha256[str(path)]
+            spec["script"] = {**spec["script"], "path": str(path),
+                              "sha256": self.dataset_files[path]}
+        return JobSpec.from_dict(spec)
 
     def start(self) -> None:
         for worker in self.workers:

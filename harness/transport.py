@@ -5,11 +5,12 @@ or stores. Conventions every transport keeps, so job specs are the same on
 every device:
 
 - the agent runs with the device's work directory as its current directory;
-- `ensure_deployed(datasets)` puts each prepared data set file at
-  `data/<file name>` under that directory (skipping files already there with
+- the work directory's layout is `contract.layout`'s: `ensure_deployed(datasets)` puts
+  each prepared data set file at `data/<file name>` (skipping files already there with
   the same checksum);
-- the runner gives `start_job(spec)` a spec whose `dataset.path` is the host's
-  path of the prepared file; the transport rewrites it to `data/<file name>`;
+- the runner gives `start_job(spec)` a `JobSpec` whose `dataset.path` is the host's
+  path of the prepared file; the transport sends `spec.on_device()`, which names
+  `data/<file name>`;
 - `start_job(spec)` writes the spec to a file on the device, runs
   `python -m device_agent run <spec file> --out <job directory>` in a
   process group of its own (so `stop()` reaches the whole tree) and returns at
@@ -21,34 +22,12 @@ Faults: `DeviceUnreachable` before a job starts (the runner skips the device),
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from contract.jobspec import JobSpec
 from harness.errors import HarnessUsageError
-
-DATA_DIR = "data"
-JOBS_DIR = "jobs"
-
-
-def device_data_path(dataset_file: Path) -> str:
-    """Where a prepared data set file lives on every device, relative to the work directory."""
-    return f"{DATA_DIR}/{dataset_file.name}"
-
-
-def device_side_spec(job_spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec with the data set's (and a script's) path pointing where deployment put it."""
-    spec = json.loads(json.dumps(job_spec))
-    for key in ("dataset", "script"):
-        part = spec.get(key)
-        if isinstance(part, dict) and isinstance(part.get("path"), str):
-            part["path"] = device_data_path(Path(part["path"]))
-    return spec
-
-
-def device_job_dir(job_id: str) -> str:
-    return f"{JOBS_DIR}/{job_id}"
 
 
 @runtime_checkable
@@ -80,7 +59,7 @@ class Transport(Protocol):
 
     def __exit__(self, *exc: object) -> None: ...
 
-    def ensure_deployed(self, datasets: list[Path]) -> None:
+    def ensure_deployed(self, datasets: dict[Path, str]) -> None:
         """Code and data on the device, by checksum; `DeviceUnreachable` if it cannot be."""
         ...
 
@@ -88,15 +67,18 @@ class Transport(Protocol):
         """(host wall time sent, device wall time, host wall time received)."""
         ...
 
-    def start_job(self, job_spec: dict[str, Any]) -> RemoteJob: ...
+    def start_job(self, spec: JobSpec) -> RemoteJob: ...
 
 
-def make_transport(device: Any) -> Transport:
-    """The transport for an inventory device: local subprocesses or SSH (imported lazily)."""
+def make_transport(device: Any, local_root: Path | None = None) -> Transport:
+    """The transport for an inventory device: local subprocesses or SSH (imported lazily).
+
+    `local_root` replaces a local device's work directory (a run keeps it inside the run
+    directory, results beside the store)."""
     if device.transport == "local":
         from harness.local import LocalTransport
 
-        return LocalTransport(device)
+        return LocalTransport(device, root=local_root)
     if device.transport == "ssh":
         from harness.fleet.transport import SshTransport
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from contract.checksum import file_sha256
+from contract.jobspec import JobSpec
 from harness.lab import SSHD, Lab
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,9 +78,9 @@ def digits_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def idle_spec(job_id: str, duration_s: float) -> dict[str, Any]:
+def idle_spec(job_id: str, duration_s: float) -> JobSpec:
     """A job that loads no torch: the agent rests `duration_s` with its samplers running."""
-    return {
+    return JobSpec.from_dict({
         "schema_version": 1,
         "job_id": job_id,
         "method": {"name": "idle", "duration_s": duration_s},
@@ -86,13 +88,11 @@ def idle_spec(job_id: str, duration_s: float) -> dict[str, Any]:
         "dataset": None,
         "epochs": None,
         "telemetry": {"memory_hz": 5, "power_hz": 1, "step_every": 1},
-    }
+    })
 
 
-def training_spec(job_id: str, dataset: Path, max_steps: int = 2) -> dict[str, Any]:
-    from trainers.data.canonical import file_sha256
-
-    return {
+def training_spec(job_id: str, dataset: Path, max_steps: int = 2) -> JobSpec:
+    return JobSpec.from_dict({
         "schema_version": 1,
         "job_id": job_id,
         "method": {"name": "standard", "optimizer": "adam"},
@@ -103,7 +103,7 @@ def training_spec(job_id: str, dataset: Path, max_steps: int = 2) -> dict[str, A
         "max_steps": max_steps,
         "seed": 0,
         "telemetry": {"memory_hz": 2, "power_hz": 1, "step_every": 1},
-    }
+    })
 
 
 def processes_under(directory: str | Path) -> list[int]:

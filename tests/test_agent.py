@@ -235,7 +235,8 @@ def test_a_modeled_source_runs_in_the_agent_from_the_devices_own_load(tmp_path):
 def test_a_job_reports_the_conditions_it_ran_under(tmp_path):
     """Issue 15 point 6: implementation and why, threads, governor and frequency, kernel
     and library versions at job_start; over the job (temperature, throttling) at job_end."""
-    from trainers.data.canonical import file_sha256, write_canonical
+    from contract.checksum import file_sha256
+    from trainers.data.canonical import write_canonical
     from trainers.data.digits import load_digits
 
     data = tmp_path / "digits.npz"
@@ -266,7 +267,6 @@ def test_cooldown_waits_for_the_idle_temperature_or_gives_up(tmp_path):
     """Issue 15 point 5: arms start alike: before a job the agent waits (in its setup) for
     the board to cool to its idle baseline's temperature, at most cool_max_s."""
     from contract.jobspec import JobSpec
-
     from device_agent.conditions import cool_down
 
     thermal = tmp_path / "temp"

@@ -1,4 +1,4 @@
-"""CWR* consolidation on hand-computed numbers (METHODS.md section 4)."""
+"""CWR* consolidation on hand-computed numbers (docs/methods.md section 4)."""
 
 from __future__ import annotations
 

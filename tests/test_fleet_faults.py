@@ -134,7 +134,7 @@ from harness.fleet.transport import SshTransport
 sys.path.insert(0, {tests!r})
 from fleet import idle_spec
 transport = SshTransport(load_inventory({inventory!r}).device("dev1"))
-transport.ensure_deployed([])
+transport.ensure_deployed({})
 job = transport.start_job(idle_spec("orphan-check", 300))
 for line in job.lines():
     print(json.loads(line)["kind"], flush=True)
@@ -163,7 +163,7 @@ def test_stop_ends_the_whole_process_group(lab_factory):  # noqa: F811
     lab = lab_factory(1)
     device = load_inventory(lab.inventory_path).device("dev1")
     with SshTransport(device) as transport:
-        transport.ensure_deployed([])
+        transport.ensure_deployed({})
         job = transport.start_job(idle_spec("stopped", 300))
         lines = job.lines()
         assert "job_start" in (json.loads(line)["kind"] for line in lines)  # handler set
@@ -179,7 +179,7 @@ def test_lost_connection_raises_device_lost(lab_factory):  # noqa: F811
     lab = lab_factory(1)
     device = load_inventory(lab.inventory_path).device("dev1")
     with SshTransport(device) as transport:
-        transport.ensure_deployed([])
+        transport.ensure_deployed({})
         job = transport.start_job(idle_spec("lost", 300))
         lines = job.lines()
         next(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -52,11 +53,11 @@ def test_hostile_job_options_are_data_and_hostile_job_ids_rejected(
     canary = tmp_path / "canary"
     device = load_inventory(lab.inventory_path).device("dev1")
     hostile = [t.format(canary=canary) for t in HOSTILE]
-    spec = idle_spec("options-as-data", 0.2)
-    spec["method"]["optimizer"] = hostile[4]
-    spec["method"]["enable"] = hostile
+    spec = idle_spec("options-as-data", 0.2)  # the host would refuse these: build it raw
+    spec = replace(spec, method=replace(spec.method, optimizer=hostile[4],
+                                        enable=tuple(hostile)))
     with SshTransport(device) as transport:
-        transport.ensure_deployed([])
+        transport.ensure_deployed({})
         job = transport.start_job(spec)
         events = [json.loads(line) for line in job.lines()]
         # The agent got the text as data and its validation refused it (exit 2, bad spec).
@@ -68,7 +69,7 @@ def test_hostile_job_options_are_data_and_hostile_job_ids_rejected(
         assert written["method"]["enable"] == hostile
         assert written["method"]["optimizer"] == hostile[4]
         for template in HOSTILE:
-            bad = idle_spec(template.format(canary=canary), 0.1)
+            bad = replace(idle_spec("x", 0.1), job_id=template.format(canary=canary))
             with pytest.raises(HarnessUsageError, match="job_id: expected"):
                 transport.start_job(bad)
     assert not canary.exists()

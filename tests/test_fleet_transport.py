@@ -20,11 +20,12 @@ from fleet import (  # noqa: F401
     training_spec,
 )
 
+from contract.checksum import file_sha256
 from harness.cli import main
 from harness.clock import estimate_offset
 from harness.fleet.errors import DeviceNotReady
 from harness.fleet.probe import parse_probe, probe_argv
-from harness.fleet.transport import SshTransport, device_side_spec
+from harness.fleet.transport import SshTransport
 from harness.inventory import load_inventory
 
 pytestmark = requires_sshd
@@ -37,7 +38,7 @@ def test_deploy_skips_by_checksum_and_job_runs_from_workdir(
     device = load_inventory(lab.inventory_path).device("dev1")
     workdir = Path(device.workdir)
     with SshTransport(device) as transport:
-        first = transport.ensure_deployed([digits_file])
+        first = transport.ensure_deployed({digits_file: file_sha256(digits_file)})
         assert "data/digits.npz" in first.copied and "code/device_agent/cli.py" in first.copied
         assert not first.skipped
         assert (workdir / "data" / "digits.npz").read_bytes() == digits_file.read_bytes()
@@ -48,10 +49,10 @@ def test_deploy_skips_by_checksum_and_job_runs_from_workdir(
         # The device's agent is the deployed copy, not the host's.
         assert transport.probe.device_agent_path == str(
             workdir / "code" / "device_agent" / "__init__.py")
-        again = transport.ensure_deployed([digits_file])
+        again = transport.ensure_deployed({digits_file: file_sha256(digits_file)})
         assert again.copied == [] and len(again.skipped) == len(first.copied)
         (workdir / "code" / "device_agent" / "cli.py").write_text("# damaged\n")
-        repaired = transport.ensure_deployed([digits_file])
+        repaired = transport.ensure_deployed({digits_file: file_sha256(digits_file)})
         assert repaired.copied == ["code/device_agent/cli.py"]
 
         estimate = estimate_offset(transport, 6)
@@ -67,9 +68,8 @@ def test_deploy_skips_by_checksum_and_job_runs_from_workdir(
 
 def test_spec_points_at_the_devices_copy_of_the_data(digits_file: Path):  # noqa: F811
     spec = training_spec("tiny", digits_file)
-    device_spec = device_side_spec(spec)
-    assert device_spec["dataset"]["path"] == "data/digits.npz"
-    assert spec["dataset"]["path"] == str(digits_file)  # the host's spec is left alone
+    assert spec.on_device().dataset.path == "data/digits.npz"
+    assert spec.dataset.path == str(digits_file)  # the host's spec is left alone
 
 
 def test_missing_packages_say_exactly_what_to_install(
@@ -88,7 +88,7 @@ def test_missing_packages_say_exactly_what_to_install(
         SshTransport(device, inventory_hint=str(inventory)) as transport,
         pytest.raises(DeviceNotReady) as error,
     ):
-        transport.ensure_deployed([])
+        transport.ensure_deployed({})
     assert str(error.value) == (
         f"device dev1: {python} lacks torch, psutil, numpy; on the device run "
         f"`{python} -m pip install torch psutil numpy`, or run "

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainers import native
-from trainers.layers import BinaryBlock, BinaryConv2d, BinaryLinear, BlockSpec
+from trainers.blocks import BinaryBlock, BlockSpec
+from trainers.layers import BinaryConv2d, BinaryLinear
 from trainers.lowmem import LowMemBlockFunction, po2_quantize
 from trainers.lowmem_fused import FusedBlockFunction, applies
+from trainers.lowmem_optim import LowMemAdam
 from trainers.methods import LowMemSwitches, make_recipe
 from trainers.models import build_model
-from trainers.optim import LowMemAdam
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,123 @@ def test_data_prepare_works_where_torch_cannot_be_imported(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "digits.npz").is_file()
+
+
+# ---------------------------------------------------------------- file-level import graph
+
+PACKAGES = ("contract", "runstore", "trainers", "device_agent", "analysis", "harness", "inventory")
+# Package -> the packages it may import: the one-way arrows of docs/DEVELOPMENT.md.
+ALLOWED = {
+    "contract": set(),
+    "runstore": set(),
+    "trainers": {"contract"},
+    "device_agent": {"contract", "trainers"},
+    "analysis": {"contract", "runstore"},
+    "harness": {"contract", "runstore", "analysis", "trainers"},
+    "inventory": set(),
+}
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+            modules[name.removesuffix(".__init__")] = path
+    return modules
+
+
+def _runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement that runs (inside functions too), not `if TYPE_CHECKING:` ones."""
+    found = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the repository modules it imports (a submodule named in `from P import m`
+    counts as that submodule, otherwise the package's `__init__`)."""
+    modules = _modules()
+
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in _runtime_imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                deps |= {known(alias.name) for alias in node.names}
+                continue
+            base = node.module or ""
+            if node.level:
+                parts = name.split(".")[: len(name.split(".")) - node.level
+                                      + (path.name == "__init__.py")]
+                base = ".".join([*parts, *([node.module] if node.module else [])])
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                deps.add(full if full in modules else known(base))
+        graph[name] = deps - {None, name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one member (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return found
+
+
+def test_no_module_imports_itself_through_others():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_packages_import_each_other_one_way_only():
+    arrows = {(a.split(".")[0], b.split(".")[0]) for a, deps in import_graph().items()
+              for b in deps if a.split(".")[0] != b.split(".")[0]}
+    forbidden = sorted((a, b) for a, b in arrows if b not in ALLOWED[a])
+    assert forbidden == []
+    package_graph = {p: {b for a, b in arrows if a == p} for p in PACKAGES}
+    assert cycles(package_graph) == []

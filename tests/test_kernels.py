@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from trainers import kernels
 from trainers.bits import pack_bits, pack_rows, unpack_rows, unpack_sign_rows, unpack_signs
-from trainers.layers import BinaryBlock, BinaryConv2d, BinaryLinear, BlockSpec, sign
+from trainers.blocks import BinaryBlock, BlockSpec
+from trainers.layers import BinaryConv2d, BinaryLinear, sign
 from trainers.methods import LowMemSwitches, make_recipe
 from trainers.models import build_model
 

@@ -3,7 +3,7 @@
 Exact switches (packed input signs, packed masks) must give the standard block's
 gradients; the only difference is the per-channel statistics kept in float16, hence
 the documented relative tolerance of 2e-3. The batch-norm sign trick, power-of-two
-gradients and the 1-bit weight gradient are checked against METHODS.md's formulas
+gradients and the 1-bit weight gradient are checked against docs/methods.md's formulas
 evaluated in float64 from the full tensors.
 """
 
@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from trainers.bits import unpack_signs
-from trainers.layers import BinaryBlock, BinaryConv2d, BinaryLinear, BlockSpec, sign
+from trainers.blocks import BinaryBlock, BlockSpec
+from trainers.layers import BinaryConv2d, BinaryLinear, sign
 from trainers.lowmem import po2_quantize
 from trainers.methods import LowMemSwitches
 
@@ -91,7 +92,7 @@ def test_running_statistics_match_standard():
 
 
 def bn_sign_trick_reference(z, beta, dy_out, mask_grad=True):
-    """METHODS.md's sign trick, g = dY / sigma1, xhat ~ sgn(y) mean|y|, in the exact L1 form:
+    """docs/methods.md's sign trick, g = dY / sigma1, xhat ~ sgn(y) mean|y|, in the exact L1 form:
     dX = g - mean(g) - (sgn(y) - mean(sgn(y))) * mean(g * sgn(y) * mean|y|)."""
     dims = (0,) if z.dim() == 2 else (0, 2, 3)
     shape = (1, -1) if z.dim() == 2 else (1, -1, 1, 1)

@@ -27,7 +27,7 @@ def mib(bits: int) -> float:
 
 
 def mlp_expected(b_w, b_beta, b_dw, b_m, moments, b_x, b_da, b_db):
-    """METHODS.md's formulas written out for the MLP at batch 100, in MiB."""
+    """docs/methods.md's formulas written out for the MLP at batch 100, in MiB."""
     model = MLP_WEIGHTS * b_w + MLP_BN * b_beta
     optimizer = MLP_WEIGHTS * (b_dw + moments * b_m)
     activations = MLP_INPUTS * BATCH * b_x + MLP_LARGEST_INPUT * BATCH * (b_da + b_db)

@@ -1,10 +1,11 @@
-"""The model registry: architectures as METHODS.md states them, per recipe."""
+"""The model registry: architectures as docs/methods.md states them, per recipe."""
 
 import pytest
 import torch
 
+from trainers.blocks import BinaryBlock
 from trainers.errors import UsageError
-from trainers.layers import BinaryBlock, binary_weights
+from trainers.layers import binary_weights
 from trainers.methods import make_recipe
 from trainers.models import MODELS, build_model, layer_inventory
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainers.bits import pack_bits
-from trainers.optim import LowMemAdam
+from trainers.lowmem_optim import LowMemAdam
 
 
 @pytest.mark.parametrize("grad_scale", [1e-6, 1.0, 1e3])

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_a_real_agent_says_its_setup_stages_before_training(tmp_path: Path, digits_file):  # noqa: F811
     spec = training_spec("stages", digits_file, max_steps=2)
-    (tmp_path / "job.json").write_text(json.dumps(spec))
+    (tmp_path / "job.json").write_text(spec.to_json())
     result = subprocess.run(
         [sys.executable, "-m", "device_agent", "run", "job.json", "--out", "out"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,

@@ -16,7 +16,8 @@ import pandas as pd
 from fleet import wait_until
 from runs import table_ready
 
-from contract.events import MAX_EVENT_LINE_BYTES, Event, JobEnd, Memory
+from contract.events import MAX_EVENT_LINE_BYTES, EpochEnd, Event, JobEnd, JobStart, Memory
+from contract.jobspec import JobSpec
 from harness.clock import ClockEstimate
 from harness.commands.export import export_run
 from harness.exit_codes import ExitStatus
@@ -248,21 +249,30 @@ def test_setup_is_its_own_phase_never_inside_the_jobs(tmp_path):
     job = PlannedJob("j", 0, "train", "standard", "mlp", "digits", 100, 2, None, 0, 0, (), {})
     clock = ClockEstimate(0.0, 0.0, 0.002, 0.001, 8)
     recorder = StreamRecorder(store, "dev", job, 1, clock, Progress("dev"), t_attempt_host_s=90.0)
+    spec = JobSpec.from_dict({"schema_version": 1, "job_id": "idle-dev", "model": None,
+                              "method": {"name": "idle", "duration_s": 5}, "dataset": None})
+    start = JobStart(spec=spec, rss_start_bytes=None, hwm_reset=False).to_data()
+    end = JobEnd(epochs=2, steps=20, seconds_total=51.0).to_data()
+
+    def epoch_end(epoch: int) -> dict:
+        return EpochEnd(epoch=epoch, steps=10, train_loss=0.5, test_loss=0.5,
+                        test_accuracy=0.5, seconds=10.0).to_data()
+
     events = [
-        Event("job_start", "j", 0, 1, 100.0, {}), Event("epoch_start", "j", 1, 2, 130.0,
-                                                        {"epoch": 1}),
-        Event("epoch_end", "j", 2, 3, 140.0, {"epoch": 1}),
+        Event("job_start", "j", 0, 1, 100.0, start), Event("epoch_start", "j", 1, 2, 130.0,
+                                                           {"epoch": 1}),
+        Event("epoch_end", "j", 2, 3, 140.0, epoch_end(1)),
         Event("epoch_start", "j", 3, 4, 140.5, {"epoch": 2}),
-        Event("epoch_end", "j", 4, 5, 150.0, {"epoch": 2}),
-        Event("job_end", "j", 5, 6, 151.0, {}),
+        Event("epoch_end", "j", 4, 5, 150.0, epoch_end(2)),
+        Event("job_end", "j", 5, 6, 151.0, end),
     ]
     for line_no, event in enumerate(events):
         recorder.line(line_no, event.to_line())
     idle_job = PlannedJob("idle-dev", -1, "idle", "idle", None, None, None, None, None, None,
                           None, ("dev",), {})
     idle = StreamRecorder(store, "dev", idle_job, 1, clock, Progress("dev"), t_attempt_host_s=1.0)
-    for line_no, event in enumerate([Event("job_start", "idle-dev", 0, 1, 3.0, {}),
-                                     Event("job_end", "idle-dev", 1, 2, 8.0, {})]):
+    for line_no, event in enumerate([Event("job_start", "idle-dev", 0, 1, 3.0, start),
+                                     Event("job_end", "idle-dev", 1, 2, 8.0, end)]):
         idle.line(line_no, event.to_line())
     store.close()
     db = sqlite3.connect(tmp_path / "r" / "run.sqlite")

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from contract.checksum import file_sha256
 from trainers.cli import main
 from trainers.data import DATASETS
-from trainers.data.canonical import file_sha256, write_canonical
+from trainers.data.canonical import write_canonical
 from trainers.data.dataset import synthetic
 from trainers.errors import UsageError
 from trainers.methods import METHODS, make_recipe

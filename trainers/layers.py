@@ -1,27 +1,22 @@
-"""Binary layers of the `standard` method (Courbariaux & Bengio) and the block that
-groups them.
+"""Binary layers of the `standard` method (Courbariaux & Bengio): the pieces
+`trainers.blocks.BinaryBlock` is made of.
 
 Every quantiser is one `torch.autograd.Function` with an explicit backward and a
 thin module around it. `sign` maps 0 to +1 everywhere. What the standard method's
-functions save for backward is fp32, as METHODS.md section 1 says: the layer input,
+functions save for backward is fp32, as docs/methods.md section 1 says: the layer input,
 the batch norm's normalised output and the STE mask as a float tensor.
 
-A `BinaryBlock` is one binary conv/dense layer with its batch norm, optional
-max-pool and sign activation. With any low-memory switch on, the block runs the
-fused low-memory function of `trainers.lowmem`, which keeps only the low-bit
-tensors between forward and backward.
+A `BinaryBlock` (`trainers.blocks`) is one binary conv/dense layer with its batch
+norm, optional max-pool and sign activation.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trainers.bits import pack_rows, unpack_sign_rows
-from trainers.methods import LowMemSwitches
 
 
 def sign(x: torch.Tensor) -> torch.Tensor:
@@ -205,56 +200,6 @@ class L1BatchNorm(nn.Module):
         mean = per_channel(self.running_mean.to(x.dtype), x)
         sigma1 = per_channel(self.running_sigma1.to(x.dtype), x)
         return (x - mean) / sigma1 + per_channel(self.beta.to(x.dtype), x)
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """Where a block's optional parts go (see the model table in METHODS.md)."""
-
-    pool: str | None = None  # None, "before_bn" (BinaryNet) or "after_act" (CNV)
-    sign_input: bool = False  # sign (+STE) applied to the block's input (ResNetE units)
-    sign_output: bool = True  # sign (+STE) applied to the batch-norm output
-    first: bool = False  # input is real-valued data: kept as is, never binarised
-
-
-class BinaryBlock(nn.Module):
-    """[sign ->] binary conv/dense -> [pool ->] L1 batch norm [-> sign] [-> pool]."""
-
-    def __init__(self, layer: BinaryLinear | BinaryConv2d, spec: BlockSpec,
-                 switches: LowMemSwitches) -> None:
-        super().__init__()
-        self.layer = layer
-        self.bn = L1BatchNorm(layer.out_features if isinstance(layer, nn.Linear)
-                              else layer.out_channels)
-        self.spec = spec
-        self.switches = switches
-        # True when the output goes to the next block alone (set by models.BlockStack): the
-        # fused low-memory path may then hand it its gradient as int8 power-of-two codes.
-        self.feeds_block = False
-        # ... and that next block is a conv block keeping its +-1 input as packed bits: the
-        # fused path may then hand it the output itself as those bits.
-        self.feeds_conv_block = False
-
-    def extra_repr(self) -> str:
-        return f"spec={self.spec}, lowmem={self.switches.any}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.switches.any:
-            from trainers.lowmem_fused import low_memory_block
-
-            return low_memory_block(self, x)
-        return self.standard_forward(x)
-
-    def standard_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec.sign_input:
-            x = SignSTE.apply(x)
-        z = self.layer(x)
-        if self.spec.pool == "before_bn":
-            z = F.max_pool2d(z, 2)
-        y = self.bn(z, sign_output=self.spec.sign_output)
-        if self.spec.pool == "after_act":
-            y = F.max_pool2d(y, 2)
-        return y
 
 
 def binary_layers(model: nn.Module) -> list[BinaryLinear | BinaryConv2d]:

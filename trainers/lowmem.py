@@ -19,12 +19,13 @@ Speed (`trainers.kernels`): on +-1 inputs the layer runs in int8 with int32 accu
 exactly; with 16-bit gradients (`fp16_grads`) the backward's products run in
 `kernels.grad_dtype()` (bfloat16), with the saved sign bits unpacked straight into that
 dtype, and a dense layer's 1-bit dW is packed block by block of output rows without a
-full-size dW. `trainers.profiling.phase` ranges name each phase for `trainers.profiling`.
+full-size dW. `trainers.phases.phase` ranges name each phase for `trainers.profiling`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,11 @@ from torch import nn
 
 from trainers import kernels
 from trainers.bits import PackedBits, pack_rows, unpack_rows, unpack_sign_rows
-from trainers.layers import BinaryBlock, channel_dims, per_channel, sign, weight_values
-from trainers.profiling import phase
+from trainers.layers import channel_dims, per_channel, sign, weight_values
+from trainers.phases import phase
+
+if TYPE_CHECKING:  # the block is only named in annotations: no import at run time
+    from trainers.blocks import BinaryBlock
 
 # Elements per chunk of fp32 temporaries (4 MiB).
 CHUNK_ELEMENTS = 1 << 20

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from torch import nn
 
 from trainers import kernels, native
 from trainers.bits import PackedBits, pack_rows
-from trainers.layers import BinaryBlock, sign, weight_shape, weight_values
+from trainers.layers import sign, weight_shape, weight_values
 from trainers.lowmem import (
     BACKWARD_CHUNK_ELEMENTS,
     DW_BLOCK_ELEMENTS,
@@ -44,7 +45,10 @@ from trainers.lowmem import (
     pool_positions,
 )
 from trainers.methods import LowMemSwitches
-from trainers.profiling import phase
+from trainers.phases import phase
+
+if TYPE_CHECKING:  # the block is only named in annotations: no import at run time
+    from trainers.blocks import BinaryBlock
 
 # A conv block's backward runs in at most this many chunks of samples (and in chunks of at
 # least BACKWARD_CHUNK_ELEMENTS elements): the chunk's dz, unpacked input and dx stay a small

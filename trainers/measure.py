@@ -24,12 +24,13 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import psutil
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from trainers.procmem import read_memory, reset_peak_rss
 
 CATEGORIES = ("parameters", "optimizer_state", "saved_activations", "gradients", "temporaries")
 # A storage that is several things at once counts as the first of them (a weight that
@@ -303,20 +304,6 @@ def track_tensor_peak(
 
 
 # -- process level ------------------------------------------------------------------------
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def _status_kib(field_name: str) -> int | None:
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 @dataclass
 class RssWatch:
     """The process's resident-set peak above a baseline taken at `start()`.
@@ -331,11 +318,7 @@ class RssWatch:
     method: str = "psutil-sampled"
 
     def start(self) -> None:
-        try:
-            _CLEAR_REFS.write_text("5")
-            self.method = "vmhwm"
-        except OSError:
-            self.method = "psutil-sampled"
+        self.method = "vmhwm" if reset_peak_rss() else "psutil-sampled"
         self.baseline_bytes = psutil.Process().memory_info().rss
         self.sampled_peak_bytes = self.baseline_bytes
 
@@ -346,9 +329,9 @@ class RssWatch:
         self.sample()
         peak = self.sampled_peak_bytes
         if self.method == "vmhwm":
-            hwm_kib = _status_kib("VmHWM")
-            if hwm_kib is not None:
-                peak = max(peak, hwm_kib * 1024)
+            hwm_bytes = read_memory().hwm_bytes
+            if hwm_bytes is not None:
+                peak = max(peak, hwm_bytes)
         return max(0, peak - self.baseline_bytes)
 
 

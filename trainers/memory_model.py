@@ -1,6 +1,6 @@
-"""The analytical training-memory model of METHODS.md, and an extended one.
+"""The analytical training-memory model of docs/methods.md, and an extended one.
 
-`published_model` is the model exactly as METHODS.md (and the paper's sheet) states it:
+`published_model` is the model exactly as docs/methods.md (and the paper's sheet) states it:
 
     Total       = Model + Optimiser + Activations                (bits / 8 / 2^20 MiB)
     Model       = sum over weights of b_w + sum over BN channels of b_beta
@@ -10,7 +10,7 @@
                   + max over layers of input_elements * batch * (b_dA + b_dB)
 
 It counts each layer's input only. `extended_model` counts what the engine really keeps
-between forward and backward (METHODS.md section 1 for `standard`: layer input, batch
+between forward and backward (docs/methods.md section 1 for `standard`: layer input, batch
 norm's normalised output, float STE mask, max-pool input and int64 indices, the fp32 copy
 of sgn(W) that the layer's matmul saves; the packed and 16-bit tensors of `lowmem`), at
 the parameters' real dtypes, so that a measurement can be compared with both.
@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from trainers.layers import BinaryBlock, L1BatchNorm, weight_shape
+from trainers.blocks import BinaryBlock
+from trainers.layers import L1BatchNorm, weight_shape
 from trainers.lowmem import BACKWARD_CHUNK_ELEMENTS, DW_BLOCK_ELEMENTS
 from trainers.lowmem_fused import BACKWARD_CHUNKS, hands_sign_bits, runs_fused
 from trainers.methods import LowMemSwitches, Recipe
@@ -37,7 +38,7 @@ PACKED_BITS = 8  # a packed bit row is padded to whole bytes
 
 @dataclass(frozen=True)
 class BitWidths:
-    """Storage bits per element as the recipe keeps them (METHODS.md's b_* symbols)."""
+    """Storage bits per element as the recipe keeps them (docs/methods.md's b_* symbols)."""
 
     weight: int  # b_w, latent weights (0 with Bop: no latent weights)
     beta: int  # b_beta
@@ -50,7 +51,7 @@ class BitWidths:
 
 
 def bit_widths(recipe: Recipe) -> BitWidths:
-    """METHODS.md's bit widths for a recipe: 32 everywhere for `standard`, each lowmem
+    """docs/methods.md's bit widths for a recipe: 32 everywhere for `standard`, each lowmem
     switch lowering its own row; Bop keeps one momentum at 32 bits or at its format's width."""
     sw = recipe.switches
     state_bits = 16 if sw.fp16_state else 32
@@ -93,7 +94,7 @@ class LayerRow:
 class MemoryEstimate:
     """Modeled training memory in MiB, with the sub-terms it is made of."""
 
-    label: str  # "published" (METHODS.md as stated) or "extended" (what the engine keeps)
+    label: str  # "published" (docs/methods.md as stated) or "extended" (what the engine keeps)
     model_mib: float
     optimizer_mib: float
     activations_mib: float
@@ -131,7 +132,7 @@ def _estimate(label: str, terms_bits: dict[str, float], groups: dict[str, tuple[
 
 def published_model(inventory: list[LayerInfo], recipe: Recipe, batch_size: int
                     ) -> MemoryEstimate:
-    """METHODS.md's analytical model from a layer inventory (see the module docstring).
+    """docs/methods.md's analytical model from a layer inventory (see the module docstring).
 
     With Bop, real-valued layers (ResNetE-18's first conv, 1x1 shortcuts, dense head)
     keep latent weights under Adam at the method's widths; every other model here has
@@ -236,7 +237,7 @@ def _block_saved_bits(shape: BlockShape, recipe: Recipe, input_bits: int) -> dic
     weights = block.layer.weight.numel()
     channels = block.bn.channels
     kept: dict[str, int] = {}
-    if not lowmem:  # METHODS.md section 1, as autograd keeps it (all fp32)
+    if not lowmem:  # docs/methods.md section 1, as autograd keeps it (all fp32)
         kept["layer_inputs"] = shape.input_elements * 32
         if spec.sign_input:
             kept["ste_masks"] = shape.input_elements * 32

@@ -1,4 +1,4 @@
-"""The models of METHODS.md, built from one registry: `build_model(name, recipe, ...)`.
+"""The models of docs/methods.md, built from one registry: `build_model(name, recipe, ...)`.
 
 | name | layers | input |
 | mlp | dense 784-256-256-256-256-10, L1 BN after each | 28x28x1 |
@@ -22,12 +22,11 @@ from torch import nn
 
 from contract import vocabulary
 from trainers import native
+from trainers.blocks import BinaryBlock, BlockSpec
 from trainers.errors import UsageError, unknown_choice
 from trainers.layers import (
-    BinaryBlock,
     BinaryConv2d,
     BinaryLinear,
-    BlockSpec,
     L1BatchNorm,
     pack_binary_weights,
     weight_shape,

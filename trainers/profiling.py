@@ -13,7 +13,6 @@ over all blocks; profiler overhead makes these somewhat larger than untraced tim
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -23,15 +22,7 @@ import torch
 from torch import nn
 
 from trainers import kernels
-from trainers.layers import BinaryBlock
-
-
-def phase(name: str) -> contextlib.AbstractContextManager:
-    """A named `record_function` range while a profiler records, else nothing: a range costs
-    about 10 us, which a small model's ~40 ranges per step would pay on every step."""
-    if torch._C._autograd._profiler_enabled():
-        return torch.profiler.record_function(name)
-    return contextlib.nullcontext()
+from trainers.blocks import BinaryBlock
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -29,8 +29,9 @@ class PreparedDataset:
 
 def prepare_dataset(name: str, source: Path | None, out_dir: Path) -> PreparedDataset:
     """Write `out_dir/<name>.npz` from the raw files in `source` (None: built-in digits)."""
+    from contract.checksum import file_sha256
     from trainers.data import load_dataset
-    from trainers.data.canonical import canonical_filename, file_sha256, write_canonical
+    from trainers.data.canonical import canonical_filename, write_canonical
     from trainers.errors import UsageError
 
     if name not in PREPARABLE:

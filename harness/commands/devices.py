@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from contract.checksum import file_sha256
 from harness.errors import HarnessError, HarnessUsageError
 from harness.exit_codes import ExitStatus
 from harness.fleet.check import DeviceCheck, check_devices
@@ -120,7 +121,7 @@ def _build_kernels(transport, device: Device, say) -> str:
     return "built"
 
 
-def _setup_one(device: Device, datasets: list[Path], install: bool, hint: str,
+def _setup_one(device: Device, datasets: dict[Path, str], install: bool, hint: str,
                kernels: bool = True, say=print, torch_index: str | None = None,
                replace_cuda_torch: bool = False) -> SetupResult:
     from harness.fleet.errors import DeviceNotReady
@@ -166,10 +167,11 @@ def _setup_one(device: Device, datasets: list[Path], install: bool, hint: str,
 
 def _setup(args: argparse.Namespace) -> int:
     devices, hint = _select(args)
-    datasets = [Path(p) for p in args.data or []]
+    datasets = {Path(p): "" for p in args.data or []}
     for path in datasets:
         if not path.is_file():
             raise HarnessUsageError(f"--data: {path} is not a file (prepare it with harness data)")
+        datasets[path] = file_sha256(path)  # once, for every device
     err = Console(stderr=True)
 
     def say(message: str) -> None:

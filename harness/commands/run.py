@@ -24,6 +24,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from contract.checksum import file_sha256
 from harness.errors import HarnessError, HarnessUsageError
 from harness.exit_codes import ExitStatus
 from harness.manifest import build_manifest
@@ -31,6 +32,7 @@ from harness.plan import assign_to_devices, eligible, idle_job, load_plan
 from harness.progress import FleetProgress
 from harness.runner import RERUN_STATUSES, Runner, check_pins
 from harness.store import RunStore
+from harness.transport import make_transport
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PLAN_COPY = "plan.yaml"
@@ -175,9 +177,11 @@ def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say
         )
         store.write_manifest(manifest)
     todo, attempts = _jobs_to_run(store, planned)
+    checksums = {path: file_sha256(path) for path in {*prepared.values(), *scripts.values()}}
     recorders, power = _start_meters(devices, store, say)
     if not resumed:
-        datasets = [{"name": n, "file": str(p), "sha256": _sha(p)} for n, p in prepared.items()]
+        datasets = [{"name": n, "file": str(p), "sha256": checksums[p]}
+                    for n, p in prepared.items()]
         store.write_manifest(
             build_manifest(run_dir.name, sys.argv, plan, inventory, datasets, power)
         )
@@ -195,8 +199,9 @@ def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say
         cooldown_s=plan.cooldown_s,
         attempts=attempts,
         log=say,
-        transport_factory=lambda d: _transport(d, run_dir),
+        transport_factory=lambda d: make_transport(d, local_root=run_dir / "devices" / d.name),
         script_files=scripts,
+        checksums=checksums,
     )
     interrupted = False
     try:
@@ -262,23 +267,6 @@ def snapshot_scripts(jobs: Any, run_dir: Path) -> dict[str, Path]:
             shutil.copyfile(source, target)
         copies[name] = target
     return copies
-
-
-def _transport(device: Any, run_dir: Path):
-    """Local devices work inside the run directory (results beside the store); others as set."""
-    if device.transport == "local":
-        from harness.local import LocalTransport
-
-        return LocalTransport(device, root=run_dir / "devices" / device.name)
-    from harness.transport import make_transport
-
-    return make_transport(device)
-
-
-def _sha(path: Path) -> str:
-    from trainers.data.canonical import file_sha256
-
-    return file_sha256(path)
 
 
 def print_comparison(store: RunStore, run_dir: Path) -> None:

@@ -29,6 +29,7 @@ from analysis.run_energy import (
     meter_infos_from_rows,
     unknown_meter,
 )
+from contract.events import PAYLOADS, EpochEnd, EpochStart, Error, JobEnd, JobStart, Step
 from runstore.reader import StoreProblem, StoreReader
 
 __all__ = ["StoreFollower", "StoreProblem", "open_store", "run_overview"]
@@ -94,6 +95,8 @@ class Series:
 
 @dataclass
 class Progress:
+    """What the dashboard shows of a device's current job (from its progress events)."""
+
     job_id: str | None = None
     epoch: int | None = None
     step: int | None = None
@@ -198,32 +201,26 @@ class StoreFollower:
     def _progress_event(self, row: sqlite3.Row) -> list[Any] | None:
         """Update the device's progress; epoch starts become live marks on the trace."""
         progress = self.progress.setdefault(row["device"], Progress())
-        try:
+        try:  # the event's payload as the contract defines it (stored lines were valid)
             data = json.loads(row["raw_json"]).get("data") or {}
-        except (ValueError, AttributeError):
+            payload = PAYLOADS[row["kind"]].from_data(data)
+        except (ValueError, AttributeError, KeyError):
             return None
-        kind = row["kind"]
-        if kind == "job_start":
+        if isinstance(payload, JobStart):
             self.progress[row["device"]] = Progress(job_id=row["job_id"], state="running")
-        elif kind == "epoch_start":
-            progress.job_id, progress.epoch = row["job_id"], _number(data.get("epoch"))
+        elif isinstance(payload, EpochStart):
+            progress.job_id, progress.epoch = row["job_id"], payload.epoch
             if row["t_host_s"] is not None:
-                return [
-                    row["device"],
-                    row["job_id"],
-                    "epoch_start",
-                    progress.epoch,
-                    row["t_host_s"],
-                ]
-        elif kind == "step":
-            progress.step = _number(data.get("global_step"))
-            progress.epoch = _number(data.get("epoch")) or progress.epoch
-            progress.loss = _number(data.get("loss"))
-        elif kind == "epoch_end":
-            progress.train_accuracy = _number(data.get("train_accuracy"))
-            progress.test_accuracy = _number(data.get("test_accuracy"))
-        elif kind in ("job_end", "error"):
-            progress.state = "finished" if kind == "job_end" else "error"
+                return [row["device"], row["job_id"], "epoch_start", progress.epoch,
+                        row["t_host_s"]]
+        elif isinstance(payload, Step):
+            progress.step, progress.epoch, progress.loss = (payload.global_step, payload.epoch,
+                                                            payload.loss)
+        elif isinstance(payload, EpochEnd):
+            progress.train_accuracy = payload.train_accuracy
+            progress.test_accuracy = payload.test_accuracy
+        elif isinstance(payload, (JobEnd, Error)):
+            progress.state = "finished" if isinstance(payload, JobEnd) else "error"
         return None
 
     def summary(self) -> dict[str, Any]:
@@ -325,12 +322,6 @@ class StoreFollower:
 def _finite(value: float) -> float | None:
     """JSON has no nan: a withheld figure's energy is null."""
     return None if value is None or np.isnan(value) else float(value)
-
-
-def _number(value: Any) -> float | int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return value
 
 
 def run_overview(run_dir: Path) -> dict[str, Any]:

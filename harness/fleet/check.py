@@ -15,9 +15,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from contract.layout import CODE_DIR
 from harness.clock import estimate_offset
 from harness.errors import DeviceUnreachable, HarnessError, HarnessUsageError
-from harness.fleet.deploy import CODE_DIR
 from harness.fleet.errors import AuthenticationFailed, HostKeyRejected
 from harness.fleet.probe import (
     DeviceProbe,

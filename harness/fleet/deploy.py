@@ -1,11 +1,6 @@
 """Deployment: the device-side code and prepared data sets, copied only when changed.
 
-Layout of a device's work directory::
-
-    code/contract/...  code/device_agent/...  code/trainers/...  (PYTHONPATH for the agent)
-    data/<data set file>                         (job specs name data/<file>)
-    jobs/<job id>/job.json  jobs/<job id>/...    (written per job; the agent's --out)
-
+The device's work directory is laid out as `contract.layout` says (code/, data/, jobs/).
 One remote command reports the sha256 of every file that should be there
 (and makes the directories); only missing or different files are sent, each
 to a temporary name and then renamed, so a half-copied file is never used.
@@ -13,19 +8,16 @@ to a temporary name and then renamed, so a half-copied file is never used.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from contract.checksum import file_sha256
+from contract.layout import CODE_DIR, DEVICE_PACKAGES, device_data_path
 from harness.fleet.connection import DeviceConnection
 from harness.fleet.errors import DeviceNotReady
-from harness.transport import device_data_path
-
-DEVICE_PACKAGES = ("contract", "device_agent", "trainers")
-CODE_DIR = "code"
 
 # Runs on the device with the device's Python: stdin is a JSON list of relative paths.
 _CHECKSUM_SCRIPT = """
@@ -57,14 +49,6 @@ class DeployReport:
     skipped: list[str] = field(default_factory=list)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
@@ -81,12 +65,13 @@ def code_files() -> list[FileToDeploy]:
             if not path.is_file() or "__pycache__" in path.parts or path.suffix == ".pyc":
                 continue
             rel = path.relative_to(root.parent).as_posix()
-            files.append(FileToDeploy(path, f"{CODE_DIR}/{rel}", sha256_file(path)))
+            files.append(FileToDeploy(path, f"{CODE_DIR}/{rel}", file_sha256(path)))
     return files
 
 
-def dataset_files(datasets: list[Path]) -> list[FileToDeploy]:
-    return [FileToDeploy(p, device_data_path(p), sha256_file(p)) for p in datasets]
+def dataset_files(datasets: dict[Path, str]) -> list[FileToDeploy]:
+    """The data set (and script) files to deploy, by the checksums the host computed once."""
+    return [FileToDeploy(p, device_data_path(p), sha) for p, sha in datasets.items()]
 
 
 def remote_python_env(workdir: str) -> list[str]:

@@ -16,7 +16,6 @@ travels as a file over SFTP, so job options are data, never shell text.
 from __future__ import annotations
 
 import collections
-import json
 import posixpath
 import threading
 import time
@@ -27,7 +26,8 @@ from typing import Any
 import paramiko
 
 from contract.events import parse_clock_reply
-from contract.jobspec import JOB_ID_PATTERN
+from contract.jobspec import JOB_ID_PATTERN, JobSpec
+from contract.layout import device_job_dir, device_spec_path
 from harness.errors import DeviceLost, DeviceUnreachable, HarnessUsageError
 from harness.fleet.connection import DeviceConnection, shell_command
 from harness.fleet.deploy import (
@@ -40,7 +40,6 @@ from harness.fleet.deploy import (
 from harness.fleet.errors import HostKeyRejected
 from harness.fleet.probe import DeviceProbe, probe_device, require_agent_dependencies
 from harness.inventory import REMOTE_PATH_RE, Device
-from harness.transport import device_job_dir, device_side_spec
 
 # The launcher's last stderr line carries the agent's exit code (negative: killed by that
 # signal), which an SSH exit status cannot. Its first argument is the dead-man time: with no
@@ -242,11 +241,12 @@ class SshTransport:
 
     # ------------------------------------------------------------ deployment
 
-    def ensure_deployed(self, datasets: list[Path]) -> DeployReport:
-        """Copy code and data sets that differ, then check the device's Python."""
+    def ensure_deployed(self, datasets: dict[Path, str]) -> DeployReport:
+        """Copy code and data sets (path -> sha256) that differ, then check the device's
+        Python."""
         self.open()
         assert self.workdir is not None
-        files = code_files() + dataset_files([Path(p) for p in datasets])
+        files = code_files() + dataset_files(datasets)
         self.last_deploy = sync_files(self.connection, self.device.python, self.workdir, files)
         self.probe = probe_device(self.connection, self.device.python, self.workdir)
         require_agent_dependencies(self.probe, self.device.name, self.inventory_hint)
@@ -293,22 +293,21 @@ class SshTransport:
 
     # ------------------------------------------------------------ jobs
 
-    def start_job(self, job_spec: dict[str, Any]) -> SshRemoteJob:
+    def start_job(self, spec: JobSpec) -> SshRemoteJob:
         """Send the spec as a file and start the agent under the launcher."""
-        job_id = job_spec.get("job_id")
+        job_id = spec.job_id
         if not isinstance(job_id, str) or not JOB_ID_PATTERN.match(job_id):
             raise HarnessUsageError(
                 f"job_id: expected letters, digits, '.', '_', '-' (max 128), got {job_id!r}"
             )
         self._reconnect()
         assert self.workdir is not None
-        spec = device_side_spec(job_spec)
         out_dir = posixpath.join(self.workdir, device_job_dir(job_id))
-        job_file = posixpath.join(out_dir, "job.json")
+        job_file = posixpath.join(self.workdir, device_spec_path(job_id))
         try:
             self.connection.run(["mkdir", "-p", out_dir])
             with self.connection.fabric.sftp().open(job_file, "w") as handle:
-                handle.write(json.dumps(spec))
+                handle.write(spec.on_device().to_json())
             channel = self.connection.transport.open_session(timeout=30)
             channel.exec_command(shell_command(
                 [*remote_python_env(self.workdir), self.device.python, "-c", LAUNCHER,

@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from trainers.bits import PackedBits, unpack_signs
+from trainers.bop.build import build_bop_optimizer
 from trainers.bop.fpformat import FloatFormat, quantize_many
 from trainers.bop.optimizer import DEFAULT_GAMMA, DEFAULT_TAU
+from trainers.engine import train_step
 from trainers.errors import UsageError
 from trainers.layers import binary_layers, is_packed, sign, weight_shape, weight_values
 from trainers.methods import Recipe
@@ -152,9 +154,6 @@ def record_gradient_trace(
 ) -> GradientTrace:
     """Train a copy of `model` with float32-momentum Bop for `steps`, `settle_steps`, then
     `steps` more batches, sampling gradients in the first and the last window."""
-    from trainers.bop import build_bop_optimizer
-    from trainers.engine import train_step
-
     if steps < 1:
         raise UsageError(f"warm-up steps must be at least 1, got {steps}")
     if settle_steps < 0:
@@ -369,3 +368,20 @@ def search_model_momentum_format(
         sample_size=sample_size, seed=seed,
     )
     return search_momentum_format(trace, gamma=gamma, tau=tau, tolerance=tolerance, widths=widths)
+
+
+def resolve_momentum_format(
+    recipe: Recipe,
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    **search_options,
+) -> Recipe:
+    """The recipe with `momentum_format="auto"` replaced by the searched format (others as is).
+
+    Runs the warm-up on a copy of `model`, so the model itself is left untouched.
+    """
+    if recipe.momentum_format != "auto":
+        return recipe
+    search_options = {"gamma": recipe.bop_gamma, "tau": recipe.bop_tau} | search_options
+    report = search_model_momentum_format(model, recipe, batches, **search_options)
+    return replace(recipe, momentum_format=report.choice.spec if report.choice else None)

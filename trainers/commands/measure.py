@@ -114,8 +114,8 @@ def format_text(report: dict) -> str:
     for item in report["largest_at_peak"]:
         lines.append(f"  {item['nbytes'] / MIB:8.3f} MiB  {item['category']:<18}"
                      f" {item['phase']:<14} {item['origin']} {item['dtype']}{item['shape']}")
-    lines.append("published: METHODS.md's model as stated; extended: what the engine really keeps;"
-                 " measured categories at their own maxima")
+    lines.append("published: docs/methods.md's model as stated; extended: what the engine really"
+                 " keeps; measured categories at their own maxima")
     kernels = report["kernels"]
     lines.append("kernels: " + ", ".join(f"{k} {v}" for k, v in kernels.items()))
     if "profile_table" in report:

@@ -1,4 +1,4 @@
-"""`python -m trainers memory`: the analytical training-memory model of METHODS.md.
+"""`python -m trainers memory`: the analytical training-memory model of docs/methods.md.
 
 Prints the published model (Model + Optimiser + Activations, MiB) for one model, method,
 optimizer and batch size, its per-layer table, and the extended model that counts what
@@ -118,7 +118,7 @@ def format_table(report: dict) -> str:
     lines += ["", f"{'MiB':<14} {'published':>10} {'extended':>10}"]
     for key in ("model_mib", "optimizer_mib", "activations_mib", "total_mib"):
         lines.append(f"{key.removesuffix('_mib'):<14} {report[key]:>10.3f} {extended[key]:>10.3f}")
-    lines.append("published: METHODS.md's model as stated (each layer's input at b_x);"
+    lines.append("published: docs/methods.md's model as stated (each layer's input at b_x);"
                  " extended: what the engine really keeps")
     return "\n".join(lines)
 

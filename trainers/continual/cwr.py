@@ -1,4 +1,4 @@
-"""CWR* head consolidation (Lomonaco et al.), as METHODS.md section 4 states it.
+"""CWR* head consolidation (Lomonaco et al.), as docs/methods.md section 4 states it.
 
 The head is a bias-free linear layer, one weight row per class. Before an experience the
 head is zeroed and the consolidated rows of its classes seen before are loaded; after
@@ -44,7 +44,7 @@ class CWRStar:
 
     @torch.no_grad()
     def consolidate(self, head_weight: torch.Tensor, current_counts: Mapping[int, int]) -> None:
-        """Fold the trained rows of this experience's classes into `cw` (METHODS.md 4).
+        """Fold the trained rows of this experience's classes into `cw` (docs/methods.md 4).
 
         `current_counts[c]` is the number of samples of class `c` the experience trained
         on: its new data plus, with latent replay, the replay memory's entries of `c`.

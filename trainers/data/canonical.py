@@ -37,15 +37,6 @@ def canonical_filename(name: str) -> str:
     return f"{name}{SUFFIX}"
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _stored_arrays(dataset: Dataset) -> dict[str, np.ndarray]:
     label_type = np.uint8 if dataset.num_classes <= 256 else np.int64
     return {

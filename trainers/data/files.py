@@ -6,7 +6,7 @@ import gzip
 import zlib
 from pathlib import Path
 
-from trainers.data.canonical import file_sha256
+from contract.checksum import file_sha256
 from trainers.errors import UsageError
 
 SUMS_FILE = "SHA256SUMS"
