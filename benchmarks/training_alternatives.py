@@ -122,7 +122,10 @@ def worker_main(arm: str, model_name: str, batch_size: int, threads: int) -> int
     for line in sys.stdin:
         command = line.split()
         if command[0] == "run":
-            print(json.dumps({"step_s": worker.run(int(command[1]))}), flush=True)
+            from trainers.threads import governor
+
+            print(json.dumps({"step_s": worker.run(int(command[1])),
+                              "threads": governor.describe()}), flush=True)
         elif command[0] == "memory":
             growth = rss.peak_delta_bytes()  # before the ledger's step, which costs extra
             from trainers import kernels
@@ -139,10 +142,13 @@ def worker_main(arm: str, model_name: str, batch_size: int, threads: int) -> int
 
 # ---------------------------------------------------------------------------- the parent
 class Arm:
-    def __init__(self, arm: str, model_name: str, args: argparse.Namespace) -> None:
+    """A worker process running one arm; `extra_env` adds to its environment."""
+
+    def __init__(self, arm: str, model_name: str, args: argparse.Namespace,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.name = arm
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]), **(extra_env or {})}
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--worker", arm, model_name, "--batch-size",
              str(args.batch_size), "--threads", str(args.threads)],
@@ -180,8 +186,9 @@ def load_average() -> str:
 def compare_model(model_name: str, args: argparse.Namespace) -> dict:
     arms = {}
     try:
+        extra = {} if args.adaptive_threads else {"BNN_ADAPTIVE_THREADS": "0"}
         for name in args.arms:  # started one at a time: their set-up does not overlap
-            arms[name] = Arm(name, model_name, args)
+            arms[name] = Arm(name, model_name, args, extra)
         steps = args.steps or STEPS_PER_ROUND[model_name]
         for arm in arms.values():  # warm-up (first steps allocate optimizer state, caches)
             arm.ask("run 1")
@@ -262,6 +269,9 @@ def main() -> int:
                         help="steps per arm per round (default: mlp 20, cnv 2, binarynet 1)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per arm (2)")
+    parser.add_argument("--no-adaptive-threads", dest="adaptive_threads", action="store_false",
+                        help="engine arms keep their thread count under contention "
+                        "(BNN_ADAPTIVE_THREADS=0; see trainers/threads.py)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("--worker", nargs=2, metavar=("ARM", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()

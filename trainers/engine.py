@@ -7,18 +7,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainers.layers import clip_binary_weights
+from trainers.threads import governor
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor) -> float:
-    """Forward, backward, update, clip latent weights; returns the batch's mean loss."""
+    """Forward, backward, update, clip latent weights; returns the batch's mean loss.
+    Between steps `trainers.threads.governor` drops torch to one thread while the process
+    waits for CPU (other busy processes on the cores)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x).float(), y)
     loss.backward()
     optimizer.step()
     clip_binary_weights(model)
-    return loss.item()
+    value = loss.item()
+    governor.after_step()
+    return value
 
 
 @torch.no_grad()

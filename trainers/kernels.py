@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from trainers import native
+from trainers.threads import governor
 
 COMPUTE_CHOICES = ("int8", "fp32")
 GRAD_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -249,6 +250,7 @@ def describe() -> dict:
         else "float32",
         "torch_threads": _full_threads or torch.get_num_threads(),
         "elementwise_threads": _elementwise_threads or torch.get_num_threads(),
+        "thread_governor": governor.describe(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "machine": platform.machine(),
         "cpu_features": " ".join(f for f in _REPORTED_FLAGS if f in flags) or "none found",

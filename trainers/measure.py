@@ -11,7 +11,12 @@ after the steps, so a storage counts in its category for its whole life; the pea
 the maximum over time of the live bytes, with the breakdown at that moment.
 
 Process level: the high-water mark of the resident set (VmHWM) above the baseline
-after model, optimizer and data exist, reset through `/proc/self/clear_refs`.
+after model, optimizer and data exist, reset through `/proc/self/clear_refs` (its growth),
+and that high-water mark itself (the absolute peak). They differ from the ledger's peak
+because RSS also counts what no tensor owns: the allocator's free but still mapped pages
+and fragmentation, oneDNN's and OpenMP's scratch and thread stacks, autograd's graph
+nodes, and the first touch of pages that later steps reuse; the absolute peak adds the
+interpreter, torch's libraries and the engine (typically 250-350 MiB before any tensor).
 """
 
 from __future__ import annotations
@@ -325,6 +330,10 @@ class RssWatch:
     def sample(self) -> None:
         self.sampled_peak_bytes = max(self.sampled_peak_bytes, psutil.Process().memory_info().rss)
 
+    def peak_bytes(self) -> int:
+        """The process's absolute resident-set peak since `start()`."""
+        return self.baseline_bytes + self.peak_delta_bytes()
+
     def peak_delta_bytes(self) -> int:
         self.sample()
         peak = self.sampled_peak_bytes
@@ -340,7 +349,7 @@ class Measurement:
     """What `measure` reports for one configuration."""
 
     peak_tensor_bytes: int
-    peak_rss_delta_bytes: int
+    peak_rss_delta_bytes: int  # the process's resident-set peak above the baseline
     step_time_s: float
     breakdown: dict[str, int]
     category_max_bytes: dict[str, int]
@@ -348,6 +357,8 @@ class Measurement:
     temporaries_max_by_phase: dict[str, int]
     largest_at_peak: list[LiveStorage]
     step_times_s: list[float] = field(default_factory=list)
+    peak_rss_bytes: int = 0  # the absolute resident-set peak (baseline included)
+    rss_baseline_bytes: int = 0  # RSS with model, optimizer, data and engine loaded
     rss_method: str = ""
     tensor_steps: int = 0
     torch_threads: int = 0
@@ -393,6 +404,8 @@ def measure_training(
         temporaries_max_by_phase=tensor.temporaries_max_by_phase,
         largest_at_peak=tensor.largest_at_peak,
         step_times_s=times,
+        peak_rss_bytes=rss.baseline_bytes + rss_delta,
+        rss_baseline_bytes=rss.baseline_bytes,
         rss_method=rss.method,
         tensor_steps=tensor_steps,
         torch_threads=torch.get_num_threads(),

@@ -288,6 +288,22 @@ def _coded_gradients(recipe: Recipe) -> bool:
     return runs_fused(recipe.switches) and recipe.switches.po2_grads
 
 
+def _standard_pair_bits(shape: BlockShape) -> int:
+    """The largest two fp32 gradients a standard block's autograd backward holds at once, per
+    sample: each backward step holds its output's gradient and makes its input's (sign and a
+    pool after it: block output and layer output; the batch norm: two of its size; a pool
+    before it: its size and the layer output; the layer: the layer output and, but for the
+    first layer, its input)."""
+    spec = shape.block.spec
+    pairs = [2 * shape.bn_elements, shape.layer_output_elements + (
+        0 if spec.first else shape.input_elements)]
+    if spec.pool == "after_act":
+        pairs.append(shape.output_elements + shape.layer_output_elements)
+    if spec.pool == "before_bn":
+        pairs.append(shape.bn_elements + shape.layer_output_elements)
+    return max(pairs) * 32
+
+
 def _backward_scratch_bits(shape: BlockShape, recipe: Recipe, in_grad_bits: int,
                            batch_size: int) -> int:
     """Beside its output gradient, what a block's backward holds: a buffer of its input's
@@ -373,8 +389,12 @@ def extended_model(model: nn.Module, recipe: Recipe, batch_size: int,
         above = shapes[i + 1] if i + 1 < len(shapes) else None
         if coded and above is not None and shape.block.feeds_block:
             out_grad_bits = 8  # int8 power-of-two codes between blocks (trainers.lowmem_fused)
-        largest_pair = max(largest_pair, shape.output_elements * out_grad_bits * batch_size
-                           + _backward_scratch_bits(shape, recipe, in_grad_bits, batch_size))
+        if sw.any:
+            pair = (shape.output_elements * out_grad_bits * batch_size
+                    + _backward_scratch_bits(shape, recipe, in_grad_bits, batch_size))
+        else:
+            pair = _standard_pair_bits(shape) * batch_size
+        largest_pair = max(largest_pair, pair)
         in_bits, in_grad_bits = out_bits, out_grad_bits
         shares_bits = (runs_fused(sw) and hands_sign_bits(shape.block)
                        and shape.block.spec.pool != "after_act")  # pooled bits are new

@@ -285,7 +285,8 @@ def print_comparison(store: RunStore, run_dir: Path) -> None:
     console = Console(width=160)
     table = Table(title="comparison per method (within a device and meter)")
     for column in ("device", "meter", "method", "model", "data", "jobs ok", "peak tensor MiB",
-                   "peak RSS+ MiB", "s / epoch", "J / epoch [95 %]", "test accuracy"):
+                   "peak RSS+ MiB", "peak RSS MiB", "s / epoch", "J / epoch [95 %]",
+                   "test accuracy"):
         table.add_column(column, justify="right")
     keys = ["device", "meter", "meter_kind", "method", "model", "dataset"]
     emulated = _emulated_devices(run)
@@ -307,11 +308,16 @@ def print_comparison(store: RunStore, run_dir: Path) -> None:
         table.add_row(name, meter if isinstance(meter, str) else "-", shown,
                       str(model), str(dataset), f"{len(done)}/{len(frame)}",
                       _mean(done["peak_tensor_bytes"], MIB),
-                      _mean(done["peak_rss_delta_bytes"], MIB), _mean(done["epoch_s"]), text,
+                      _mean(done["peak_rss_delta_bytes"], MIB),
+                      _mean(done["peak_hwm_bytes"], MIB), _mean(done["epoch_s"]), text,
                       _mean(done["test_accuracy"]))
     console.print(table)
     for device, how in emulated.items():
         console.print(f"{device}: emulated ({how}): its times and energy are not the target's")
+    console.print("memory: 'peak tensor' is the engine's tensor ledger over the first steps; "
+                  "'peak RSS+' the process's resident-set growth over the job, 'peak RSS' its "
+                  "high-water mark: RSS also counts the allocator's retained pages, torch's "
+                  "scratch and the interpreter, torch and the engine themselves")
     if energy.empty:
         console.print("energy: no figures (no power samples or no recorded phases)")
     else:

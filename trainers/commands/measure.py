@@ -88,14 +88,22 @@ def measure_report(args: argparse.Namespace) -> dict:
     return report
 
 
+RSS_NOTE = ("(RSS growth exceeds the tensor peak by what no tensor owns: the allocator's "
+            "retained pages and fragmentation, oneDNN/OpenMP scratch and stacks, autograd's "
+            "graph; the peak RSS adds Python, torch and the engine)")
+
+
 def format_text(report: dict) -> str:
     lines = [
         f"{report['model']}  method {report['method']}  optimizer {report['optimizer']}"
         f"  batch {report['batch_size']}  steps {report['steps']}"
         f"  torch threads {report['torch_threads']}  cpu {report['cpu_capability']}",
         f"tensor-level peak {report['peak_tensor_bytes'] / MIB:.3f} MiB"
-        f"   process peak above baseline {report['peak_rss_delta_bytes'] / MIB:.3f} MiB"
-        f" ({report['rss_method']})   median step {report['step_time_s'] * 1e3:.1f} ms",
+        f"   process: peak RSS growth {report['peak_rss_delta_bytes'] / MIB:.3f} MiB,"
+        f" peak RSS {report['peak_rss_bytes'] / MIB:.1f} MiB"
+        f" (baseline {report['rss_baseline_bytes'] / MIB:.1f} MiB, {report['rss_method']})"
+        f"   median step {report['step_time_s'] * 1e3:.1f} ms",
+        RSS_NOTE,
         "",
         f"{'category':<18} {'at peak MiB':>12} {'max MiB':>10}",
     ]
