@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from trainers import native
+from trainers.blocks import BinaryBlock, BlockSpec
 from trainers.layers import (
-    BinaryBlock,
     BinaryConv2d,
     BinaryLinear,
-    BlockSpec,
     L1BatchNorm,
     L1BatchNormFunction,
     SignSTE,
