@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contract.checksum import file_sha256
 from trainers.data import DATASETS, load_dataset, synthetic, to_model_input
 from trainers.data.canonical import (
     content_sha256,
-    file_sha256,
     read_canonical,
     read_meta,
     write_canonical,
