@@ -319,7 +319,6 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
             writer.emit(Setup(stage="checking data"))
             _check_file(Path(spec.dataset.path), spec.dataset.sha256, "data set")
         setup_s = 0.0
-        lowmem_block = None  # which low-memory block runs: "fused C++" or why the reference
         if spec.method.name not in ("idle", "script"):  # the engine before the baseline
             writer.emit(Setup(stage=_engine_stage()))
             from trainers import native
@@ -327,7 +326,6 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
 
             load_engine()  # builds the kernels if `devices setup` did not: setup, not the job
             setup_s = native.build_seconds
-            lowmem_block = native.status()
             started = time.monotonic()  # the job's figures start here, after any build
         baseline = read_memory()
         hwm_reset = reset_peak_rss()
@@ -349,7 +347,6 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
             address_space_limit_bytes=limit,
             power_source=power.source if power else None,
             kernel_build_s=round(setup_s, 1),
-            lowmem_block=lowmem_block,
             conditions=conditions,
         ))
         sampler.begin()
