@@ -3,7 +3,7 @@
 Requirement (issue 2): `lowmem` reaches at least 96.9 % test accuracy within 30 epochs and
 ends within 1 percentage point of `standard` at the same budget. Prints each method's
 per-epoch test accuracy side by side, then the comparison; with --format json the last
-stdout line is one JSON object (tests/test_accuracy_mnist.py reads it).
+stdout line is one JSON object (tests/trainers/test_accuracy_mnist.py reads it).
 
     python benchmarks/accuracy_mnist.py --data-dir ../shared/data/mnist --epochs 30
 """

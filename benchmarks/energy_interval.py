@@ -1,7 +1,7 @@
 """Energy interval width against job length and sample rate, on a known power signal.
 
 A load whose power is a known function of time (slow and faster swings around 3 W, as
-`tests/test_energy_meters.py`) is sampled the way a polled meter samples it: a reading per
+`tests/harness/test_energy_meters.py`) is sampled the way a polled meter samples it: a reading per
 refresh period, stamped at the poll with an unknown constant phase (up to half a poll
 period off, the UM driver's `age_correction_s`), quantised to 1 mW. Each (length, rate)
 cell integrates `--repeats` windows at random places through `analysis.energy` (the one

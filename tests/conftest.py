@@ -16,6 +16,20 @@ def mnist_dir_setting() -> Path:
     return Path(os.environ.get("BNN_MNIST_DIR", DEFAULT_MNIST_DIR))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark what a test needs from its fixtures and skips: real MNIST (`mnist_dir`), sshd lab
+    devices (`lab_factory`, `fleet.requires_sshd`); `-m "not sshd"` and the like then select
+    by what a machine has."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "mnist_dir" in names:
+            item.add_marker(pytest.mark.mnist)
+        needs_sshd = any("sshd" in str(m.kwargs.get("reason", ""))
+                         for m in item.iter_markers("skipif"))  # fleet.requires_sshd
+        if "lab_factory" in names or needs_sshd:
+            item.add_marker(pytest.mark.sshd)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

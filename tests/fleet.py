@@ -23,6 +23,7 @@ from harness.lab import SSHD, Lab
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 requires_sshd = pytest.mark.skipif(not SSHD.exists(), reason=f"{SSHD} not installed")
+# (conftest marks tests that use it, or `lab_factory`, `sshd`, for `-m "not sshd"`)
 
 
 @pytest.fixture

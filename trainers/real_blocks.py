@@ -10,7 +10,7 @@ from it (ReLU mask and pool argmax included) chunk by chunk in backward. It is t
 Numerics: everything derives from the float16 conv output, so the path equals autograd through
 the same stack with z rounded to float16 (straight through) to float32 rounding, and differs
 from the float32 stack by that rounding: where it moves an activation across the ReLU's zero
-or changes a pool's argmax (tests/test_real_blocks.py).
+or changes a pool's argmax (tests/trainers/test_real_blocks.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The arm64 root's build plan, checked without building (tests/test_arm64_device.py runs
+"""The arm64 root's build plan, checked without building (tests/harness/test_arm64_device.py runs
 the emulated device itself)."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from analysis.emissions import CODECARBON_COLUMNS, DEFAULT_INTENSITY_G_PER_KWH
 from harness.commands.export import export_run
 from harness.store.synthetic import build_synthetic_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HOST_STACK = ("torch", "pandas", "seaborn", "fabric", "paramiko", "rich", "yaml", "serial")
 
 

@@ -15,7 +15,7 @@ from harness.commands.notebook import run_notebook
 from harness.commands.run import point_latest
 from harness.store.synthetic import build_synthetic_run
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "analysis" / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "analysis" / "notebooks"
 # notebook -> figures it must draw against the run below (two devices, one metered)
 EXPECTED_FIGURES = {"overview": 2, "method_comparison": 2, "power_trace": 1, "reproduction": 1}
 

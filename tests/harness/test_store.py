@@ -21,7 +21,7 @@ from harness.store import EventRecord, RunStore
 from runstore import schema
 from runstore.reader import StoreReader
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)

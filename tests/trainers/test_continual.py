@@ -324,7 +324,7 @@ def test_cli_bad_input_is_one_line_and_exit_2():
 
 @pytest.mark.slow
 def test_mnist_cwr_reaches_80_beats_naive_by_20_points_and_8_16_bits_lose_at_most_2(mnist_dir):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import continual_mnist
 
     rows = continual_mnist.run_rows(str(mnist_dir), seeds=[0, 1, 2], epochs=1, replay_size=1500,

@@ -21,7 +21,7 @@ import pytest
 from harness.exit_codes import ExitStatus
 from harness.store import EventRecord, MemorySample, RunStore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _event(line_no: int, seq: int, raw: object = "{}") -> EventRecord:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 QUICK_START = re.compile(r"## Quick start.*?```sh\n(.*?)```", re.S)
 
 

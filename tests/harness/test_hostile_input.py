@@ -28,7 +28,7 @@ from harness.errors import HarnessUsageError
 from harness.inventory import load_inventory
 from harness.plan import ENTRY_KEYS, METHOD_KEYS, PLAN_KEYS, load_plan
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAX_PEAK_BYTES = 64 * 1024 * 1024  # what parsing one small document may allocate at most
 # A file that is not the native inventory goes to Ansible's reader: import ansible-core
 # once here (a second or more under load), not inside the first timed example.

@@ -94,6 +94,7 @@ def test_intervals_colours_and_symlog_where_noise_crosses_zero():
     assert "none" in faces
 
 
+@pytest.mark.chromium
 def test_report_and_figures_open_in_headless_chromium(report: Path):
     playwright = pytest.importorskip("playwright.sync_api")
     if not CHROMIUM.exists():

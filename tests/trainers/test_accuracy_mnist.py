@@ -2,7 +2,7 @@
 
 MLP, batch 100, Adam lr 1e-3 with plateau halving, same seed and 30-epoch budget for both
 methods: `lowmem` reaches 96.9 % and ends within 1 percentage point of `standard`.
-Run with `python -m pytest -m slow tests/test_accuracy_mnist.py` (about 15 minutes on two
+Run with `python -m pytest -m slow tests/trainers/test_accuracy_mnist.py` (about 15 minutes on two
 idle cores).
 """
 

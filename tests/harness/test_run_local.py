@@ -24,7 +24,7 @@ from harness.exit_codes import ExitStatus
 from harness.runner import Progress, StreamRecorder, classify
 from harness.store import PlannedJob, RunStore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def harness(*args: str, cwd: Path) -> subprocess.Popen:

@@ -14,7 +14,7 @@ from contract.jobspec import JobSpec
 from harness.errors import HarnessUsageError
 from harness.plan import assign_to_devices, eligible, idle_job, load_plan
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 MATRIX = """\
 idle_baseline_s: 4

@@ -23,6 +23,8 @@ from trainers.lowmem_optim import LowMemAdam
 from trainers.methods import LowMemSwitches, make_recipe
 from trainers.models import build_model
 
+pytestmark = pytest.mark.compiler
+
 
 @pytest.fixture(autouse=True)
 def fused_kernels():

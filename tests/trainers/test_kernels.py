@@ -20,6 +20,8 @@ from trainers.layers import BinaryConv2d, BinaryLinear, sign
 from trainers.methods import LowMemSwitches, make_recipe
 from trainers.models import build_model
 
+pytestmark = pytest.mark.compiler
+
 
 @pytest.fixture
 def compute():

@@ -23,7 +23,7 @@ from harness.dashboard.follow import StoreFollower, StoreProblem, open_store
 from harness.errors import HarnessUsageError
 from harness.store import SCHEMA_VERSION, PlannedJob, RunStore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)

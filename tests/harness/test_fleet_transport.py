@@ -148,7 +148,7 @@ def test_probe_says_whether_the_fused_kernels_can_be_built(tmp_path: Path):
 
     empty = tmp_path / "bin"
     empty.mkdir()
-    code = str(Path(__file__).resolve().parents[1])  # the engine the probe finds deployed
+    code = str(Path(__file__).resolve().parents[2])  # the engine the probe finds deployed
     runs = {}
     for label, path, cache in (("bare", str(empty), tmp_path / "no-cache"),
                                ("system", os.environ.get("PATH", ""), tmp_path / "no-cache"),

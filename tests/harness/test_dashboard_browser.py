@@ -28,7 +28,9 @@ from harness.meters.emulator import LoadSignal, UmEmulator
 from harness.meters.modeled import POWER_PROFILES
 from harness.store import MemorySample
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.chromium
+
+REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 MIB = 1 << 20

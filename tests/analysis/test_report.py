@@ -15,7 +15,7 @@ from analysis.report import analyse, write_report
 from harness.cli import main
 from harness.store.synthetic import DEFAULT_METHODS, MethodProfile, build_synthetic_run
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -128,6 +128,7 @@ def test_compare_refuses_ratios_across_devices_or_meters_unless_asked(tmp_path, 
     assert "differs: devices" in table.stdout and "ACROSS devices and meters" in table.stdout
 
 
+@pytest.mark.chromium
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
 def test_report_opens_in_headless_chromium_without_console_errors(run_dir, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")

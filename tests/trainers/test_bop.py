@@ -298,6 +298,7 @@ COMPILED_FORMATS = [
 ]
 
 
+@pytest.mark.compiler
 @pytest.mark.parametrize("fmt", COMPILED_FORMATS, ids=lambda f: f.spec if f else "fp32")
 def test_compiled_update_equals_the_reference_bit_for_bit(monkeypatch, fmt):
     """The C++ update stores the same codes, flips the same weights, counts the same losses."""

@@ -1,6 +1,6 @@
 """Bop with the searched low-bit momentum stays within 1 point of float32 momentum over 3
 MNIST epochs, its momentum at least 2x smaller (issues 3 and 17). Slow: about 1800 Bop
-steps per run; `python -m pytest -m slow tests/test_bop_accuracy.py`."""
+steps per run; `python -m pytest -m slow tests/trainers/test_bop_accuracy.py`."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from runs import table_ready
 
 from harness.exit_codes import ExitStatus
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 PLAN = """\

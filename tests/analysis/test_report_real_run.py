@@ -10,7 +10,7 @@ import pytest
 
 from analysis.report import analyse, write_report
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

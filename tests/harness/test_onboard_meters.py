@@ -50,7 +50,7 @@ def test_pmic_tolerates_junk_and_refuses_nothing_useful():
 
 
 def test_pmic_module_is_standard_library_only():
-    source = Path(__file__).resolve().parents[1] / "harness" / "meters" / "pmic.py"
+    source = Path(__file__).resolve().parents[2] / "harness" / "meters" / "pmic.py"
     imported = set()
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.Import):

@@ -15,7 +15,7 @@ import pytest
 from contract.events import AgentExit, Event, parse_event_line
 from device_agent.sampler import parse_pmic_adc
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def agent(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:

@@ -19,7 +19,7 @@ from harness.progress import FleetProgress, describe, job_fraction
 from harness.runner import Progress, StreamRecorder
 from harness.store import PlannedJob, RunStore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_real_agent_says_its_setup_stages_before_training(tmp_path: Path, digits_file):  # noqa: F811
