@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +188,40 @@ def test_packages_import_each_other_one_way_only():
     assert forbidden == []
     package_graph = {p: {b for a, b in arrows if a == p} for p in PACKAGES}
     assert cycles(package_graph) == []
+
+
+TINY_PLAN = """\
+idle_baseline_s: 0
+cooldown_s: 0
+datasets: {digits: {}}
+matrix:
+  - methods: [standard]
+    models: [mlp]
+    datasets: [digits]
+    epochs: 1
+    max_steps: 2
+"""
+
+
+def test_a_whole_run_report_and_export_never_load_torch_in_the_host(tmp_path):
+    """The host process of `harness run` (this machine as the device), `report` and `export`:
+    the agent trains in its own process; the host loads no torch, and of the engine's package
+    only the numpy-only data set readers (`harness data prepare`'s; see docs/DEVELOPMENT.md)."""
+    (tmp_path / "plan.yaml").write_text(TINY_PLAN)
+    code = (
+        "import json, sys\n"
+        "from harness.cli import main\n"
+        "codes = [main(['run', '--plan', 'plan.yaml', '--run-id', 'r']),\n"
+        "         main(['report', 'runs/r', '--no-model']),\n"
+        "         main(['export', 'runs/r', '--format', 'csv'])]\n"
+        "engine = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'trainers'))\n"
+        "print(json.dumps({'codes': codes, 'engine': engine}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["codes"] == [0, 0, 0], out.stderr[-3000:]
+    assert not [m for m in result["engine"] if m.split(".")[0] == "torch"]
+    assert all(m == "trainers" or m.startswith(("trainers.data", "trainers.errors"))
+               for m in result["engine"]), result["engine"]
