@@ -9,8 +9,10 @@ the inventory's inline vars) and Jinja2 templates in variables
 the harness uses, each with where it was set (file and line, when Ansible
 knows), so that a bad value is reported at its source.
 
-ansible-core is imported only here, and only when an Ansible inventory is read
-(it takes ~0.4 s to import).
+Ansible is run in a child process (`python -m harness.ansible_inventory PATH PREFIX...`,
+which prints the hosts as JSON): importing ansible-core patches interpreter globals
+(`sys.intern`, `socket`), which breaks other libraries imported later in the same process
+(torch's compiler among them). The harness process never imports it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import contextlib
 import io
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,7 @@ from harness.errors import HarnessUsageError
 
 # The groups every host is in; they do not become tags.
 IMPLICIT_GROUPS = ("all", "ungrouped")
+CHILD_TIMEOUT_S = 300.0
 # Ansible's "could not parse" warnings, one per plugin that tried.
 _PLUGIN_FAILURE = re.compile(r"\[WARNING\]: Failed to parse inventory with '([^']+)' plugin: (.*)")
 
@@ -64,7 +69,48 @@ def ansible_available() -> bool:
 
 def read_ansible_inventory(path: Path, wanted: tuple[str, ...]) -> list[AnsibleHost]:
     """The hosts of the inventory at `path` (file or directory), with the variables whose
-    names start with one of `wanted` (e.g. `("ansible_", "harness_")`), templated."""
+    names start with one of `wanted` (e.g. `("ansible_", "harness_")`), templated; read by
+    Ansible in a child process."""
+    try:
+        child = subprocess.run(
+            [sys.executable, "-m", "harness.ansible_inventory", str(path), *wanted],
+            capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HarnessUsageError(f"{path}: reading it with Ansible failed: {exc}") from None
+    try:
+        answer = json.loads(child.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        tail = _first_line(child.stderr.strip().splitlines()[-1] if child.stderr.strip() else "")
+        raise HarnessUsageError(
+            f"{path}: reading it with Ansible failed (exit {child.returncode}): {tail}"
+        ) from None
+    if "error" in answer:
+        raise HarnessUsageError(answer["error"])
+    return [
+        AnsibleHost(h["name"], Where(*h["where"]), tuple(h["groups"]),
+                    {k: (v, Where(*w)) for k, (v, w) in h["variables"].items()})
+        for h in answer["hosts"]
+    ]
+
+
+def main(argv: list[str]) -> int:
+    """The child: read one inventory with Ansible, print {"hosts": [...]} or {"error": ...}."""
+    path, wanted = Path(argv[0]), tuple(argv[1:])
+    try:
+        hosts = _read_here(path, wanted)
+    except HarnessUsageError as exc:
+        print(json.dumps({"error": str(exc)}))
+        return 2
+    print(json.dumps({"hosts": [
+        {"name": h.name, "where": [h.where.path, h.where.line], "groups": list(h.groups),
+         "variables": {k: [v, [w.path, w.line]] for k, (v, w) in h.variables.items()}}
+        for h in hosts]}))
+    return 0
+
+
+def _read_here(path: Path, wanted: tuple[str, ...]) -> list[AnsibleHost]:
+    """Ansible's InventoryManager and VariableManager in this process (the child's)."""
     if not ansible_available():
         raise HarnessUsageError(
             f"{path}: this looks like an Ansible inventory, and reading one needs ansible-core "
@@ -153,3 +199,7 @@ def _plain(value: Any) -> Any:
 
 def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), text)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -9,7 +9,6 @@ to an event whose numbers fit the store, or to a `MalformedLine`, never raise.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import subprocess
@@ -30,11 +29,6 @@ from harness.plan import ENTRY_KEYS, METHOD_KEYS, PLAN_KEYS, load_plan
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_PEAK_BYTES = 64 * 1024 * 1024  # what parsing one small document may allocate at most
-# A file that is not the native inventory goes to Ansible's reader: import ansible-core
-# once here (a second or more under load), not inside the first timed example.
-with contextlib.suppress(ImportError):
-    import ansible.inventory.manager  # noqa: F401
-
 FUZZ = settings(
     max_examples=150,
     deadline=3000,  # ms per document: bounded time
