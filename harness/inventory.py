@@ -137,6 +137,11 @@ class Inventory:
                 )
         return [d for d in self.devices if any(d.matches(s) for s in selectors)]
 
+    def redacted_meter(self, name: str) -> dict[str, Any] | None:
+        """A device's meter section as recorded: `${VAR}` references, never their values."""
+        meter = self.device(name).meter
+        return None if meter is None else _redact_meter(name, dict(meter), self.env_refs)
+
     def redacted(self) -> dict[str, Any]:
         """The inventory as JSON-able data for the manifest; no secret value appears."""
         out = []

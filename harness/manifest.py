@@ -7,6 +7,8 @@ secret is replaced.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import platform
 import re
 import subprocess
@@ -77,6 +79,20 @@ def redact(value: Any) -> Any:
     return value
 
 
+def path_sha256(path: Path) -> str | None:
+    """sha256 of a file, or of a directory's files (an Ansible inventory directory)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    try:
+        for file in files:
+            digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+            digest.update(file.read_bytes())
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
 def build_manifest(
     run_id: str,
     argv: list[str],
@@ -85,24 +101,28 @@ def build_manifest(
     datasets: list[dict[str, Any]],
     power: dict[str, Any],
 ) -> dict[str, Any]:
+    inventory_record = redact(inventory.redacted())
+    inventory_record["path"] = str(Path(inventory.path).resolve())  # --resume from anywhere
+    inventory_record["sha256"] = path_sha256(Path(inventory.path))  # to warn if it changed
     return {
         "run_id": run_id,
         "created_host_s": time.time(),
         "argv": list(argv),
+        "cwd": os.getcwd(),
         "host": {
             "hostname": platform.node(),
             "os": f"{platform.system()} {platform.release()}",
             "python_executable": sys.executable,
         },
         "plan": {
-            "path": str(plan.path),
+            "path": str(Path(plan.path).resolve()),
             "content": redact(dict(plan.raw)),
             "jobs": [job.job_id for job in plan.jobs],
             "idle_baseline_s": plan.idle_baseline_s,
             "cooldown_s": plan.cooldown_s,
             "max_attempts": plan.max_attempts,
         },
-        "inventory": redact(inventory.redacted()),
+        "inventory": inventory_record,
         "datasets": datasets,
         "power": power,
         "versions": package_versions(),

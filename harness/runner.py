@@ -51,7 +51,9 @@ from harness.transport import Transport, make_transport
 FINAL_STATUSES = ("completed", "failed", "oom")
 # Setup stages long enough to deserve a line of their own in the run's output.
 LOGGED_STAGES = ("building kernels",)
-RERUN_STATUSES = ("pending", "running", "incomplete", "interrupted")
+# What `--resume` runs again: never started, cut short, or skipped (its device could not be
+# reached, had no sftp, had a changed host key: fixable, so the job is not final).
+RERUN_STATUSES = ("pending", "running", "incomplete", "interrupted", "skipped")
 WAIT_AFTER_STREAM_S = 30.0
 COOL_MARGIN_C = 2.0  # a job starts once the board is within this of its idle temperature
 COOL_MAX_S = 120.0  # ... or after this long (the job records what it reached)

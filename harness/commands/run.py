@@ -27,11 +27,12 @@ from rich.table import Table
 from contract.checksum import file_sha256
 from harness.errors import HarnessError, HarnessUsageError
 from harness.exit_codes import ExitStatus
-from harness.manifest import build_manifest
+from harness.manifest import build_manifest, path_sha256, redact
 from harness.plan import assign_to_devices, eligible, idle_job, load_plan
 from harness.progress import FleetProgress
 from harness.runner import RERUN_STATUSES, Runner, check_pins
-from harness.store import RunStore
+from harness.store import DB_NAME, RunStore
+from harness.store.lock import RunDirLock
 from harness.transport import make_transport
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -66,8 +67,14 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
 
 
-def _start_meters(devices: list[Any], store: RunStore, say) -> tuple[list[Any], dict[str, Any]]:
-    """A recorder per device with a meter, for the whole run (None: power not recorded)."""
+def _start_meters(
+    devices: list[Any], meters: dict[str, Any], store: RunStore, say
+) -> tuple[list[Any], dict[str, Any]]:
+    """A recorder per device with a meter, for the whole run (None: power not recorded).
+
+    `meters` are the inventory's meter sections as recorded (`${VAR}` references, not
+    their values): what goes into the manifest, and the name the samples are stored under.
+    """
     try:
         from harness.meters import describe_meter, start_recorder
     except ImportError as exc:
@@ -78,10 +85,13 @@ def _start_meters(devices: list[Any], store: RunStore, say) -> tuple[list[Any], 
         if not device.meter:
             sources[device.name] = None
             continue
-        recorders.append(start_recorder(dict(device.meter), store, device.name,
+        config = dict(device.meter)
+        if "name" in config:  # a name from ${VAR} is recorded as the reference
+            config["name"] = meters[device.name].get("name", config["name"])
+        recorders.append(start_recorder(config, store, device.name,
                                         remote=device.transport != "local"))
-        sources[device.name] = dict(device.meter)
-        described[device.name] = [describe_meter(dict(device.meter), device.name)]
+        sources[device.name] = meters[device.name]
+        described[device.name] = [describe_meter(config, device.name)]
     store.set_run_info(meters=described)  # what produced each figure (analysis.run_energy)
     if not recorders:
         say("power: no device has a meter in the inventory; energy is not measured")
@@ -99,46 +109,104 @@ def _jobs_to_run(store: RunStore, planned: list[Any]) -> tuple[list[Any], dict[s
 def _run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     say = err.print
-    if args.resume:
-        run_dir = Path(args.resume)
-        store = RunStore.open(run_dir)
-        manifest = store.read_manifest()
-        plan_path = run_dir / PLAN_COPY
-        inventory_path = Path(args.devices or manifest["inventory"]["path"])
-        if args.plan:
-            raise HarnessUsageError("--plan: a resumed run keeps its own plan (run_dir/plan.yaml)")
-    else:
-        inventory_path = Path(args.devices) if args.devices else packaged_file("local.yaml")
-        plan_path = Path(args.plan) if args.plan else packaged_file("plan-default.yaml")
-        run_id = args.run_id or new_run_id()
-        if not RUN_ID_PATTERN.match(run_id):
-            raise HarnessUsageError(
-                f"--run-id: expected letters, digits, '.', '_', '-', got {run_id!r}"
-            )
-        if run_id == LATEST:
-            raise HarnessUsageError(f"--run-id: {LATEST!r} names the link to the newest run")
-        run_dir = Path(args.out) / run_id
     from harness.inventory import load_inventory
 
+    if args.resume:
+        return _resume(args, say)
+    inventory_path = Path(args.devices) if args.devices else packaged_file("local.yaml")
+    plan_path = Path(args.plan) if args.plan else packaged_file("plan-default.yaml")
+    run_id = args.run_id or new_run_id()
+    if not RUN_ID_PATTERN.match(run_id):
+        raise HarnessUsageError(
+            f"--run-id: expected letters, digits, '.', '_', '-', got {run_id!r}"
+        )
+    if run_id == LATEST:
+        raise HarnessUsageError(f"--run-id: {LATEST!r} names the link to the newest run")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise HarnessUsageError(f"--out: {out} is a file, not a directory of runs")
+    run_dir = out / run_id
     inventory = load_inventory(inventory_path)
     plan = load_plan(plan_path)
-    devices = inventory.devices
-    check_pins(list(plan.jobs), devices, plan_path)
-    if not args.resume:
-        store = RunStore.create(run_dir)
-        shutil.copyfile(plan_path, run_dir / PLAN_COPY)
-    point_latest(run_dir, say)
+    check_pins(list(plan.jobs), inventory.devices, plan_path)
+    if (run_dir / DB_NAME).exists():
+        raise HarnessUsageError(f"{run_dir}: a run store already exists there (use --resume)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HarnessUsageError(f"--out: cannot make {run_dir}: {exc.strerror or exc}") from exc
     with ExitStack() as stack:
+        # From here on the directory is a run that `--resume` can finish: locked, with its
+        # store, its plan and its manifest written before anything else can fail.
+        stack.enter_context(RunDirLock.acquire(run_dir))
+        store = RunStore.create(run_dir)
         stack.callback(store.close)
-        if args.dashboard is not None:
-            from harness.dashboard import start_dashboard
+        shutil.copyfile(plan_path, run_dir / PLAN_COPY)
+        store.write_manifest(build_manifest(run_dir.name, sys.argv, plan, inventory, [], {}))
+        store.set_run_info(run_id=run_dir.name, created_host_s=time.time())
+        return _serve_and_execute(args, stack, store, run_dir, plan, inventory, False, say)
 
+
+def _resume(args: argparse.Namespace, say) -> int:
+    from harness.inventory import load_inventory
+
+    run_dir = Path(args.resume)
+    if args.plan:
+        raise HarnessUsageError("--plan: a resumed run keeps its own plan (run_dir/plan.yaml)")
+    if not (run_dir / DB_NAME).is_file():
+        raise HarnessUsageError(f"{run_dir}: no {DB_NAME} (not a run directory)")
+    with ExitStack() as stack:
+        stack.enter_context(RunDirLock.acquire(run_dir))
+        store = RunStore.open(run_dir)
+        stack.callback(store.close)
+        manifest = store.read_manifest()
+        inventory_path = _resume_inventory_path(args, manifest, run_dir, say)
+        inventory = load_inventory(inventory_path)
+        plan = load_plan(run_dir / PLAN_COPY)
+        check_pins(list(plan.jobs), inventory.devices, run_dir / PLAN_COPY)
+        return _serve_and_execute(args, stack, store, run_dir, plan, inventory, True, say)
+
+
+def _resume_inventory_path(args, manifest: dict[str, Any], run_dir: Path, say) -> Path:
+    """--devices, or the inventory the run started with (warning if it changed since)."""
+    if args.devices:
+        return Path(args.devices)
+    recorded = manifest.get("inventory", {})
+    path = Path(str(recorded.get("path", "")))
+    if not path.is_absolute():  # a manifest from before paths were absolute
+        path = Path(str(manifest.get("cwd", "."))) / path
+    if not path.exists():
+        raise HarnessUsageError(
+            f"{run_dir}: the run's inventory {path} is gone; give it with --devices"
+        )
+    digest = recorded.get("sha256")
+    if digest and digest != path_sha256(path):
+        say(f"[yellow]warning[/yellow]: {path} changed since the run started "
+            "(devices may differ from the first attempt's)", soft_wrap=True)
+    return path
+
+
+def _serve_and_execute(
+    args, stack: ExitStack, store: RunStore, run_dir: Path, plan, inventory, resumed: bool, say
+) -> int:
+    point_latest(run_dir, say)
+    if args.dashboard is not None:
+        from harness.dashboard import start_dashboard
+
+        try:
             server = stack.enter_context(start_dashboard(run_dir, port=args.dashboard))
-            say(f"dashboard: {server.url}")
-        return _execute(args, store, run_dir, plan, inventory, devices, say)
+        except HarnessError as exc:
+            raise HarnessUsageError(
+                f"{exc}; the run {run_dir} is kept: `harness run --resume {run_dir}` "
+                "starts it (with --dashboard on a free port, or without)"
+            ) from exc
+        say(f"dashboard: {server.url}")
+    return _execute(args, store, run_dir, plan, inventory, inventory.devices, resumed, say)
 
 
-def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say) -> int:
+def _execute(
+    args, store: RunStore, run_dir: Path, plan, inventory, devices, resumed: bool, say
+) -> int:
     from harness.commands.data import prepare_dataset
 
     data_dir = run_dir / "data"
@@ -149,14 +217,19 @@ def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say
             prepared[source.name] = existing
         else:
             say(f"preparing data set {source.name} ...")
-            prepared[source.name] = prepare_dataset(source.name, source.source, data_dir).path
+            try:
+                prepared[source.name] = prepare_dataset(source.name, source.source, data_dir).path
+            except HarnessError as exc:
+                raise type(exc)(
+                    f"{exc} (the run {run_dir} is kept: fix this, then "
+                    f"`harness run --resume {run_dir}`)"
+                ) from exc
     scripts = snapshot_scripts(plan.jobs, run_dir)
     idle_jobs = (
         [idle_job(d.name, plan.idle_baseline_s, plan.telemetry) for d in devices]
         if plan.idle_baseline_s > 0
         else []
     )
-    resumed = bool(args.resume)
     seed = _order_seed(store, plan, resumed)
     arms = assign_to_devices(plan.jobs, devices, seed)
     planned = idle_jobs + arms
@@ -166,8 +239,11 @@ def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say
                  for d in devices},
     })
     say(f"job order per device: random, seed {seed} (plan order_seed to repeat it)")
+    meters = {device.name: redact(inventory.redacted_meter(device.name)) for device in devices}
     for device in devices:
-        store.add_device(device.name, device.transport, device.host, device.tags, device.meter)
+        store.add_device(
+            device.name, device.transport, device.host, device.tags, meters[device.name]
+        )
     store.add_jobs(planned)
     if resumed:
         left = store.mark_unfinished_incomplete("the harness stopped while it ran")
@@ -178,14 +254,14 @@ def _execute(args, store: RunStore, run_dir: Path, plan, inventory, devices, say
         store.write_manifest(manifest)
     todo, attempts = _jobs_to_run(store, planned)
     checksums = {path: file_sha256(path) for path in {*prepared.values(), *scripts.values()}}
-    recorders, power = _start_meters(devices, store, say)
-    if not resumed:
-        datasets = [{"name": n, "file": str(p), "sha256": checksums[p]}
-                    for n, p in prepared.items()]
-        store.write_manifest(
-            build_manifest(run_dir.name, sys.argv, plan, inventory, datasets, power)
-        )
-        store.set_run_info(run_id=run_dir.name, created_host_s=time.time())
+    recorders, power = _start_meters(devices, meters, store, say)
+    manifest = store.read_manifest()
+    if not manifest.get("datasets") or not manifest.get("power"):  # the first start
+        manifest["datasets"] = [
+            {"name": n, "file": str(p), "sha256": checksums[p]} for n, p in prepared.items()
+        ]
+        manifest["power"] = power
+        store.write_manifest(manifest)
     say(
         f"run {run_dir}: {len(todo)} job(s) to run on {len(devices)} device(s)"
         + (f" (resumed; {len(planned) - len(todo)} already finished)" if resumed else "")
