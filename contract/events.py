@@ -318,10 +318,19 @@ class Interrupted(EventPayload):
     conditions: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class Heartbeat(EventPayload):
+    """The agent lives: sent every telemetry.heartbeat_s from a thread of its own, so the
+    host can tell a frozen agent (nothing arrives for the stall timeout) from a quiet one."""
+
+    kind: ClassVar[str] = "heartbeat"
+    n: int
+
+
 PAYLOADS: dict[str, type[EventPayload]] = {
     cls.kind: cls
     for cls in (Hello, JobStart, Setup, EpochStart, Step, EpochEnd, Memory, Power, Board,
-                WindowStart, WindowEnd, JobEnd, Error, Interrupted)
+                WindowStart, WindowEnd, JobEnd, Error, Interrupted, Heartbeat)
 }
 EVENT_KINDS = tuple(PAYLOADS)
 FINAL_KINDS = ("job_end", "error", "interrupted")  # a job's last event is one of these

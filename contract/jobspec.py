@@ -64,6 +64,7 @@ JOB_SCHEMA_VERSION = 1
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 MAX_EPOCHS = 1_000_000
+MAX_LIMIT_S = 30 * 86_400.0  # the longest stall timeout, wall-clock limit or heartbeat
 MAX_BATCH_SIZE = 1_000_000
 MAX_SEED = 2**32 - 1  # numpy's and most generators' seed range
 
@@ -103,6 +104,15 @@ class MethodSpec:
             if (spec.optimizer or default_optimizer(name)) != "bop":
                 raise SpecError(prefix + "momentum_format", spec.momentum_format,
                                 "null unless the optimizer is bop")
+        chosen = spec.optimizer or default_optimizer(name)
+        if spec.lr_plateau and chosen == "bop":  # trainers.train refuses it at run time
+            raise SpecError(prefix + "lr_plateau", True,
+                            "false with the bop optimizer (it has no learning rate)")
+        if name == "cwr":  # the continual-learning run takes the learning rate only
+            for option in ("optimizer", "enable", "disable", "momentum_format", "lr_plateau"):
+                if data.get(option) not in (None, [], False):
+                    raise SpecError(prefix + option, data[option],
+                                    "nothing for method cwr (it takes lr only)")
         if name == IDLE_METHOD and spec.duration_s is None:
             raise SpecError(prefix + "duration_s", None, "a positive number for method idle")
         if name != IDLE_METHOD and spec.duration_s is not None:
@@ -196,6 +206,7 @@ class TelemetrySpec:
     # temperature (the device's idle baseline's, plus a margin): arms start alike
     cool_to_c: float | None = None
     cool_max_s: float = 120.0
+    heartbeat_s: float = 5.0  # a `heartbeat` event this often while the agent lives
 
     @classmethod
     def from_dict(cls, data: object, prefix: str = "telemetry.") -> TelemetrySpec:
@@ -213,7 +224,12 @@ class TelemetrySpec:
             cool_to_c=float_field(data.get("cool_to_c"), prefix + "cool_to_c", optional=True),
             cool_max_s=float_field(data.get("cool_max_s", 120.0), prefix + "cool_max_s",
                                    positive=True),
+            heartbeat_s=float_field(data.get("heartbeat_s", 5.0), prefix + "heartbeat_s",
+                                    positive=True),
         )
+        if not 0.1 <= spec.heartbeat_s <= MAX_LIMIT_S:
+            raise SpecError(prefix + "heartbeat_s", spec.heartbeat_s,
+                            f"seconds between 0.1 and {MAX_LIMIT_S:g}")
         for name in ("memory_hz", "power_hz"):
             if getattr(spec, name) > 1000:
                 raise SpecError(prefix + name, getattr(spec, name), "a rate of at most 1000 Hz")
@@ -226,9 +242,14 @@ class LimitsSpec:
 
     `extra_address_space_bytes` sets RLIMIT_AS to the agent's address space after
     start-up plus this many bytes: a big host can then behave like a small device.
+    The host enforces the other two: no event (heartbeats included) for `stall_timeout_s`
+    ends the job as `stalled`, a job running longer than `wall_clock_s` as `timed_out`;
+    either way the agent is stopped and the device goes on with its next job.
     """
 
     extra_address_space_bytes: int | None = None
+    stall_timeout_s: float | None = None  # None: no stall detection
+    wall_clock_s: float | None = None  # None: no wall-clock limit
 
     @classmethod
     def from_dict(cls, data: object, prefix: str = "limits.") -> LimitsSpec:
@@ -240,8 +261,18 @@ class LimitsSpec:
                 prefix + "extra_address_space_bytes",
                 minimum=1,
                 optional=True,
-            )
+            ),
+            stall_timeout_s=_seconds(data.get("stall_timeout_s"), prefix + "stall_timeout_s"),
+            wall_clock_s=_seconds(data.get("wall_clock_s"), prefix + "wall_clock_s"),
         )
+
+
+def _seconds(value: object, name: str) -> float | None:
+    """An optional duration: a finite number of seconds, 1 s to 30 days."""
+    seconds = float_field(value, name, positive=True, optional=True)
+    if seconds is not None and not 1.0 <= seconds <= MAX_LIMIT_S:
+        raise SpecError(name, seconds, f"seconds between 1 and {MAX_LIMIT_S:g}")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -297,6 +328,12 @@ class JobSpec:
         max_steps = int_field(data.get("max_steps"), "max_steps", minimum=1, optional=True)
         if not idle and epochs is None and max_steps is None:
             raise SpecError("epochs", None, "epochs or max_steps (or both)")
+        telemetry = TelemetrySpec.from_dict(data.get("telemetry", {}))
+        limits = LimitsSpec.from_dict(data.get("limits", {}))
+        stall = limits.stall_timeout_s
+        if stall is not None and stall < 2 * telemetry.heartbeat_s:
+            raise SpecError("limits.stall_timeout_s", stall,
+                            f"at least twice telemetry.heartbeat_s ({telemetry.heartbeat_s:g} s)")
         return cls(
             job_id=job_id,
             method=method,
@@ -309,8 +346,8 @@ class JobSpec:
             seed=int_field(data.get("seed", 0), "seed", minimum=0, maximum=MAX_SEED),
             eval_every_epochs=int_field(data.get("eval_every_epochs", 1), "eval_every_epochs",
                                         1),
-            telemetry=TelemetrySpec.from_dict(data.get("telemetry", {})),
-            limits=LimitsSpec.from_dict(data.get("limits", {})),
+            telemetry=telemetry,
+            limits=limits,
             script=script_spec,
         )
 

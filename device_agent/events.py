@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from contract.events import Event, EventPayload
+from contract.events import Heartbeat as HeartbeatEvent
 
 
 class EventWriter:
@@ -65,3 +66,33 @@ class EventWriter:
             if self._mirror is not None:
                 self._mirror.close()
                 self._mirror = None
+
+
+class Heartbeat:
+    """A `heartbeat` event every `period_s` from its own thread, while the process lives.
+
+    The host ends a job as `stalled` when no line at all arrives for the job's stall
+    timeout: a frozen agent (SIGSTOP, a hung device) sends none of these.
+    """
+
+    def __init__(self, writer: EventWriter, period_s: float) -> None:
+        self._writer = writer
+        self._period_s = period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        beats = 0
+        while not self._stop.wait(self._period_s):
+            beats += 1
+            self._writer.emit(HeartbeatEvent(n=beats))
+
+    def stop(self) -> None:
+        """No heartbeat after this returns (the job's last event comes after it)."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()

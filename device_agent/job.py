@@ -9,6 +9,7 @@ an idle baseline, `clock` and `facts` never load torch. The outcome is an
 from __future__ import annotations
 
 import json
+import math
 import resource
 import runpy
 import signal
@@ -39,7 +40,7 @@ from device_agent.conditions import (
     start_conditions,
     temperature_c,
 )
-from device_agent.events import EventWriter
+from device_agent.events import EventWriter, Heartbeat
 from device_agent.facts import pi_model
 from device_agent.sampler import (
     BoardStateSampler,
@@ -73,6 +74,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MESSAGES)
 
 
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or infinity: such a value is sent as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _epoch_end(record: Any) -> EpochEnd:
     """The engine's epoch record (training: `EpochRecord`; continual: `ExperienceRecord`)."""
     return EpochEnd(
@@ -83,7 +89,7 @@ def _epoch_end(record: Any) -> EpochEnd:
         test_accuracy=record.test_accuracy,
         seconds=record.seconds,
         train_accuracy=getattr(record, "train_accuracy", None),
-        lr=getattr(record, "lr", None),
+        lr=_finite_or_none(getattr(record, "lr", None)),  # Bop has no lr: the engine says NaN
         experience=getattr(record, "experience", None),
         train_samples=getattr(record, "train_samples", None),
         replay_entries=getattr(record, "replay_entries", None),
@@ -302,8 +308,10 @@ def run_job(spec: JobSpec, writer: EventWriter, out_dir: Path) -> AgentExit:
     power = _power_sampler(spec, writer)
     board = BoardStateSampler.for_this_board(writer)  # temperature, throttling: <= 1 Hz
     callbacks = StreamingCallbacks(writer, sampler, spec.telemetry.step_every)
+    heartbeat = Heartbeat(writer, spec.telemetry.heartbeat_s).start()  # also through builds
 
     def stop_samplers() -> None:  # before the last event, so it is the last line
+        heartbeat.stop()
         sampler.stop()
         if power:
             power.stop()

@@ -54,9 +54,12 @@ class LocalJob:
             yield chunk.decode("utf-8", "replace").rstrip("\r\n")
 
     def stop(self, grace_s: float = 5.0) -> None:
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        """SIGTERM (and SIGCONT, so a frozen agent can act on it), SIGKILL after `grace_s`."""
+        for signals, wait_s in (((signal.SIGTERM, signal.SIGCONT), grace_s),
+                                ((signal.SIGKILL,), 5.0)):
             try:
-                os.killpg(self.process.pid, sig)
+                for sig in signals:
+                    os.killpg(self.process.pid, sig)
             except (ProcessLookupError, PermissionError):
                 return
             if self.wait(wait_s) is not None:

@@ -9,7 +9,11 @@ Errors name the file, line and field. Example (the embedded default)::
     idle_baseline_s: 8
     cooldown_s: 1
     order_seed: 7                    # optional: the jobs' random order per device
-    telemetry: {memory_hz: 10, power_hz: 5}  # also step_every, tensor_peak_steps (2)
+    max_attempts: 2                  # a job whose device was lost is retried once
+    stall_timeout_s: 120             # no event (heartbeats included) this long: `stalled`
+    wall_clock_s: null               # a job running longer than this: `timed_out`
+    telemetry: {memory_hz: 10, power_hz: 5}  # also step_every, tensor_peak_steps (2),
+                                     # heartbeat_s (5)
     datasets:
       digits: {}                     # or {from: /path/to/source/files}
     matrix:
@@ -21,6 +25,9 @@ Errors name the file, line and field. Example (the embedded default)::
         repeats: 1
         epochs: 3
         devices: [local]             # optional: pin to device names or tags
+        stall_timeout_s: 300         # optional: this entry's own limits (null: none)
+        wall_clock_s: 3600
+        limits: {extra_address_space_bytes: 500000000}  # optional: RLIMIT_AS headroom
     scripts:                         # your own training scripts (optional; matrix optional then)
       - name: my-bnn                 # job id script-my-bnn-r0
         path: train_my_bnn.py        # relative to the plan; deployed to devices by checksum
@@ -30,6 +37,9 @@ Errors name the file, line and field. Example (the embedded default)::
 A script runs in the device agent like a built-in job (same events, memory sampling,
 meters, clock alignment, faults); `import device_agent` and `with
 device_agent.window("NAME"):` inside it marks windows that get their own energy.
+
+A job whose agent sends nothing for its stall timeout, or runs past its wall-clock
+limit, is stopped and recorded as `stalled` / `timed_out`; the device goes on.
 """
 
 from __future__ import annotations
@@ -45,13 +55,13 @@ from typing import Any
 
 from contract.fields import SpecError
 from contract.jobspec import JobSpec
-from contract.vocabulary import IDLE_METHOD, SCRIPT_METHOD, TRAINING_METHODS
+from contract.vocabulary import DATASETS, IDLE_METHOD, SCRIPT_METHOD, TRAINING_METHODS
 from harness.errors import HarnessUsageError
 from harness.fleet.yaml_lines import YamlList, YamlMap, load_yaml_with_lines
 from harness.store import PlannedJob
 
-PLAN_KEYS = ("idle_baseline_s", "cooldown_s", "max_attempts", "order_seed", "telemetry",
-             "datasets", "matrix", "scripts")
+PLAN_KEYS = ("idle_baseline_s", "cooldown_s", "max_attempts", "order_seed", "stall_timeout_s",
+             "wall_clock_s", "telemetry", "datasets", "matrix", "scripts")
 SCRIPT_KEYS = ("name", "path", "args", "devices", "repeats")
 MAX_SCRIPT_BYTES = 16 << 20
 ENTRY_KEYS = (
@@ -65,6 +75,8 @@ ENTRY_KEYS = (
     "max_steps",
     "eval_every_epochs",
     "devices",
+    "stall_timeout_s",
+    "wall_clock_s",
     "limits",
 )
 METHOD_KEYS = (
@@ -80,6 +92,8 @@ METHOD_KEYS = (
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,40}$")
 # A plan expands to at most this many jobs (a typo in `repeats` must not eat the machine).
 MAX_PLAN_JOBS = 10_000
+# No event (the agent sends a heartbeat every telemetry.heartbeat_s) for this long: stalled.
+DEFAULT_STALL_TIMEOUT_S = 120.0
 PLACEHOLDER_SHA256 = "0" * 64
 # A job spec field -> the matrix entry key it comes from (errors point at the entry's line).
 SPEC_TO_ENTRY_KEY = {"model": "models", "dataset": "datasets", "batch_size": "batch_sizes",
@@ -105,6 +119,8 @@ class Plan:
     datasets: tuple[DatasetSource, ...]
     jobs: tuple[PlannedJob, ...]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    stall_timeout_s: float | None = DEFAULT_STALL_TIMEOUT_S
+    wall_clock_s: float | None = None
 
 
 class _Where:
@@ -128,6 +144,22 @@ def _positive_number(where: _Where, node: YamlMap, key: str, name: str, default:
     value = node.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise where.error(node, key, name, f"expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _optional_seconds(
+    where: _Where, node: YamlMap, key: str, name: str, default: float | None
+) -> float | None:
+    """A stall timeout or wall-clock limit: seconds (>= 1), or null for none."""
+    if key not in node:
+        return default
+    value = node[key]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 2.6e6:
+        raise where.error(
+            node, key, name, f"expected seconds (1 to 30 days) or null, got {value!r}"
+        )
     return float(value)
 
 
@@ -205,19 +237,28 @@ def load_plan(path: Path) -> Plan:
     max_attempts = _int_list(where, doc, "max_attempts", "max_attempts", [2], 1)[0]
     order_seed = (_int_list(where, doc, "order_seed", "order_seed", [0], 0)[0]
                   if "order_seed" in doc else None)
+    stall_s = _optional_seconds(
+        where, doc, "stall_timeout_s", "stall_timeout_s", DEFAULT_STALL_TIMEOUT_S
+    )
+    wall_s = _optional_seconds(where, doc, "wall_clock_s", "wall_clock_s", None)
     telemetry = doc.get("telemetry", {})
     if not isinstance(telemetry, dict):
         raise where.error(doc, "telemetry", "telemetry", f"expected a mapping, got {telemetry!r}")
     datasets = _datasets(where, doc, path)
-    scripts = _scripts(where, doc, path, telemetry)
+    scripts = _scripts(
+        where, doc, path, telemetry, {"stall_timeout_s": stall_s, "wall_clock_s": wall_s}
+    )
     matrix = doc.get("matrix", YamlList() if scripts else None)
     if not isinstance(matrix, YamlList) or not (matrix or scripts):
         raise where.error(doc, "matrix", "matrix", f"expected a non-empty list, got {matrix!r}")
     jobs: list[PlannedJob] = []
     seen: dict[str, str] = {}
     for index, entry in enumerate(matrix):
-        budget = MAX_PLAN_JOBS - len(jobs)
-        for job in _expand_entry(where, entry, f"matrix[{index}]", telemetry, datasets, budget):
+        budget = MAX_PLAN_JOBS - len(jobs) - len(scripts)
+        defaults = {"stall_timeout_s": stall_s, "wall_clock_s": wall_s}
+        for job in _expand_entry(
+            where, entry, f"matrix[{index}]", telemetry, datasets, budget, defaults
+        ):
             if job.job_id in seen:
                 raise where.error(
                     entry,
@@ -240,10 +281,18 @@ def load_plan(path: Path) -> Plan:
         tuple(DatasetSource(n, s) for n, s in datasets.items()),
         tuple(jobs),
         doc,
+        stall_s,
+        wall_s,
     )
 
 
-def _scripts(where: _Where, doc: YamlMap, path: Path, telemetry: dict) -> list[PlannedJob]:
+def _scripts(
+    where: _Where,
+    doc: YamlMap,
+    path: Path,
+    telemetry: dict,
+    limits: dict[str, float | None] | None = None,
+) -> list[PlannedJob]:
     """The plan's own scripts: `scripts: [{name, path, args, devices, repeats}]`, each run by
     the agent like a built-in job (job id `script-NAME-rREPEAT`)."""
     section = doc.get("scripts", [])
@@ -281,6 +330,10 @@ def _scripts(where: _Where, doc: YamlMap, path: Path, telemetry: dict) -> list[P
             raise where.error(entry, "args", f"{label}.args",
                               f"expected a list of arguments, got {args!r}")
         repeats = _int_list(where, entry, "repeats", f"{label}.repeats", [1], 1)[0]
+        if len(jobs) + repeats > MAX_PLAN_JOBS:
+            raise where.error(entry, "repeats", f"{label}.repeats",
+                              f"{repeats:,} repeats; a plan may have at most "
+                              f"{MAX_PLAN_JOBS:,} jobs")
         pinned = tuple(_name_list(where, entry, "devices", f"{label}.devices", [])
                        if "devices" in entry else ())
         for repeat in range(repeats):
@@ -290,6 +343,7 @@ def _scripts(where: _Where, doc: YamlMap, path: Path, telemetry: dict) -> list[P
                 "model": None, "dataset": None, "epochs": None, "telemetry": dict(telemetry),
                 "script": {"name": name, "path": str(script), "sha256": PLACEHOLDER_SHA256,
                            "args": [str(a) for a in args]},
+                "limits": {k: v for k, v in (limits or {}).items() if v is not None},
             }).to_dict()
             jobs.append(PlannedJob(
                 job_id=job_id, plan_index=0, kind="script", method="script", model=None,
@@ -313,7 +367,13 @@ def _datasets(where: _Where, doc: YamlMap, path: Path) -> dict[str, Path | None]
                 f"datasets.{name}",
                 f"expected {{}} or {{from: PATH}}, got {options!r}",
             )
+        if name not in DATASETS:
+            raise where.error(section, name, f"datasets.{name}",
+                              f"unknown data set; choose from {', '.join(DATASETS)}")
         source = options.get("from")
+        if source is not None and (not isinstance(source, str) or not source):
+            raise where.error(options, "from", f"datasets.{name}.from",
+                              f"expected a path, got {source!r}")
         result[str(name)] = (path.parent / Path(source).expanduser()) if source else None
     return result
 
@@ -325,6 +385,7 @@ def _expand_entry(
     telemetry: dict,
     datasets: dict[str, Path | None],
     budget: int = MAX_PLAN_JOBS,
+    limit_defaults: dict[str, float | None] | None = None,
 ) -> list[PlannedJob]:
     if not isinstance(entry, YamlMap):
         raise HarnessUsageError(f"{where.path}: field {name!r}: expected a mapping, got {entry!r}")
@@ -358,6 +419,11 @@ def _expand_entry(
     limits = entry.get("limits", {}) or {}
     if not isinstance(limits, dict):
         raise where.error(entry, "limits", f"{name}.limits", f"expected a mapping, got {limits!r}")
+    limits = dict(limits)
+    for key, default in (limit_defaults or {}).items():  # the entry's own, else the plan's
+        value = _optional_seconds(where, entry, key, f"{name}.{key}", default)
+        if value is not None:
+            limits.setdefault(key, value)
     count = (
         len(methods) * len(models) * len(data_names) * len(batch_sizes) * len(seeds) * repeats
     )
@@ -424,7 +490,12 @@ def _expand_entry(
     return jobs
 
 
-def idle_job(device: str, duration_s: float, telemetry: dict[str, Any]) -> PlannedJob:
+def idle_job(
+    device: str,
+    duration_s: float,
+    telemetry: dict[str, Any],
+    stall_timeout_s: float | None = None,
+) -> PlannedJob:
     """The idle baseline of one device, as a job the agent runs (method `idle`)."""
     job_id = "idle-" + re.sub(r"[^A-Za-z0-9._-]", "_", device)
     spec = JobSpec.from_dict(
@@ -436,6 +507,7 @@ def idle_job(device: str, duration_s: float, telemetry: dict[str, Any]) -> Plann
             "dataset": None,
             "epochs": None,
             "telemetry": dict(telemetry),
+            "limits": {"stall_timeout_s": stall_timeout_s},
         }
     ).to_dict()
     return PlannedJob(

@@ -47,8 +47,9 @@ from harness.errors import DeviceLost, DeviceUnreachable, HarnessUsageError
 from harness.plan import eligible
 from harness.store import EventRecord, MemorySample, PlannedJob, RunStore
 from harness.transport import Transport, make_transport
+from harness.watchdog import WatchedStream
 
-FINAL_STATUSES = ("completed", "failed", "oom")
+FINAL_STATUSES = ("completed", "failed", "oom", "stalled", "timed_out")
 # Setup stages long enough to deserve a line of their own in the run's output.
 LOGGED_STAGES = ("building kernels",)
 # What `--resume` runs again: never started, cut short, or skipped (its device could not be
@@ -460,8 +461,12 @@ class DeviceWorker:
             stopped_before_registered = run.stop_requested.is_set()
         if stopped_before_registered:  # Runner.stop() took its list of agents before this one
             remote.stop(STOP_GRACE_S)
+        limits = spec.get("limits") or {}
+        stream = WatchedStream(
+            remote, limits.get("stall_timeout_s"), limits.get("wall_clock_s"), STOP_GRACE_S
+        )
         try:
-            for line_no, line in enumerate(remote.lines()):
+            for line_no, line in stream.lines():
                 recorder.line(line_no, line)
             exit_code = remote.wait(WAIT_AFTER_STREAM_S)
             if exit_code is None:
@@ -471,6 +476,9 @@ class DeviceWorker:
             with run.lock:
                 run.running.pop(name, None)
         status, reason = classify(exit_code, recorder.last_kind, run.stop_requested.is_set())
+        if stream.verdict is not None and not run.stop_requested.is_set():
+            status, reason = stream.verdict
+            self.progress.state = status
         if recorder.error and status != "completed":
             reason = f"{reason}: {recorder.error}"
         if recorder.malformed:

@@ -144,3 +144,40 @@ def migrate(conn: sqlite3.Connection, path: Path) -> int:
         conn.execute("ROLLBACK")
         raise
     return latest
+
+
+def expected_tables() -> set[str]:
+    """The tables a store of the latest version has (from the migrations themselves)."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        migrate(conn, Path(":memory:"))
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        return {name for (name,) in rows}
+    finally:
+        conn.close()
+
+
+def check_schema(conn: sqlite3.Connection, path: Path) -> int:
+    """Refuse a store that is not one, is newer than this harness, or lacks a table.
+
+    Returns its version. Older stores pass (`migrate` brings them up to date when opened
+    for writing; readers cope with what they hold).
+    """
+    version = stored_version(conn)
+    latest = max(MIGRATIONS)
+    if version == 0:
+        raise SchemaError(f"{path}: not a run store (it has no schema version)")
+    if version > latest:
+        raise SchemaError(
+            f"{path}: schema version {version} is newer than this harness ({latest}); "
+            "read it with the harness that wrote it (see its manifest.json)"
+        )
+    present = {
+        name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+    missing = sorted(expected_tables() - present) if version == latest else []
+    if missing:
+        raise SchemaError(
+            f"{path}: the run store lacks table(s) {', '.join(missing)}: it is damaged"
+        )
+    return version

@@ -41,6 +41,8 @@ def export_run(run_dir: Path, fmt: str, out_dir: Path | None = None,
     except StoreProblem as exc:
         raise HarnessUsageError(str(exc)) from exc
     out_dir = out_dir or (run_dir / "export")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HarnessUsageError(f"--out: {out_dir} is a file, not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     try:

@@ -28,6 +28,16 @@ def _run_dir(value: str) -> Path:
         raise HarnessUsageError(str(exc)) from exc
 
 
+def _out_dir(value: str | None) -> Path | None:
+    """--out: a directory (made if missing), never an existing file."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise HarnessUsageError(f"--out: {value} is a file, not a directory")
+    return path
+
+
 def _print_table(rows: list[dict], columns: list[str], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -52,9 +62,10 @@ def _report(args: argparse.Namespace) -> int:
     from analysis.report import analyse, write_report
 
     run_dir = _run_dir(args.run)
+    out_dir = _out_dir(args.out)
     extra = [m for m in (args.paper_models or "").split(",") if m]
     analysis = analyse(run_dir, modeled=not args.no_model, extra_models=extra)
-    path = write_report(analysis, Path(args.out) if args.out else run_dir / "report")
+    path = write_report(analysis, out_dir or run_dir / "report")
     rows = analysis.headline.to_dict("records")
     if args.format == "json":
         print(json.dumps({"report": str(path), "headline": rows, "missing": analysis.missing,
@@ -92,6 +103,8 @@ def _compare(args: argparse.Namespace) -> int:
         )
     frame = compare_runs(jobs_a, jobs_b, across=args.across_devices)
     if args.out:
+        if Path(args.out).is_dir():
+            raise HarnessUsageError(f"--out: {args.out} is a directory; give the CSV file's name")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.out, index=False)
     rows = frame.to_dict("records")

@@ -226,7 +226,8 @@ def _execute(
                 ) from exc
     scripts = snapshot_scripts(plan.jobs, run_dir)
     idle_jobs = (
-        [idle_job(d.name, plan.idle_baseline_s, plan.telemetry) for d in devices]
+        [idle_job(d.name, plan.idle_baseline_s, plan.telemetry, plan.stall_timeout_s)
+         for d in devices]
         if plan.idle_baseline_s > 0
         else []
     )

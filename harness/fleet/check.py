@@ -15,6 +15,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import paramiko
+
 from contract.layout import CODE_DIR
 from harness.clock import estimate_offset
 from harness.errors import DeviceUnreachable, HarnessError, HarnessUsageError
@@ -151,6 +153,8 @@ def check_ssh_device(device: Device, inventory: str) -> DeviceCheck:
             check.clock_offset_s, check.clock_rtt_s = estimate.offset_s, estimate.rtt_s
     except HarnessError as exc:
         check.problem = check.problem or str(exc)
+    except (paramiko.SSHException, EOFError, OSError) as exc:  # a field, never a traceback
+        check.problem = check.problem or f"SSH failed: {type(exc).__name__}: {exc}"
     finally:
         transport.close()
     return check

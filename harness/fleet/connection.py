@@ -20,6 +20,7 @@ import shlex
 import socket
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import paramiko
 from fabric import Connection
@@ -80,6 +81,7 @@ class DeviceConnection:
         self.device = device
         self.host_key = HostKeyStatus()
         self._connection: Connection | None = None
+        self.has_sftp: bool | None = None  # None: not asked yet; False: files go over exec
 
     def __hash__(self) -> int:
         return hash((self.device.host, self.device.port, self.device.user))
@@ -245,11 +247,12 @@ class DeviceConnection:
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise DeviceLost(f"device {name}: cannot open a session: {exc}") from exc
         try:
-            channel.settimeout(1.0)
+            channel.settimeout(timeout_s)  # a slow device may take its time to read stdin
             channel.exec_command(shell_command(argv, cwd))
             if stdin is not None:
                 channel.sendall(stdin)
             channel.shutdown_write()
+            channel.settimeout(1.0)
             stdout, stderr = _read_all(channel, time.monotonic() + timeout_s)
             if not channel.status_event.wait(timeout_s):
                 raise DeviceLost(f"device {name}: {argv[0]} did not finish in {timeout_s:.0f} s")
@@ -266,6 +269,64 @@ class DeviceConnection:
             raise DeviceLost(f"device {name}: {argv[0]} failed: {exc}") from exc
         finally:
             channel.close()
+
+
+    # ------------------------------------------------------------ files
+
+    def sftp(self) -> paramiko.SFTPClient | None:
+        """The SFTP client, or None when the device's sshd has no sftp subsystem (minimal
+        images, dropbear without sftp-server); then files travel over the exec channel."""
+        if self.has_sftp is False:
+            return None
+        try:
+            client = self.fabric.sftp()
+        except (paramiko.SSHException, EOFError) as exc:
+            if not self.transport.is_active():  # raises DeviceLost: not a missing subsystem
+                raise
+            log.info("device %s: no sftp subsystem (%s); copying over exec", self.device.name,
+                     exc)
+            self.has_sftp = False
+            return None
+        self.has_sftp = True
+        return client
+
+    def home(self) -> str:
+        """The login directory on the device."""
+        sftp = self.sftp()
+        if sftp is not None:
+            return sftp.normalize(".")
+        result = self.run(["pwd"], timeout_s=30)
+        if result.exit_code != 0 or not result.stdout.strip().startswith("/"):
+            raise DeviceLost(f"device {self.device.name}: pwd failed: {result.stderr.strip()}")
+        return result.stdout.strip()
+
+    def write_file(self, remote: str, data: bytes, final: str | None = None) -> None:
+        """Write `data` to `remote` (then rename it to `final`, if given), by SFTP or exec."""
+        sftp = self.sftp()
+        if sftp is not None:
+            with sftp.open(remote, "wb") as handle:
+                handle.write(data)
+            if final is not None:
+                sftp.posix_rename(remote, final)
+            return
+        script = 'cat > "$1"' + (' && mv -f "$1" "$2"' if final is not None else "")
+        argv = ["sh", "-c", script, "sh", remote, *([final] if final is not None else [])]
+        result = self.run(argv, stdin=data, timeout_s=60.0 + len(data) / 250_000)
+        if result.exit_code != 0:
+            raise DeviceLost(
+                f"device {self.device.name}: cannot write {final or remote} over exec: "
+                f"{result.stderr.strip()[-300:]}"
+            )
+
+    def put_file(self, local: Path, remote: str, final: str | None = None) -> None:
+        """Copy a host file to `remote` (then rename it to `final`)."""
+        sftp = self.sftp()
+        if sftp is None:
+            self.write_file(remote, Path(local).read_bytes(), final)
+            return
+        sftp.put(str(local), remote)
+        if final is not None:
+            sftp.posix_rename(remote, final)
 
 
 def _hop_device(device: Device, jump: Connection) -> Device:

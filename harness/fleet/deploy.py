@@ -97,15 +97,13 @@ def sync_files(
             f"{listing.stderr.strip()[-300:]}"
         )
     remote_sums = json.loads(listing.stdout)
-    sftp = connection.fabric.sftp()
     for item in files:
         if remote_sums.get(item.remote) == item.sha256:
             report.skipped.append(item.remote)
             continue
         target = posixpath.join(workdir, item.remote)
         temporary = f"{target}.partial"
-        sftp.put(str(item.local), temporary)
-        sftp.posix_rename(temporary, target)
+        connection.put_file(item.local, temporary, final=target)
         report.copied.append(item.remote)
     return report
 

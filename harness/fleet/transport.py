@@ -10,7 +10,8 @@ So stopping the harness, even killing it or cutting its link, leaves no agent
 running on the device.
 
 Commands are built from argument lists and quoted word by word; the job spec
-travels as a file over SFTP, so job options are data, never shell text.
+travels as a file (over SFTP, or over the exec channel as stdin data where the
+device has no sftp subsystem), so job options are data, never shell text.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def signal_group(signum):
         pass
 def stop(grace_s):
     signal_group(signal.SIGTERM)
+    signal_group(signal.SIGCONT)  # a frozen (SIGSTOPped) agent handles its SIGTERM now
     try:
         child.wait(grace_s)
     except subprocess.TimeoutExpired:
@@ -198,7 +200,7 @@ class SshTransport:
         if workdir.startswith("~/"):
             workdir = workdir[2:]
         if not posixpath.isabs(workdir):
-            home = self.connection.fabric.sftp().normalize(".")
+            home = self.connection.home()
             workdir = posixpath.join(home, workdir)
         workdir = posixpath.normpath(workdir)
         if not REMOTE_PATH_RE.match(workdir):
@@ -306,8 +308,7 @@ class SshTransport:
         job_file = posixpath.join(self.workdir, device_spec_path(job_id))
         try:
             self.connection.run(["mkdir", "-p", out_dir])
-            with self.connection.fabric.sftp().open(job_file, "w") as handle:
-                handle.write(spec.on_device().to_json())
+            self.connection.write_file(job_file, spec.on_device().to_json().encode())
             channel = self.connection.transport.open_session(timeout=30)
             channel.exec_command(shell_command(
                 [*remote_python_env(self.workdir), self.device.python, "-c", LAUNCHER,

@@ -29,7 +29,14 @@ from typing import Any
 from harness.errors import HarnessError, HarnessUsageError
 from harness.store.records import EventRecord, MemorySample, PlannedJob
 from runstore.reader import StoreReader
-from runstore.schema import DB_NAME, MANIFEST_NAME, SCHEMA_VERSION, SchemaError, migrate
+from runstore.schema import (
+    DB_NAME,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    SchemaError,
+    check_schema,
+    migrate,
+)
 
 COMMIT_INTERVAL_S = 0.25
 BUSY_TIMEOUT_S = 10.0
@@ -53,6 +60,8 @@ JOB_STATUSES = (
     "interrupted",
     "incomplete",
     "skipped",
+    "stalled",  # no event for the job's stall timeout; the agent was stopped
+    "timed_out",  # ran past the job's wall-clock limit; the agent was stopped
 )
 
 
@@ -110,12 +119,20 @@ class RunStore:
     @classmethod
     def _open_path(cls, run_dir: Path) -> RunStore:
         path = run_dir / DB_NAME
+        conn = None
         try:
             conn = _connect(path)
             migrate(conn, path)
-        except sqlite3.DatabaseError as exc:
+            check_schema(conn, path)
+        except (sqlite3.DatabaseError, HarnessError) as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, HarnessError):
+                raise
             raise HarnessError(f"{path}: cannot open the run store: {exc}") from exc
         except SchemaError as exc:
+            if conn is not None:
+                conn.close()
             raise HarnessError(str(exc)) from exc
         return cls(run_dir, conn)
 
