@@ -461,9 +461,8 @@ class DeviceWorker:
             stopped_before_registered = run.stop_requested.is_set()
         if stopped_before_registered:  # Runner.stop() took its list of agents before this one
             remote.stop(STOP_GRACE_S)
-        limits = spec.get("limits") or {}
         stream = WatchedStream(
-            remote, limits.get("stall_timeout_s"), limits.get("wall_clock_s"), STOP_GRACE_S
+            remote, spec.limits.stall_timeout_s, spec.limits.wall_clock_s, STOP_GRACE_S
         )
         try:
             for line_no, line in stream.lines():

@@ -64,7 +64,9 @@ def test_frozen_agent_is_stalled_stopped_and_the_device_goes_on(lab_factory, tmp
     workdir = lab.device("dev1").workdir
     events = Path(workdir) / "jobs" / "idle-dev1" / "events.jsonl"
     try:
-        assert wait_until(lambda: events.exists() and '"heartbeat"' in events.read_text(), 90)
+        if not wait_until(lambda: events.exists() and '"heartbeat"' in events.read_text(), 90):
+            process.kill()
+            raise AssertionError(process.communicate()[1][-3000:])
         hello = json.loads(events.read_text().splitlines()[0])
         agent = hello["data"]["pid"]
         os.kill(agent, signal.SIGSTOP)  # frozen: no event, no heartbeat, no exit
