@@ -18,6 +18,7 @@ from contract.events import (
     EpochStart,
     Error,
     Event,
+    Heartbeat,
     Hello,
     Interrupted,
     JobEnd,
@@ -168,6 +169,7 @@ EXAMPLE_PAYLOADS = [
     WindowStart(name="warm-up", index=0),
     WindowEnd(name="warm-up", index=0, t_start_wall_s=1.5, t_start_mono_ns=10, elapsed_s=0.5),
     Interrupted(reason="SIGTERM", steps=5),
+    Heartbeat(n=3),
 ]
 
 

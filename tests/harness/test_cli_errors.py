@@ -22,7 +22,7 @@ import pytest
 from harness.exit_codes import ExitStatus
 from harness.store import EventRecord, PlannedJob, RunStore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def harness(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

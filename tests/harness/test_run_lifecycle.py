@@ -24,7 +24,7 @@ from runs import table_ready
 
 from harness.exit_codes import ExitStatus
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 TABLES = ("events", "memory_samples", "power_samples", "clock_offsets", "phases", "results")
 

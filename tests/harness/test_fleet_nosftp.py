@@ -49,6 +49,6 @@ def test_device_without_sftp_is_checked_and_runs(lab_factory, tmp_path: Path):  
     statuses = dict(db.execute("SELECT job_id, status FROM jobs").fetchall())
     db.close()
     assert set(statuses.values()) == {"completed"}, statuses
-    deployed = Path(device.workdir) / "code" / "device_agent" / "protocol.py"
-    assert deployed.read_bytes() == (Path(__file__).parents[1] / "device_agent" /
-                                     "protocol.py").read_bytes()
+    deployed = Path(device.workdir) / "code" / "device_agent" / "job.py"
+    assert deployed.read_bytes() == (Path(__file__).resolve().parents[2] / "device_agent" /
+                                     "job.py").read_bytes()
