@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from trainers.data import load_dataset
+from datafiles import load_dataset
 from trainers.methods import make_recipe
 from trainers.train import EpochRecord, TrainConfig, train
 

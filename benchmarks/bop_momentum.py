@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from datafiles import as_tensor, load_dataset, to_model_input
 from trainers.bop import build_bop_optimizer
 from trainers.bop.optimizer import DEFAULT_GAMMA, DEFAULT_TAU
 from trainers.bop.search import (
@@ -44,7 +45,6 @@ from trainers.bop.search import (
     DEFAULT_WARMUP_STEPS,
     search_model_momentum_format,
 )
-from trainers.data import as_tensor, load_dataset, to_model_input
 from trainers.engine import evaluate, train_step
 from trainers.layers import binary_layers, weight_shape
 from trainers.measure import track_tensor_peak

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from datafiles import load_dataset
 from trainers.continual.runner import ContinualConfig, ContinualResult, run_continual
-from trainers.data import load_dataset
 
 MIN_CWR_GAIN_POINTS = 20.0  # CWR* (qf 8 / qb 16) over naive (qf 8 / qb 16)
 MIN_CWR_ACCURACY_POINTS = 80.0  # CWR* (qf 8 / qb 16) final average accuracy (issue 17)

@@ -68,9 +68,9 @@ def measure_one(model_name: str, combination: str, momentum_format: str, args) -
 
 def search_format(model_name: str, args) -> tuple[str, dict]:
     """The searched momentum format for a model and where its warm-up data came from."""
+    from datafiles import load_dataset
     from trainers.bop.search import search_model_momentum_format
     from trainers.commands.bop_encodings import training_batches
-    from trainers.data import load_dataset
     from trainers.methods import make_recipe
     from trainers.models import build_model, default_input_shape
 

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from datafiles import synthetic, to_model_input
 from trainers import kernels
-from trainers.data import synthetic, to_model_input
 from trainers.engine import train_step
 from trainers.measure import track_tensor_peak
 from trainers.methods import make_recipe

@@ -1,6 +1,6 @@
 """The contract between the host and the devices, importable on both sides without torch.
 
-Modules (standard library only, except `datafile`, which needs numpy):
+Modules (standard library only):
 
 - `vocabulary`: the engine's names a job may use: models, methods, optimizers, data sets,
   lowmem switches, and the momentum-format syntax (`parse_momentum_format`).
@@ -10,7 +10,7 @@ Modules (standard library only, except `datafile`, which needs numpy):
 - `fields`: `SpecError` and the field checks the records above share.
 - `layout`: a device's work directory (`code/`, `data/`, `jobs/<job id>/`).
 - `checksum`: the one sha256-of-a-file helper.
-- `datafile`: the canonical per-dataset file the host prepares and the engine reads.
+- `errors`: `UsageError`, bad input from the user (one line naming the value and choices).
 
 Nothing here imports `trainers`, `device_agent`, `harness` or `analysis`: every other
 package imports this one (see docs/DEVELOPMENT.md for the arrows).

@@ -2,7 +2,7 @@
 
 ::
 
-    code/contract/ code/device_agent/ code/trainers/   the agent's code (on PYTHONPATH)
+    code/contract/ code/datafiles/ code/device_agent/ code/trainers/   the agent's code
     data/<file name>                                   prepared data sets, user scripts
     jobs/<job id>/job.json                             the job's spec, as the agent reads it
     jobs/<job id>/events.jsonl, result.json, ...       what the agent writes (its --out)
@@ -21,7 +21,7 @@ CODE_DIR = "code"
 DATA_DIR = "data"
 JOBS_DIR = "jobs"
 # The packages a device runs (copied under code/): the contract, the agent and the engine.
-DEVICE_PACKAGES = ("contract", "device_agent", "trainers")
+DEVICE_PACKAGES = ("contract", "datafiles", "device_agent", "trainers")
 
 
 def device_data_path(file_name: str | PurePath) -> str:

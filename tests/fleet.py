@@ -71,8 +71,8 @@ def metered_lab(lab_factory: Callable[..., Lab]) -> Iterator[Callable[[int], Lab
 @pytest.fixture(scope="session")
 def digits_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The prepared digits data set (the canonical file the harness pushes to devices)."""
-    from trainers.data.canonical import write_canonical
-    from trainers.data.digits import load_digits
+    from datafiles.canonical import write_canonical
+    from datafiles.digits import load_digits
 
     path = tmp_path_factory.mktemp("data") / "digits.npz"
     write_canonical(load_digits(), path)

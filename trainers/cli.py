@@ -13,7 +13,7 @@ import importlib
 import sys
 import traceback
 
-from trainers.errors import UsageError
+from contract.errors import UsageError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

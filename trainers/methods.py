@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from contract.errors import UsageError, unknown_choice
 from contract.vocabulary import OPTIMIZERS, default_optimizer
 from contract.vocabulary import TRAINING_METHODS as METHODS
-from trainers.errors import UsageError, unknown_choice
 
 # Bop's adaptivity rate and threshold: Larq's defaults (larq.optimizers.Bop), which are also
 # Helwegen et al.'s CIFAR-10 settings (the paper then decays gamma x0.1 every 100 epochs;

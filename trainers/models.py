@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from contract import vocabulary
+from contract.errors import UsageError, unknown_choice
 from trainers import native
 from trainers.blocks import BinaryBlock, BlockSpec
-from trainers.errors import UsageError, unknown_choice
 from trainers.layers import (
     BinaryConv2d,
     BinaryLinear,

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
+from contract.errors import UsageError, unknown_choice
+from datafiles import Dataset, as_tensor, load_dataset, to_model_input
 from trainers.bop.schedule import StepSchedule
-from trainers.data import Dataset, as_tensor, load_dataset, to_model_input
-from trainers.errors import UsageError, unknown_choice
 from trainers.methods import Recipe
 
 EVAL_CHUNK = 1000  # samples converted to float at a time when evaluating

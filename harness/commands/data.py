@@ -1,7 +1,7 @@
 """`harness data prepare NAME [--from PATH] [--out DIR]`: raw data set -> canonical file.
 
 Reads MNIST IDX files, CIFAR-10 binary batches, SVHN MAT-files or the bundled
-scikit-learn digits with `trainers.data` (numpy only, no torch) and writes the
+scikit-learn digits with `datafiles` (numpy only, no torch) and writes the
 one canonical `.npz` per data set that devices read, with its checksum.
 """
 
@@ -30,9 +30,9 @@ class PreparedDataset:
 def prepare_dataset(name: str, source: Path | None, out_dir: Path) -> PreparedDataset:
     """Write `out_dir/<name>.npz` from the raw files in `source` (None: built-in digits)."""
     from contract.checksum import file_sha256
-    from trainers.data import load_dataset
-    from trainers.data.canonical import canonical_filename, write_canonical
-    from trainers.errors import UsageError
+    from contract.errors import UsageError
+    from datafiles import load_dataset
+    from datafiles.canonical import canonical_filename, write_canonical
 
     if name not in PREPARABLE:
         raise HarnessUsageError(

@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 
 from contract import vocabulary
+from contract.errors import UsageError
 from contract.fields import SpecError
+from datafiles import DATASETS
 from trainers.bop.fpformat import FloatFormat
-from trainers.data import DATASETS
-from trainers.errors import UsageError
 from trainers.methods import METHODS, OPTIMIZERS, LowMemSwitches, make_recipe
 from trainers.models import DEFAULT_INPUT_SHAPES, MODELS
 

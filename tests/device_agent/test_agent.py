@@ -236,8 +236,8 @@ def test_a_job_reports_the_conditions_it_ran_under(tmp_path):
     """Issue 15 point 6: implementation and why, threads, governor and frequency, kernel
     and library versions at job_start; over the job (temperature, throttling) at job_end."""
     from contract.checksum import file_sha256
-    from trainers.data.canonical import write_canonical
-    from trainers.data.digits import load_digits
+    from datafiles.canonical import write_canonical
+    from datafiles.digits import load_digits
 
     data = tmp_path / "digits.npz"
     write_canonical(load_digits(), data)

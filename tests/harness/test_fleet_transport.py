@@ -45,7 +45,7 @@ def test_deploy_skips_by_checksum_and_job_runs_from_workdir(
         assert not list(workdir.rglob("*.partial"))
         # Only device code goes over: no harness, no analysis.
         code = {p.name for p in (workdir / "code").iterdir()}
-        assert code == {"contract", "device_agent", "trainers"}
+        assert code == {"contract", "datafiles", "device_agent", "trainers"}
         # The device's agent is the deployed copy, not the host's.
         assert transport.probe.device_agent_path == str(
             workdir / "code" / "device_agent" / "__init__.py")

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from contract.errors import UsageError
 from trainers.bits import PackedBits, pack_rows, signs_from_bits, unpack_rows
 from trainers.bop import Bop, bop_update, build_bop_optimizer, route_parameters
 from trainers.bop import optimizer as bop_optimizer
 from trainers.bop.fpformat import FloatFormat
 from trainers.bop.search import GradientTrace, TraceWindow, search_momentum_format
 from trainers.engine import train_step
-from trainers.errors import UsageError
 from trainers.layers import binary_layers, binary_weights, weight_values
 from trainers.methods import LowMemSwitches, make_recipe
 from trainers.models import build_model

@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from contract.errors import UsageError
+from datafiles import load_dataset
 from trainers.bop import resolve_momentum_format
 from trainers.bop.search import (
     GradientTrace,
@@ -16,8 +18,6 @@ from trainers.bop.search import (
     search_momentum_format,
 )
 from trainers.cli import main
-from trainers.data import load_dataset
-from trainers.errors import UsageError
 from trainers.methods import make_recipe
 from trainers.models import build_model
 
@@ -87,7 +87,7 @@ def test_tolerance_out_of_range_is_refused():
 
 
 def digit_batches(dataset, batch_size: int = 64):
-    from trainers.data import to_model_input
+    from datafiles import to_model_input
 
     for start in range(0, dataset.train_size - batch_size + 1, batch_size):
         yield (to_model_input(torch.from_numpy(dataset.train_images[start:start + batch_size])),

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from contract.errors import UsageError
+from datafiles import load_dataset
 from trainers.continual.quant import (
     HybridQuantise,
     QuantisedUpdates,
@@ -19,8 +21,6 @@ from trainers.continual.quant import (
     quantise_minmax,
 )
 from trainers.continual.scenario import class_incremental
-from trainers.data import load_dataset
-from trainers.errors import UsageError
 
 
 @pytest.fixture(scope="module")

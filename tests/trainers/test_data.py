@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 
 from contract.checksum import file_sha256
-from trainers.data import DATASETS, load_dataset, synthetic, to_model_input
-from trainers.data.canonical import (
+from contract.errors import UsageError
+from datafiles import DATASETS, load_dataset, synthetic, to_model_input
+from datafiles.canonical import (
     content_sha256,
     read_canonical,
     read_meta,
     write_canonical,
 )
-from trainers.data.digits import DIGITS_FILE
-from trainers.data.matfile import read_mat5
-from trainers.errors import UsageError
+from datafiles.digits import DIGITS_FILE
+from datafiles.matfile import read_mat5
 
 RNG = np.random.default_rng(1234)
 
@@ -375,7 +375,7 @@ def test_canonical_round_trip_and_lookup(tmp_path):
 def test_canonical_prefers_prepared_file_over_raw(tmp_path):
     write_mnist(tmp_path)
     small = synthetic((1, 28, 28), 3, seed=9)
-    from trainers.data.dataset import make_dataset
+    from datafiles.dataset import make_dataset
 
     renamed = make_dataset(
         "mnist", 10, small.train_images, small.train_labels, small.test_images, small.test_labels
@@ -444,8 +444,8 @@ def test_canonical_meta_is_json_not_pickle(tmp_path):
 
 def test_data_package_does_not_import_torch():
     code = (
-        "import sys, trainers.data, trainers.data.canonical; "
-        "trainers.data.load_dataset('digits'); "
+        "import sys, datafiles, datafiles.canonical; "
+        "datafiles.load_dataset('digits'); "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
@@ -455,7 +455,7 @@ def test_data_package_does_not_import_torch():
 
 
 def test_download_checks_the_digest_before_renaming(tmp_path):
-    from trainers.data.download import Source, _fetch
+    from datafiles.download import Source, _fetch
 
     served = tmp_path / "served.bin"
     served.write_bytes(b"some bytes")
@@ -472,7 +472,7 @@ def test_download_checks_the_digest_before_renaming(tmp_path):
 def test_download_extracts_only_the_cifar_batches(tmp_path):
     import tarfile
 
-    from trainers.data.download import _extract_cifar
+    from datafiles.download import _extract_cifar
 
     source = tmp_path / "src" / "cifar-10-batches-bin"
     batches = write_cifar(source, records=2)
@@ -490,7 +490,7 @@ def test_download_extracts_only_the_cifar_batches(tmp_path):
 
 
 def test_download_unknown_name():
-    from trainers.data.download import download
+    from datafiles.download import download
 
     with pytest.raises(
         UsageError,

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from contract.errors import UsageError
 from trainers.bop.fpformat import FloatFormat, pack_codes, quantize_many, unpack_codes
-from trainers.errors import UsageError
 
 FP16 = FloatFormat(5, 10, saturate=False)
 BF16 = FloatFormat(8, 7, saturate=False)

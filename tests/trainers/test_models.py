@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from contract.errors import UsageError
 from trainers.blocks import BinaryBlock
-from trainers.errors import UsageError
 from trainers.layers import binary_weights
 from trainers.methods import make_recipe
 from trainers.models import MODELS, build_model, layer_inventory

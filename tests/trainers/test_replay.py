@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from contract.errors import UsageError
 from trainers.continual.replay import LatentReplayBuffer
-from trainers.errors import UsageError
 
 
 def signs(n: int, *shape: int, seed: int = 0) -> torch.Tensor:

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from contract.checksum import file_sha256
+from contract.errors import UsageError
+from datafiles import DATASETS
+from datafiles.canonical import write_canonical
+from datafiles.dataset import synthetic
 from trainers.cli import main
-from trainers.data import DATASETS
-from trainers.data.canonical import write_canonical
-from trainers.data.dataset import synthetic
-from trainers.errors import UsageError
 from trainers.methods import METHODS, make_recipe
 from trainers.models import MODELS, build_model
 from trainers.optim import build_optimizer

@@ -7,9 +7,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from contract.errors import UsageError
 from trainers.bop.optimizer import Bop
 from trainers.bop.routing import RoutedOptimizer, route_parameters
-from trainers.errors import UsageError
 from trainers.layers import binary_layers, binary_weights, is_packed, weight_shape
 from trainers.lowmem_optim import real_optimizer
 from trainers.methods import Recipe

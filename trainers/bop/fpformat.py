@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from contract.errors import UsageError
 from contract.fields import SpecError
 from contract.vocabulary import (
     EXPONENT_BITS_RANGE,
@@ -24,7 +25,6 @@ from contract.vocabulary import (
     MANTISSA_BITS_RANGE,
     parse_momentum_format,
 )
-from trainers.errors import UsageError
 
 
 def _pow2(exponents: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from trainers.errors import UsageError
+from contract.errors import UsageError
 
 
 def route_parameters(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainers.errors import UsageError
+from contract.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from contract.errors import UsageError
 from trainers.bits import PackedBits, unpack_signs
 from trainers.bop.build import build_bop_optimizer
 from trainers.bop.fpformat import FloatFormat, quantize_many
 from trainers.bop.optimizer import DEFAULT_GAMMA, DEFAULT_TAU
 from trainers.engine import train_step
-from trainers.errors import UsageError
 from trainers.layers import binary_layers, is_packed, sign, weight_shape, weight_values
 from trainers.methods import Recipe
 

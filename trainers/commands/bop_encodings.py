@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
+from contract.errors import UsageError
 from trainers.bop.optimizer import DEFAULT_GAMMA, DEFAULT_TAU
 from trainers.bop.search import (
     DEFAULT_SAMPLE_SIZE,
@@ -26,7 +27,6 @@ from trainers.bop.search import (
     SearchReport,
     search_model_momentum_format,
 )
-from trainers.errors import UsageError
 from trainers.methods import make_recipe
 
 
@@ -77,7 +77,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def training_batches(dataset, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """Shuffled training batches as model input (what the training loop feeds), epoch after
     epoch, reshuffled each time, for as long as the caller takes them."""
-    from trainers.data import as_tensor, to_model_input
+    from datafiles import as_tensor, to_model_input
 
     if dataset.train_size < batch_size:
         raise UsageError(
@@ -117,7 +117,7 @@ def describe(report: SearchReport) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainers.data import load_dataset
+    from datafiles import load_dataset
     from trainers.models import build_model
 
     check_arguments(args)

@@ -14,13 +14,13 @@ from dataclasses import asdict
 
 import torch
 
+from contract.errors import UsageError
 from trainers.commands.memory import (
     add_recipe_arguments,
     build_for_args,
     configuration,
     recipe_from_args,
 )
-from trainers.errors import UsageError
 from trainers.measure import CATEGORIES, measure_training
 from trainers.memory_model import compare_measured, model_memory
 
@@ -29,7 +29,7 @@ MIB = 2**20
 
 def synthetic_batches(in_shape: tuple[int, ...], batch_size: int, num_classes: int = 10):
     """A function giving batch i of synthetic inputs in [-1, 1] and labels."""
-    from trainers.data import synthetic, to_model_input
+    from datafiles import synthetic, to_model_input
 
     def make_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         data = synthetic(in_shape, batch_size, num_classes, seed=i, n_test=1)

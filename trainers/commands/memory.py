@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from trainers.errors import UsageError, unknown_choice
+from contract.errors import UsageError, unknown_choice
 from trainers.memory_model import model_memory
 from trainers.methods import OPTIMIZERS, Recipe, make_recipe
 

@@ -8,9 +8,9 @@ import sys
 import time
 from typing import TextIO
 
+from contract.errors import UsageError
+from datafiles.download import download
 from trainers.bop.schedule import schedule_from_flags
-from trainers.data.download import download
-from trainers.errors import UsageError
 from trainers.methods import BOP_DEFAULT_GAMMA, BOP_DEFAULT_TAU, make_recipe
 from trainers.train import (
     EpochRecord,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from contract.errors import UsageError, unknown_choice
 from trainers.bits import PackedBits, pack_bits, unpack_signs
-from trainers.errors import UsageError, unknown_choice
 
 STORAGES = ("packed", "fp32")
 

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contract.errors import UsageError, unknown_choice
+from datafiles import Dataset, load_dataset, to_model_input
 from trainers.continual.cwr import CWRStar
 from trainers.continual.quant import QuantisedLinearHead, QuantisedUpdates, quantise_activations
 from trainers.continual.replay import STORAGES, LatentReplayBuffer
 from trainers.continual.scenario import Experience, Scenario, class_incremental
-from trainers.data import Dataset, load_dataset, to_model_input
-from trainers.errors import UsageError, unknown_choice
 from trainers.methods import make_recipe
 
 STRATEGIES = ("cwr", "naive")

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainers.data.dataset import Dataset
-from trainers.errors import UsageError
+from contract.errors import UsageError
+from datafiles.dataset import Dataset
 
 
 @dataclass(frozen=True)

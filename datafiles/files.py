@@ -7,7 +7,7 @@ import zlib
 from pathlib import Path
 
 from contract.checksum import file_sha256
-from trainers.errors import UsageError
+from contract.errors import UsageError
 
 SUMS_FILE = "SHA256SUMS"
 

@@ -1,8 +1,10 @@
-"""Data sets for training: local files in, one `Dataset` record out (numpy only, no torch).
+"""Data set files: local files in, one `Dataset` record out (numpy only: the host prepares
+data sets with it, the engine reads them with it; `as_tensor` / `to_model_input` import torch
+only when called, on the device).
 
 `load_dataset(name, data_dir)` reads the raw files of a data set (MNIST IDX, CIFAR-10 binary
 batches, SVHN MAT-files, the embedded scikit-learn digits) or its prepared canonical file
-(`trainers.data.canonical`), which is all a device ever reads.
+(`datafiles.canonical`), which is all a device ever reads.
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from contract import vocabulary
-from trainers.data.canonical import canonical_filename, read_canonical, read_meta
-from trainers.data.cifar10 import load_cifar10
-from trainers.data.dataset import Dataset, as_tensor, make_dataset, synthetic, to_model_input
-from trainers.data.digits import load_digits
-from trainers.data.mnist import load_mnist
-from trainers.data.svhn import load_svhn
-from trainers.errors import UsageError, unknown_choice
+from contract.errors import UsageError, unknown_choice
+from datafiles.canonical import canonical_filename, read_canonical, read_meta
+from datafiles.cifar10 import load_cifar10
+from datafiles.dataset import Dataset, as_tensor, make_dataset, synthetic, to_model_input
+from datafiles.digits import load_digits
+from datafiles.mnist import load_mnist
+from datafiles.svhn import load_svhn
 
 RAW_LOADERS = {"mnist": load_mnist, "cifar10": load_cifar10, "svhn": load_svhn}
 DATASETS = vocabulary.DATASETS

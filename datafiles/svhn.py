@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from trainers.data.dataset import Dataset, make_dataset
-from trainers.data.files import verify_checksum
-from trainers.data.matfile import read_mat5
-from trainers.errors import UsageError
+from contract.errors import UsageError
+from datafiles.dataset import Dataset, make_dataset
+from datafiles.files import verify_checksum
+from datafiles.matfile import read_mat5
 
 FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainers.data.dataset import Dataset, make_dataset
-from trainers.data.files import find_file, read_bytes
-from trainers.errors import UsageError
+from contract.errors import UsageError
+from datafiles.dataset import Dataset, make_dataset
+from datafiles.files import find_file, read_bytes
 
 IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainers.data.dataset import Dataset, make_dataset
-from trainers.data.files import find_file, read_bytes
-from trainers.errors import UsageError
+from contract.errors import UsageError
+from datafiles.dataset import Dataset, make_dataset
+from datafiles.files import find_file, read_bytes
 
 RECORD_BYTES = 1 + 3 * 32 * 32  # label byte, then R, G and B planes of 32x32
 TRAIN_BATCHES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))

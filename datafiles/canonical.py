@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainers.data.dataset import Dataset, make_dataset
-from trainers.errors import UsageError
+from contract.errors import UsageError
+from datafiles.dataset import Dataset, make_dataset
 
 FORMAT, VERSION = "bnn-harness-dataset", 1
 SPLITS = ("train", "test")

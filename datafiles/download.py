@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainers.errors import UsageError, unknown_choice
+from contract.errors import UsageError, unknown_choice
 
 
 @dataclass(frozen=True)

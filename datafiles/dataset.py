@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainers.errors import UsageError
+from contract.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainers.data.dataset import Dataset, make_dataset
-from trainers.errors import UsageError
+from contract.errors import UsageError
+from datafiles.dataset import Dataset, make_dataset
 
 DIGITS_FILE = Path(__file__).with_name("digits.csv.gz")
 TRAIN_ROWS = 1437  # first 80 % train, last 360 rows test: a fixed split

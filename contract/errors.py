@@ -1,4 +1,5 @@
-"""Errors the engine raises for bad input; the CLI turns them into one line and exit code 2."""
+"""Bad input from the user, as the engine and the data set readers raise it; their command
+lines turn it into one line and exit code 2."""
 
 
 class UsageError(ValueError):

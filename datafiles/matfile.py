@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainers.errors import UsageError
+from contract.errors import UsageError
 
 HEADER_BYTES = 128
 MI_MATRIX, MI_COMPRESSED = 14, 15
