@@ -9,6 +9,7 @@ to an event whose numbers fit the store, or to a `MalformedLine`, never raise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
