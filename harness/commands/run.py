@@ -359,7 +359,9 @@ def print_comparison(store: RunStore, run_dir: Path) -> None:
     run = load_run(run_dir)
     energy = energy_table(run)
     jobs = job_table(run, energy)
-    console = Console(width=160)
+    # A terminal's own width; in a log or a pipe wide enough that no figure wraps away
+    # from its interval and its 'modeled' label.
+    console = Console(width=None if sys.stdout.isatty() else 220)
     table = Table(title="comparison per method (within a device and meter)")
     for column in ("device", "meter", "method", "model", "data", "jobs ok", "peak tensor MiB",
                    "peak RSS+ MiB", "peak RSS MiB", "s / epoch", "J / epoch [95 %]",

@@ -134,7 +134,7 @@ from harness.fleet.transport import SshTransport
 sys.path.insert(0, {tests!r})
 from fleet import idle_spec
 transport = SshTransport(load_inventory({inventory!r}).device("dev1"))
-transport.ensure_deployed({})
+transport.ensure_deployed({{}})
 job = transport.start_job(idle_spec("orphan-check", 300))
 for line in job.lines():
     print(json.loads(line)["kind"], flush=True)

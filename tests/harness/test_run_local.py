@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def harness(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "160"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "300"}
     return subprocess.Popen(
         [sys.executable, "-m", "harness", *args],
         cwd=cwd,
