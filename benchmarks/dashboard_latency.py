@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "latency"
-        store = RunStore.create(run_dir)
+        store = RunStore.create(run_dir).start()
         devices = [f"pi-{i:02d}" for i in range(args.devices)]
         for i, device in enumerate(devices):
             store.add_device(device, "ssh", f"10.0.0.{i + 1}", ["pi4"], {"type": "um25c"})

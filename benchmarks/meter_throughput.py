@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         boards.start()
         paths = ours.recv()
-        store = RunStore.create(Path(directory) / "run")
+        store = RunStore.create(Path(directory) / "run").start()
         config = {"type": "line", "rate_hz": args.rate_hz}
         load_before = os.getloadavg()
         cpu0, wall0 = time.process_time(), time.monotonic()

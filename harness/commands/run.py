@@ -139,8 +139,7 @@ def _run(args: argparse.Namespace) -> int:
         # From here on the directory is a run that `--resume` can finish: locked, with its
         # store, its plan and its manifest written before anything else can fail.
         stack.enter_context(RunDirLock.acquire(run_dir))
-        store = RunStore.create(run_dir)
-        stack.callback(store.close)
+        store = stack.enter_context(RunStore.create(run_dir))
         shutil.copyfile(plan_path, run_dir / PLAN_COPY)
         store.write_manifest(build_manifest(run_dir.name, sys.argv, plan, inventory, [], {}))
         store.set_run_info(run_id=run_dir.name, created_host_s=time.time())
@@ -157,8 +156,7 @@ def _resume(args: argparse.Namespace, say) -> int:
         raise HarnessUsageError(f"{run_dir}: no {DB_NAME} (not a run directory)")
     with ExitStack() as stack:
         stack.enter_context(RunDirLock.acquire(run_dir))
-        store = RunStore.open(run_dir)
-        stack.callback(store.close)
+        store = stack.enter_context(RunStore.open(run_dir))
         manifest = store.read_manifest()
         inventory_path = _resume_inventory_path(args, manifest, run_dir, say)
         inventory = load_inventory(inventory_path)

@@ -2,7 +2,9 @@
 writes SQL.
 
 Many producers (a thread per device, a thread per meter) call the `add_*` /
-`set_*` methods, which only enqueue; one writer thread commits what is queued
+`set_*` methods, which only enqueue; one writer thread, started explicitly
+(`with RunStore.create(run_dir) as store:` or `store.start()`, so opening a store to look
+at it never starts a thread, and a write before the start is refused), commits what is queued
 in one transaction at least every `COMMIT_INTERVAL_S`, so a sample is on disk
 within a second of being handed over. WAL mode lets the dashboard and notebooks
 read (`runstore.reader.StoreReader`, which `query` uses too) while the harness
@@ -82,7 +84,8 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class RunStore:
-    """One run's store. Create with `RunStore.create(run_dir)` or `RunStore.open(run_dir)`."""
+    """One run's store. `RunStore.create(run_dir)` / `RunStore.open(run_dir)` open it; its
+    writer starts with `start()` (or `with ... as store:`) and stops with `close()`."""
 
     def __init__(self, run_dir: Path, conn: sqlite3.Connection) -> None:
         self.run_dir = run_dir
@@ -97,7 +100,6 @@ class RunStore:
         self._read_lock = threading.Lock()
         self._reader: StoreReader | None = None
         self._writer = threading.Thread(target=self._write_loop, name="run-store", daemon=True)
-        self._writer.start()
 
     # ------------------------------------------------------------ life cycle
 
@@ -136,8 +138,20 @@ class RunStore:
             raise HarnessError(str(exc)) from exc
         return cls(run_dir, conn)
 
-    def __enter__(self) -> RunStore:
+    def start(self) -> RunStore:
+        """Start the writer thread (once); returns the store, so `RunStore.open(d).start()`."""
+        if self._closed:
+            raise HarnessError(f"{self.db_path}: start after close")
+        if not self.started:
+            self._writer.start()
         return self
+
+    @property
+    def started(self) -> bool:
+        return self._writer.ident is not None
+
+    def __enter__(self) -> RunStore:
+        return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -147,8 +161,9 @@ class RunStore:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
-        self._writer.join(timeout_s)
+        if self.started:
+            self._queue.put(None)
+            self._writer.join(timeout_s)
         self._conn.close()
         with self._read_lock:
             if self._reader is not None:
@@ -160,12 +175,17 @@ class RunStore:
         rows = list(rows)
         if self._closed:
             raise HarnessError(f"{self.db_path}: write after close")
+        if not self.started:
+            raise HarnessError(
+                f"{self.db_path}: write before start() (open the store with "
+                "`with RunStore.create(...) as store:` or call store.start())"
+            )
         if rows:
             self._queue.put(_Write(sql, rows))
 
     def flush(self, timeout_s: float = 10.0) -> None:
         """Block until everything enqueued before this call is committed."""
-        if self._closed:
+        if self._closed or not self.started:  # nothing can be queued
             return
         done = threading.Event()
         self._queue.put(done)

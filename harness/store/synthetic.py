@@ -106,7 +106,7 @@ def build_synthetic_run(
     methods = methods or DEFAULT_METHODS
     rng = np.random.default_rng(seed)
     out = SyntheticRun(Path(run_dir), idle_power_w)
-    store = RunStore.create(Path(run_dir))
+    store = RunStore.create(Path(run_dir)).start()
     try:
         store.set_run_info(run_id=Path(run_dir).name, created_host_s=T0_S, synthetic=True,
                            meters={d: [SYNTHETIC_METER] for d in devices if d not in unmetered})

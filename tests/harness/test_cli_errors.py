@@ -32,7 +32,7 @@ def harness(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def _store(run_dir: Path) -> Path:
-    store = RunStore.create(run_dir)
+    store = RunStore.create(run_dir).start()
     store.add_jobs([PlannedJob("j", 0, "train", "standard", "mlp", "digits", 10, 1, None, 0,
                                0, (), {"job_id": "j"})])
     store.add_events([EventRecord("d", "j", 1, i, "x" * 200, time.time(), seq=i, kind="step")

@@ -40,7 +40,7 @@ def planned(job_id: str, method: str = "standard") -> PlannedJob:
 
 def write_run(run_dir: Path, t0: float, n: int = 50) -> RunStore:
     """A small run written through the store's public API, as the runner writes one."""
-    store = RunStore.create(run_dir)
+    store = RunStore.create(run_dir).start()
     store.add_device("pi-1", "ssh", "10.0.0.1", ["pi4"], {"type": "um25c"})
     store.add_jobs([planned("job-a")])
     store.set_device_status("pi-1", "running")

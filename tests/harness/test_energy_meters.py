@@ -59,7 +59,7 @@ class KnownSignal:
 def recorded(tmp_path_factory):
     """26 s of a UM25C at its real rate; the meter dies (its port vanishes) at 19 s."""
     run_dir = tmp_path_factory.mktemp("runs") / "known"
-    store = RunStore.create(run_dir)
+    store = RunStore.create(run_dir).start()
     t0 = time.time()
     emulator = UmEmulator("um25c", KnownSignal(t0), refresh_hz=2.0,
                           link=run_dir.parent / "rfcomm0").start()

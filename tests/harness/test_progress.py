@@ -44,7 +44,7 @@ def test_a_real_agent_says_its_setup_stages_before_training(tmp_path: Path, digi
 
 
 def recorder_for(tmp_path: Path, logged: list[str]) -> tuple[StreamRecorder, Progress]:
-    store = RunStore.create(tmp_path / "run")
+    store = RunStore.create(tmp_path / "run").start()
     job = PlannedJob("j1", 0, "train", "standard", "mlp", "digits", 32, 2, None, 0, 0, (), {})
     store.add_jobs([job])
     progress = Progress("pi-a", job_id="j1", epochs=2)

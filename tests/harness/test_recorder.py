@@ -62,7 +62,7 @@ def test_every_sample_is_handed_to_the_store_within_a_second():
 
 
 def test_unplug_and_replug_mid_recording_line_meter(tmp_path):
-    store = RunStore.create(tmp_path / "run")
+    store = RunStore.create(tmp_path / "run").start()
     link = tmp_path / "ttyACM0"
     with LineEmulator(ConstantSignal(2.0), rate_hz=500, link=link) as emulator:
         recorder = start_recorder({"type": "line", "port": str(link), "rate_hz": 500}, store, "pi")

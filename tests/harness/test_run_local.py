@@ -206,7 +206,7 @@ def test_failing_jobs_are_recorded_and_the_run_goes_on(tmp_path):
 
 
 def test_malformed_event_lines_are_recorded_and_never_crash(tmp_path):
-    store = RunStore.create(tmp_path / "r")
+    store = RunStore.create(tmp_path / "r").start()
     job = PlannedJob("j", 0, "train", "standard", "mlp", "digits", 100, 1, None, 0, 0, (), {})
     recorder = StreamRecorder(
         store, "dev", job, 1, ClockEstimate(0.0, 2.0, 0.01, 0.005, 8), Progress("dev")
@@ -245,7 +245,7 @@ def test_malformed_event_lines_are_recorded_and_never_crash(tmp_path):
 def test_setup_is_its_own_phase_never_inside_the_jobs(tmp_path):
     """Agent start-up, engine, kernel and data loading run before the first epoch: the
     `setup` window; the `job` window is the work, first epoch_start to job_end."""
-    store = RunStore.create(tmp_path / "r")
+    store = RunStore.create(tmp_path / "r").start()
     job = PlannedJob("j", 0, "train", "standard", "mlp", "digits", 100, 2, None, 0, 0, (), {})
     clock = ClockEstimate(0.0, 0.0, 0.002, 0.001, 8)
     recorder = StreamRecorder(store, "dev", job, 1, clock, Progress("dev"), t_attempt_host_s=90.0)
@@ -334,7 +334,7 @@ def test_stop_reaches_an_agent_started_while_the_runner_was_stopping(tmp_path: P
             return job
 
     device = Device(name="solo", transport="local", host=None)
-    store = RunStore.create(tmp_path / "run")
+    store = RunStore.create(tmp_path / "run").start()
     job = idle_job("solo", 120, {})
     store.add_device(device.name, device.transport, device.host, device.tags, device.meter)
     store.add_jobs([job])

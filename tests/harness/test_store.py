@@ -56,7 +56,7 @@ def test_new_store_is_wal_with_a_schema_version_and_all_tables(tmp_path):
 
 
 def test_many_producers_lose_and_duplicate_nothing(tmp_path):
-    store = RunStore.create(tmp_path / "r")
+    store = RunStore.create(tmp_path / "r").start()
     per_thread, threads = 400, 8
 
     def produce(index: int) -> None:
@@ -80,7 +80,7 @@ def test_many_producers_lose_and_duplicate_nothing(tmp_path):
 
 
 def test_a_sample_is_visible_to_a_reader_within_a_second(tmp_path):
-    store = RunStore.create(tmp_path / "r")
+    store = RunStore.create(tmp_path / "r").start()
     reader = StoreReader(tmp_path / "r").conn
     delays = []
     for i in range(5):
@@ -103,7 +103,7 @@ def test_samples_survive_sigkill_of_the_writer_after_a_second(tmp_path):
         class S:
             t_host_s: float
             power_w: float
-        store = RunStore.create({str(tmp_path / "r")!r})
+        store = RunStore.create({str(tmp_path / "r")!r}).start()
         for i in range(100):
             store.add_power_samples("d", "m", [S(float(i), 2.0)])
         print("queued", flush=True)
@@ -125,7 +125,7 @@ def test_samples_survive_sigkill_of_the_writer_after_a_second(tmp_path):
 
 
 def test_reader_reads_while_the_writer_writes(tmp_path):
-    store = RunStore.create(tmp_path / "r")
+    store = RunStore.create(tmp_path / "r").start()
     stop = threading.Event()
     counts = []
 
@@ -200,3 +200,25 @@ def test_manifest_redaction_keeps_references_and_removes_values():
     assert device["key_passphrase"] == "${PASS}"
     assert device["meter"] == {"api_key": "<redacted>", "port": "/dev/rfcomm0"}
     assert "hunter2" not in repr(out)
+
+
+def test_the_writer_starts_only_when_asked_and_stops_for_good(tmp_path):
+    """Opening a store starts no thread and writes nothing; a write before `start()` or
+    after `close()` is refused with a line naming the store."""
+    before = {t.name for t in threading.enumerate()}
+    store = RunStore.create(tmp_path / "r")
+    assert "run-store" not in {t.name for t in threading.enumerate()} - before
+    with pytest.raises(HarnessError, match=r"run\.sqlite: write before start\(\)"):
+        store.add_power_samples("d", "m", [Sample(1.0, 3.0)])
+    store.flush()  # nothing can be queued: returns at once
+    assert store.query("SELECT COUNT(*) FROM power_samples")[0][0] == 0
+    assert store.start() is store and store.start() is store  # once, then a no-op
+    store.add_power_samples("d", "m", [Sample(1.0, 3.0)])
+    store.close()
+    assert StoreReader(tmp_path / "r").conn.execute(
+        "SELECT COUNT(*) FROM power_samples").fetchone()[0] == 1
+    with pytest.raises(HarnessError, match=r"run\.sqlite: write after close"):
+        store.add_power_samples("d", "m", [Sample(2.0, 3.0)])
+    with pytest.raises(HarnessError, match=r"run\.sqlite: start after close"):
+        store.start()
+    RunStore.open(tmp_path / "r").close()  # opened, never started: closes cleanly

@@ -40,7 +40,7 @@ def counts(db_path: Path) -> dict[str, int]:
 
 
 def test_a_bad_record_is_rejected_alone_and_the_writer_lives_on(tmp_path):
-    store = RunStore.create(tmp_path / "run")
+    store = RunStore.create(tmp_path / "run").start()
     try:
         store.add_events([_event(i, i) for i in range(10)])
         store.add_events([_event(10, 2**64)])  # OverflowError in sqlite3's binding
@@ -164,7 +164,7 @@ def _mount_tmpfs(target: Path, size: str) -> bool:
 FILLS_THE_DISK = textwrap.dedent("""\
     import sys, time
     from harness.store import EventRecord, RunStore
-    store = RunStore.open(sys.argv[1])
+    store = RunStore.open(sys.argv[1]).start()
     big = "x" * 200_000
     n = 0
     while store.fatal_error is None and n < 2000:
@@ -183,7 +183,7 @@ def test_full_disk_is_named_and_committed_rows_are_kept(tmp_path):
     if not _mount_tmpfs(mount, "4m"):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
-        store = RunStore.create(mount / "run")
+        store = RunStore.create(mount / "run").start()
         store.add_events([EventRecord("d", "j", 0, i, "{}", 0.0, seq=i) for i in range(-50, 0)])
         store.close()
         before = counts(mount / "run" / "run.sqlite")
