@@ -4,7 +4,7 @@ Each device's row says what it is doing now — "setup: building kernels 0:00:41
 "setup: loading data", "running", "window eval", "cooling down" — with the current
 job's bar (epochs and steps done of the job's total), its elapsed time and the time left
 (rich's estimate from the job's own pace), and how many of the device's jobs are done.
-Rendered from the runner's `Progress` records, which the device threads update.
+Rendered from the devices' `Progress` records (`harness.recorder`), which the device threads update.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from harness.runner import Progress as DeviceProgress
+from harness.recorder import Progress as DeviceProgress
 
 STEPS_UNKNOWN = 100  # bar resolution while the steps per epoch are not known yet
 

@@ -30,6 +30,7 @@ from harness.exit_codes import ExitStatus
 from harness.manifest import build_manifest, path_sha256, redact
 from harness.plan import assign_to_devices, eligible, idle_job, load_plan
 from harness.progress import FleetProgress
+from harness.recorder import Recorder
 from harness.runner import RERUN_STATUSES, Runner, check_pins
 from harness.store import DB_NAME, RunStore
 from harness.store.lock import RunDirLock
@@ -266,7 +267,7 @@ def _execute(
         + (f" (resumed; {len(planned) - len(todo)} already finished)" if resumed else "")
     )
     runner = Runner(
-        store,
+        Recorder(store, log=say),
         devices,
         todo,
         prepared,

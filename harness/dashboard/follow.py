@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from analysis.run_energy import (
     unknown_meter,
 )
 from contract.events import PAYLOADS, EpochEnd, EpochStart, Error, JobEnd, JobStart, Step
+from harness.recorder import Progress
 from runstore.reader import StoreProblem, StoreReader
 
 __all__ = ["StoreFollower", "StoreProblem", "open_store", "run_overview"]
@@ -91,19 +91,6 @@ class Series:
         lo = max(0, int(np.searchsorted(self.t_s, t_start_s, "left")) - 1)
         hi = int(np.searchsorted(self.t_s, t_end_s, "right")) + 1
         return self.t_s[lo:hi], self.power_w[lo:hi]
-
-
-@dataclass
-class Progress:
-    """What the dashboard shows of a device's current job (from its progress events)."""
-
-    job_id: str | None = None
-    epoch: int | None = None
-    step: int | None = None
-    loss: float | None = None
-    train_accuracy: float | None = None
-    test_accuracy: float | None = None
-    state: str | None = None
 
 
 class StoreFollower:
@@ -200,14 +187,15 @@ class StoreFollower:
 
     def _progress_event(self, row: sqlite3.Row) -> list[Any] | None:
         """Update the device's progress; epoch starts become live marks on the trace."""
-        progress = self.progress.setdefault(row["device"], Progress())
+        progress = self.progress.setdefault(row["device"], Progress(row["device"]))
         try:  # the event's payload as the contract defines it (stored lines were valid)
             data = json.loads(row["raw_json"]).get("data") or {}
             payload = PAYLOADS[row["kind"]].from_data(data)
         except (ValueError, AttributeError, KeyError):
             return None
         if isinstance(payload, JobStart):
-            self.progress[row["device"]] = Progress(job_id=row["job_id"], state="running")
+            self.progress[row["device"]] = Progress(row["device"], job_id=row["job_id"],
+                                                   state="running")
         elif isinstance(payload, EpochStart):
             progress.job_id, progress.epoch = row["job_id"], payload.epoch
             if row["t_host_s"] is not None:
@@ -233,7 +221,7 @@ class StoreFollower:
         results = self.store.result_summaries()
         for device in devices:
             device["category"] = STATUS_CATEGORY.get(device["status"], device["status"])
-            device["progress"] = vars(self.progress.get(device["name"], Progress()))
+            device["progress"] = vars(self.progress.get(device["name"], Progress(device["name"])))
         context = self._energy_context()
         for job in jobs:
             job["result"] = results.get(job["job_id"])

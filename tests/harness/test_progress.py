@@ -16,7 +16,7 @@ from rich.console import Console
 from contract.events import Event, parse_event_line
 from harness.clock import ClockEstimate
 from harness.progress import FleetProgress, describe, job_fraction
-from harness.runner import Progress, StreamRecorder
+from harness.recorder import Progress, StreamRecorder
 from harness.store import PlannedJob, RunStore
 
 REPO = Path(__file__).resolve().parents[2]

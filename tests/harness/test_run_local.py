@@ -21,7 +21,8 @@ from contract.jobspec import JobSpec
 from harness.clock import ClockEstimate
 from harness.commands.export import export_run
 from harness.exit_codes import ExitStatus
-from harness.runner import Progress, StreamRecorder, classify
+from harness.recorder import Progress, StreamRecorder
+from harness.runner import classify
 from harness.store import PlannedJob, RunStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -322,6 +323,7 @@ def test_stop_reaches_an_agent_started_while_the_runner_was_stopping(tmp_path: P
     from harness.inventory import Device
     from harness.local import LocalTransport
     from harness.plan import idle_job
+    from harness.recorder import Recorder
     from harness.runner import Runner
 
     started, stopping = threading.Event(), threading.Event()
@@ -339,7 +341,8 @@ def test_stop_reaches_an_agent_started_while_the_runner_was_stopping(tmp_path: P
     store.add_device(device.name, device.transport, device.host, device.tags, device.meter)
     store.add_jobs([job])
     runner = Runner(
-        store, [device], [job], {}, max_attempts=1, cooldown_s=0, attempts={}, log=lambda _: None,
+        Recorder(store), [device], [job], {}, max_attempts=1, cooldown_s=0, attempts={},
+        log=lambda _: None,
         transport_factory=lambda d: SlowToRegister(d, root=tmp_path / "device"),
     )
     runner.start()
@@ -347,7 +350,7 @@ def test_stop_reaches_an_agent_started_while_the_runner_was_stopping(tmp_path: P
     stopper = threading.Thread(target=runner.stop)
     began = time.monotonic()
     stopper.start()
-    assert wait_until(runner.stop_requested.is_set, 10, step_s=0.01)
+    assert wait_until(lambda: runner.stopping, 10, step_s=0.01)
     stopping.set()
     stopper.join(60)
     assert time.monotonic() - began < 12, "the worker ran its job on instead of stopping it"
