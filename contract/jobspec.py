@@ -25,6 +25,13 @@ Method `script` runs the user's script named in `script` ({"name", "path", "sha2
 Method `idle` runs no training: the agent rests `method.duration_s` seconds
 while its samplers run (the idle baseline); `model` and `dataset` are null.
 `dataset.path` is where the file is on the device (`contract.layout.device_data_path`).
+
+A job as a plan describes it names its files but does not locate them: `dataset` is
+`{"name"}` and `script` `{"name", "args"}`, without path or checksum, because the host
+prepares the data set (and copies the script) only when a run starts. `JobSpec.describe`
+checks such a description field by field, and `JobSpec.from_description` builds the job's
+one spec from it once the files' paths and checksums are known (`FileRef`): no spec with a
+made-up checksum ever exists.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from contract.fields import (
@@ -121,6 +129,36 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class FileRef:
+    """Where a file a job reads is, and its checksum: known once the host has the file (the
+    prepared data set, the run's copy of a script), so a planned job has none."""
+
+    path: str
+    sha256: str
+
+
+def sha256_field(value: object, name: str) -> str:
+    """A checksum: 64 lower-case hex digits."""
+    sha = str_field(value, name)
+    if not SHA256_PATTERN.match(sha):
+        raise SpecError(name, sha, "64 lower-case hex digits")
+    return sha
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A planned job's data set: named, not yet located (see the module's docstring)."""
+
+    name: str
+
+    @classmethod
+    def from_dict(cls, data: object, prefix: str = "dataset.") -> DatasetRef:
+        data = require_mapping(data, prefix.rstrip("."))
+        reject_unknown(data, cls, prefix)
+        return cls(name=str_field(data.get("name"), prefix + "name", choices=DATASETS))
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """A prepared canonical data set file on the device, checked by checksum before use."""
 
@@ -132,9 +170,7 @@ class DatasetSpec:
     def from_dict(cls, data: object, prefix: str = "dataset.") -> DatasetSpec:
         data = require_mapping(data, prefix.rstrip("."))
         reject_unknown(data, cls, prefix)
-        sha = str_field(data.get("sha256"), prefix + "sha256")
-        if not SHA256_PATTERN.match(sha):
-            raise SpecError(prefix + "sha256", sha, "64 lower-case hex digits")
+        sha = sha256_field(data.get("sha256"), prefix + "sha256")
         return cls(
             name=str_field(data.get("name"), prefix + "name", choices=DATASETS),
             path=str_field(data.get("path"), prefix + "path"),
@@ -166,6 +202,20 @@ class PowerModelSpec:
 
 
 @dataclass(frozen=True)
+class ScriptRef:
+    """A planned job's script: its name and arguments, not yet located."""
+
+    name: str
+    args: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: object, prefix: str = "script.") -> ScriptRef:
+        data = require_mapping(data, prefix.rstrip("."))
+        reject_unknown(data, cls, prefix)
+        return cls(name=_script_name(data, prefix), args=_script_args(data, prefix))
+
+
+@dataclass(frozen=True)
 class ScriptSpec:
     """A user's training script, deployed to the device by checksum, with its arguments."""
 
@@ -178,17 +228,25 @@ class ScriptSpec:
     def from_dict(cls, data: object, prefix: str = "script.") -> ScriptSpec:
         data = require_mapping(data, prefix.rstrip("."))
         reject_unknown(data, cls, prefix)
-        name = str_field(data.get("name"), prefix + "name")
-        if not JOB_ID_PATTERN.match(name):
-            raise SpecError(prefix + "name", name, "letters, digits, '.', '_', '-'")
-        sha = str_field(data.get("sha256"), prefix + "sha256")
-        if not SHA256_PATTERN.match(sha):
-            raise SpecError(prefix + "sha256", sha, "64 lower-case hex digits")
-        args = data.get("args", [])
-        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            raise SpecError(prefix + "args", args, "a list of strings")
+        name = _script_name(data, prefix)
+        sha = sha256_field(data.get("sha256"), prefix + "sha256")
+        args = _script_args(data, prefix)
         return cls(name=name, path=str_field(data.get("path"), prefix + "path"), sha256=sha,
-                   args=tuple(args))
+                   args=args)
+
+
+def _script_name(data: Mapping[str, Any], prefix: str) -> str:
+    name = str_field(data.get("name"), prefix + "name")
+    if not JOB_ID_PATTERN.match(name):
+        raise SpecError(prefix + "name", name, "letters, digits, '.', '_', '-'")
+    return name
+
+
+def _script_args(data: Mapping[str, Any], prefix: str) -> tuple[str, ...]:
+    args = data.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise SpecError(prefix + "args", args, "a list of strings")
+    return tuple(args)
 
 
 @dataclass(frozen=True)
@@ -300,56 +358,31 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: object) -> JobSpec:
         """Validate a decoded JSON object; raise `SpecError` naming the first bad field."""
-        data = require_mapping(data, "job")
-        reject_unknown(data, cls, "")
-        version = data.get("schema_version")
-        if version != JOB_SCHEMA_VERSION:
-            raise SpecError("schema_version", version, f"{JOB_SCHEMA_VERSION}")
-        job_id = str_field(data.get("job_id"), "job_id")
-        if not JOB_ID_PATTERN.match(job_id):
-            raise SpecError("job_id", job_id, "letters, digits, '.', '_', '-' (max 128)")
-        method = MethodSpec.from_dict(data.get("method"))
-        script = method.name == SCRIPT_METHOD
-        idle = method.name == IDLE_METHOD or script  # neither has the engine's model or data
-        model = str_field(data.get("model"), "model", optional=idle,
-                          choices=None if idle else MODELS)
-        raw_dataset = data.get("dataset")
-        dataset = None if idle and raw_dataset is None else DatasetSpec.from_dict(raw_dataset)
-        if idle and (model is not None or dataset is not None):
-            raise SpecError("model" if model else "dataset", model or raw_dataset,
-                            f"null for {method.name}")
-        raw_script = data.get("script")
-        if script != (raw_script is not None):
-            raise SpecError("script", raw_script,
-                            "the script to run" if script else "null unless method is script")
-        script_spec = ScriptSpec.from_dict(raw_script) if script else None
-        epochs = int_field(data.get("epochs", 1), "epochs", minimum=1, optional=True,
-                           maximum=MAX_EPOCHS)
-        max_steps = int_field(data.get("max_steps"), "max_steps", minimum=1, optional=True)
-        if not idle and epochs is None and max_steps is None:
-            raise SpecError("epochs", None, "epochs or max_steps (or both)")
-        telemetry = TelemetrySpec.from_dict(data.get("telemetry", {}))
-        limits = LimitsSpec.from_dict(data.get("limits", {}))
-        stall = limits.stall_timeout_s
-        if stall is not None and stall < 2 * telemetry.heartbeat_s:
-            raise SpecError("limits.stall_timeout_s", stall,
-                            f"at least twice telemetry.heartbeat_s ({telemetry.heartbeat_s:g} s)")
-        return cls(
-            job_id=job_id,
-            method=method,
-            model=model,
-            dataset=dataset,
-            batch_size=int_field(data.get("batch_size", 100), "batch_size", minimum=1,
-                                 maximum=MAX_BATCH_SIZE),
-            epochs=epochs,
-            max_steps=max_steps,
-            seed=int_field(data.get("seed", 0), "seed", minimum=0, maximum=MAX_SEED),
-            eval_every_epochs=int_field(data.get("eval_every_epochs", 1), "eval_every_epochs",
-                                        1),
-            telemetry=telemetry,
-            limits=limits,
-            script=script_spec,
-        )
+        return cls(**_checked_fields(data, located=True))
+
+    @classmethod
+    def describe(cls, data: object) -> dict[str, Any]:
+        """Check a planned job (its files named, not located: `dataset: {name}`, `script:
+        {name, args}`) as `from_dict` checks a spec; returns it with the defaults filled in,
+        as the store records it and `harness plan show` prints it."""
+        return _plain(_checked_fields(data, located=False))
+
+    @classmethod
+    def from_description(
+        cls,
+        description: Mapping[str, Any],
+        *,
+        dataset: FileRef | None = None,
+        script: FileRef | None = None,
+    ) -> JobSpec:
+        """The job's spec, built once its files are known: a description (`describe`) with
+        the data set's and the script's path and checksum filled in."""
+        data = dict(description)
+        for key, file in (("dataset", dataset), ("script", script)):
+            if file is not None:
+                named = require_mapping(data.get(key), key)
+                data[key] = {**named, "path": file.path, "sha256": file.sha256}
+        return cls.from_dict(data)
 
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
@@ -362,12 +395,7 @@ class JobSpec:
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["method"]["enable"] = list(self.method.enable)
-        data["method"]["disable"] = list(self.method.disable)
-        if self.script is not None:
-            data["script"]["args"] = list(self.script.args)
-        return data
+        return _plain(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -380,3 +408,71 @@ class JobSpec:
         script = self.script and dataclasses.replace(
             self.script, path=device_data_path(self.script.path))
         return dataclasses.replace(self, dataset=dataset, script=script)
+
+
+def _checked_fields(data: object, located: bool) -> dict[str, Any]:
+    """A job's fields, each checked; its data set and script located (a spec: `DatasetSpec`,
+    `ScriptSpec`) or only named (a description: `DatasetRef`, `ScriptRef`)."""
+    data = require_mapping(data, "job")
+    reject_unknown(data, JobSpec, "")
+    version = data.get("schema_version")
+    if version != JOB_SCHEMA_VERSION:
+        raise SpecError("schema_version", version, f"{JOB_SCHEMA_VERSION}")
+    job_id = str_field(data.get("job_id"), "job_id")
+    if not JOB_ID_PATTERN.match(job_id):
+        raise SpecError("job_id", job_id, "letters, digits, '.', '_', '-' (max 128)")
+    method = MethodSpec.from_dict(data.get("method"))
+    script = method.name == SCRIPT_METHOD
+    idle = method.name == IDLE_METHOD or script  # neither has the engine's model or data
+    model = str_field(data.get("model"), "model", optional=idle,
+                      choices=None if idle else MODELS)
+    raw_dataset = data.get("dataset")
+    dataset_type = DatasetSpec if located else DatasetRef
+    dataset = None if idle and raw_dataset is None else dataset_type.from_dict(raw_dataset)
+    if idle and (model is not None or dataset is not None):
+        raise SpecError("model" if model else "dataset", model or raw_dataset,
+                        f"null for {method.name}")
+    raw_script = data.get("script")
+    if script != (raw_script is not None):
+        raise SpecError("script", raw_script,
+                        "the script to run" if script else "null unless method is script")
+    script_spec = (ScriptSpec if located else ScriptRef).from_dict(raw_script) if script else None
+    epochs = int_field(data.get("epochs", 1), "epochs", minimum=1, optional=True,
+                       maximum=MAX_EPOCHS)
+    max_steps = int_field(data.get("max_steps"), "max_steps", minimum=1, optional=True)
+    if not idle and epochs is None and max_steps is None:
+        raise SpecError("epochs", None, "epochs or max_steps (or both)")
+    telemetry = TelemetrySpec.from_dict(data.get("telemetry", {}))
+    limits = LimitsSpec.from_dict(data.get("limits", {}))
+    stall = limits.stall_timeout_s
+    if stall is not None and stall < 2 * telemetry.heartbeat_s:
+        raise SpecError("limits.stall_timeout_s", stall,
+                        f"at least twice telemetry.heartbeat_s ({telemetry.heartbeat_s:g} s)")
+    return dict(
+        job_id=job_id,
+        method=method,
+        model=model,
+        dataset=dataset,
+        batch_size=int_field(data.get("batch_size", 100), "batch_size", minimum=1,
+                             maximum=MAX_BATCH_SIZE),
+        epochs=epochs,
+        max_steps=max_steps,
+        seed=int_field(data.get("seed", 0), "seed", minimum=0, maximum=MAX_SEED),
+        eval_every_epochs=int_field(data.get("eval_every_epochs", 1), "eval_every_epochs",
+                                    1),
+        telemetry=telemetry,
+        limits=limits,
+        script=script_spec,
+        schema_version=JOB_SCHEMA_VERSION,
+    )
+
+
+def _plain(value: Any) -> Any:
+    """Records as JSON-ready data: dataclasses as dicts (field order), tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value

@@ -94,7 +94,6 @@ LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,40}$")
 MAX_PLAN_JOBS = 10_000
 # No event (the agent sends a heartbeat every telemetry.heartbeat_s) for this long: stalled.
 DEFAULT_STALL_TIMEOUT_S = 120.0
-PLACEHOLDER_SHA256 = "0" * 64
 # A job spec field -> the matrix entry key it comes from (errors point at the entry's line).
 SPEC_TO_ENTRY_KEY = {"model": "models", "dataset": "datasets", "batch_size": "batch_sizes",
                      "seed": "seeds"}
@@ -106,6 +105,15 @@ class DatasetSource:
 
     name: str
     source: Path | None
+
+
+@dataclass(frozen=True)
+class ScriptSource:
+    """A script the plan names and its file, as the plan gives it (`harness run` copies it
+    into the run directory; devices get the copy)."""
+
+    name: str
+    path: Path
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,7 @@ class Plan:
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     stall_timeout_s: float | None = DEFAULT_STALL_TIMEOUT_S
     wall_clock_s: float | None = None
+    scripts: tuple[ScriptSource, ...] = ()
 
 
 class _Where:
@@ -245,7 +254,7 @@ def load_plan(path: Path) -> Plan:
     if not isinstance(telemetry, dict):
         raise where.error(doc, "telemetry", "telemetry", f"expected a mapping, got {telemetry!r}")
     datasets = _datasets(where, doc, path)
-    scripts = _scripts(
+    script_sources, scripts = _scripts(
         where, doc, path, telemetry, {"stall_timeout_s": stall_s, "wall_clock_s": wall_s}
     )
     matrix = doc.get("matrix", YamlList() if scripts else None)
@@ -283,6 +292,7 @@ def load_plan(path: Path) -> Plan:
         doc,
         stall_s,
         wall_s,
+        tuple(script_sources),
     )
 
 
@@ -292,13 +302,15 @@ def _scripts(
     path: Path,
     telemetry: dict,
     limits: dict[str, float | None] | None = None,
-) -> list[PlannedJob]:
+) -> tuple[list[ScriptSource], list[PlannedJob]]:
     """The plan's own scripts: `scripts: [{name, path, args, devices, repeats}]`, each run by
-    the agent like a built-in job (job id `script-NAME-rREPEAT`)."""
+    the agent like a built-in job (job id `script-NAME-rREPEAT`); their files, and the jobs."""
     section = doc.get("scripts", [])
     if not isinstance(section, list):
         raise where.error(doc, "scripts", "scripts", f"expected a list, got {section!r}")
-    jobs, names = [], set()
+    jobs: list[PlannedJob] = []
+    sources: list[ScriptSource] = []
+    names = set()
     for index, entry in enumerate(section):
         label = f"scripts[{index}]"
         if not isinstance(entry, YamlMap):
@@ -336,21 +348,21 @@ def _scripts(
                               f"{MAX_PLAN_JOBS:,} jobs")
         pinned = tuple(_name_list(where, entry, "devices", f"{label}.devices", [])
                        if "devices" in entry else ())
+        sources.append(ScriptSource(name, script))
         for repeat in range(repeats):
             job_id = f"script-{name}-r{repeat}"
-            spec = JobSpec.from_dict({
+            spec = JobSpec.describe({
                 "schema_version": 1, "job_id": job_id, "method": {"name": SCRIPT_METHOD},
                 "model": None, "dataset": None, "epochs": None, "telemetry": dict(telemetry),
-                "script": {"name": name, "path": str(script), "sha256": PLACEHOLDER_SHA256,
-                           "args": [str(a) for a in args]},
+                "script": {"name": name, "args": [str(a) for a in args]},
                 "limits": {k: v for k, v in (limits or {}).items() if v is not None},
-            }).to_dict()
+            })
             jobs.append(PlannedJob(
                 job_id=job_id, plan_index=0, kind="script", method="script", model=None,
                 dataset=None, batch_size=None, epochs=None, max_steps=None, seed=None,
                 repeat=repeat, pinned=pinned, spec=spec,
             ))
-    return jobs
+    return sources, jobs
 
 
 def _datasets(where: _Where, doc: YamlMap, path: Path) -> dict[str, Path | None]:
@@ -445,11 +457,7 @@ def _expand_entry(
             "job_id": job_id,
             "method": method["options"],
             "model": model,
-            "dataset": {
-                "name": data_name,
-                "path": f"data/{data_name}",
-                "sha256": PLACEHOLDER_SHA256,
-            },
+            "dataset": {"name": data_name},  # located when the run has the file
             "batch_size": batch,
             "epochs": entry.get("epochs", 1),
             "max_steps": entry.get("max_steps"),
@@ -459,7 +467,7 @@ def _expand_entry(
             "limits": dict(limits),
         }
         try:
-            checked = JobSpec.from_dict(spec)
+            checked = JobSpec.describe(spec)
         except SpecError as exc:
             key = exc.field.split(".")[0]
             key = SPEC_TO_ENTRY_KEY.get(key, key)
@@ -475,16 +483,16 @@ def _expand_entry(
                 job_id=job_id,
                 plan_index=0,
                 kind="train",
-                method=checked.method.name,
+                method=checked["method"]["name"],
                 model=model,
                 dataset=data_name,
                 batch_size=batch,
-                epochs=checked.epochs,
-                max_steps=checked.max_steps,
+                epochs=checked["epochs"],
+                max_steps=checked["max_steps"],
                 seed=seed,
                 repeat=repeat,
                 pinned=pinned,
-                spec=checked.to_dict(),
+                spec=checked,
             )
         )
     return jobs
@@ -498,7 +506,7 @@ def idle_job(
 ) -> PlannedJob:
     """The idle baseline of one device, as a job the agent runs (method `idle`)."""
     job_id = "idle-" + re.sub(r"[^A-Za-z0-9._-]", "_", device)
-    spec = JobSpec.from_dict(
+    spec = JobSpec.describe(
         {
             "schema_version": 1,
             "job_id": job_id,
@@ -509,7 +517,7 @@ def idle_job(
             "telemetry": dict(telemetry),
             "limits": {"stall_timeout_s": stall_timeout_s},
         }
-    ).to_dict()
+    )
     return PlannedJob(
         job_id=job_id,
         plan_index=-1,

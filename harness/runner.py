@@ -5,9 +5,10 @@ skipped), deploys the data sets, runs its idle baseline, then takes the next
 job it may run from a shared queue (jobs pinned to names or tags go only to
 matching devices). Each job: clock offset before, the agent's event stream
 into the store as it arrives (through `harness.recorder`: the workers write no rows
-themselves), clock offset after, an outcome from the last event and the exit code. A job whose device was lost goes back to the queue
-until the plan's `max_attempts`; its partial events stay, under their attempt
-number. Meters are recorded for the whole run, through `harness.meters`.
+themselves), clock offset after, an outcome from the last event and the exit code. A
+job whose device was lost goes back to the queue until the plan's `max_attempts`; its
+partial events stay, under their attempt number. Meters are recorded for the whole run,
+through `harness.meters`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from contract.checksum import file_sha256
 from contract.events import AgentExit
-from contract.jobspec import JobSpec
+from contract.jobspec import FileRef, JobSpec
 from harness.clock import estimate_offset
 from harness.errors import DeviceLost, DeviceUnreachable, HarnessUsageError
 from harness.plan import eligible
@@ -191,12 +192,8 @@ class DeviceWorker:
         progress.epochs, progress.max_steps = job.spec.get("epochs"), job.spec.get("max_steps")
         before = estimate_offset(transport)
         self.record.clock_offset(name, job.job_id, attempt, "before", before)
-        spec = run.device_spec(job, self.device)
-        if job.kind != "idle" and run.cooldown_s > 0 and self.idle_temp_c is not None:
-            # after the cooldown, the agent waits (in setup) for the board's idle temperature
-            spec["telemetry"] = {**spec.get("telemetry", {}),
-                                 "cool_to_c": round(self.idle_temp_c + COOL_MARGIN_C, 1),
-                                 "cool_max_s": COOL_MAX_S}
+        cool = job.kind != "idle" and run.cooldown_s > 0 and self.idle_temp_c is not None
+        spec = run.device_spec(job, self.device, self.idle_temp_c if cool else None)
         t_attempt = time.time()
         recorder = self.record.attempt(name, job, attempt, before, progress, t_attempt)
         progress.set_state("starting")
@@ -309,22 +306,28 @@ class Runner:
         with self._lock:
             self._running.pop(device, None)
 
-    def device_spec(self, job: PlannedJob, device: Any = None) -> JobSpec:
-        """The job's spec with the data set's (a script's) host path and checksum filled in,
-        and the device's `modeled` power source when the agent computes it; validated."""
-        spec = dict(job.spec)
+    def device_spec(
+        self, job: PlannedJob, device: Any = None, idle_temp_c: float | None = None
+    ) -> JobSpec:
+        """The attempt's spec, built once from the job's description: the data set's (a
+        script's) host path and checksum, the device's `modeled` power source when the agent
+        computes it, and after a cooldown the temperature to wait for (the device's idle
+        baseline's plus a margin); validated."""
+        telemetry = dict(job.spec.get("telemetry") or {})
         model = agent_power_model(device) if device is not None else None
         if model is not None:
-            spec["telemetry"] = {**spec.get("telemetry", {}), "power_model": model}
-        if job.dataset is not None:
-            path = self.datasets[job.dataset]
-            spec["dataset"] = {"name": job.dataset, "path": str(path),
-                               "sha256": self.files[path]}
-        if job.kind == "script":
-            path = self.script_files[spec["script"]["name"]]
-            spec["script"] = {**spec["script"], "path": str(path),
-                              "sha256": self.files[path]}
-        return JobSpec.from_dict(spec)
+            telemetry["power_model"] = model
+        if idle_temp_c is not None:  # the agent waits (in setup) for the board to cool
+            telemetry["cool_to_c"] = round(idle_temp_c + COOL_MARGIN_C, 1)
+            telemetry["cool_max_s"] = COOL_MAX_S
+        dataset = self._located(self.datasets[job.dataset]) if job.dataset is not None else None
+        script = (self._located(self.script_files[job.spec["script"]["name"]])
+                  if job.kind == "script" else None)
+        return JobSpec.from_description({**job.spec, "telemetry": telemetry},
+                                        dataset=dataset, script=script)
+
+    def _located(self, path: Path) -> FileRef:
+        return FileRef(str(path), self.files[path])
 
     # ------------------------------------------------------------ what the service calls
 

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from importlib import resources
 from pathlib import Path
@@ -28,7 +29,7 @@ from contract.checksum import file_sha256
 from harness.errors import HarnessError, HarnessUsageError
 from harness.exit_codes import ExitStatus
 from harness.manifest import build_manifest, path_sha256, redact
-from harness.plan import assign_to_devices, eligible, idle_job, load_plan
+from harness.plan import ScriptSource, assign_to_devices, eligible, idle_job, load_plan
 from harness.progress import FleetProgress
 from harness.recorder import Recorder
 from harness.runner import RERUN_STATUSES, Runner, check_pins
@@ -223,7 +224,7 @@ def _execute(
                     f"{exc} (the run {run_dir} is kept: fix this, then "
                     f"`harness run --resume {run_dir}`)"
                 ) from exc
-    scripts = snapshot_scripts(plan.jobs, run_dir)
+    scripts = snapshot_scripts(plan.scripts, run_dir)
     idle_jobs = (
         [idle_job(d.name, plan.idle_baseline_s, plan.telemetry, plan.stall_timeout_s)
          for d in devices]
@@ -329,19 +330,16 @@ def _order_seed(store: RunStore, plan, resumed: bool) -> int:
     return secrets.randbelow(2**31)
 
 
-def snapshot_scripts(jobs: Any, run_dir: Path) -> dict[str, Path]:
+def snapshot_scripts(scripts: Sequence[ScriptSource], run_dir: Path) -> dict[str, Path]:
     """The plan's scripts copied into RUN/scripts/ (once: a resumed run runs the same code);
     script name -> the copy, which is what devices get."""
     copies: dict[str, Path] = {}
-    for job in jobs:
-        if job.kind != "script" or job.spec["script"]["name"] in copies:
-            continue
-        name, source = job.spec["script"]["name"], Path(job.spec["script"]["path"])
-        target = run_dir / "scripts" / f"script-{name}{source.suffix or '.py'}"
+    for script in scripts:
+        target = run_dir / "scripts" / f"script-{script.name}{script.path.suffix or '.py'}"
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-        copies[name] = target
+            shutil.copyfile(script.path, target)
+        copies[script.name] = target
     return copies
 
 

@@ -42,11 +42,13 @@ class MemorySample:
 
 @dataclass(frozen=True)
 class PlannedJob:
-    """A job as the plan expands it, before any device runs it."""
+    """A job as the plan expands it, before any device runs it. `spec` is its description
+    (`contract.jobspec.JobSpec.describe`): its files named, not located; the job's spec is
+    built from it once, when a device runs it (`JobSpec.from_description`)."""
 
     job_id: str
     plan_index: int
-    kind: str  # "train" or "idle"
+    kind: str  # "train", "idle" or "script"
     method: str
     model: str | None
     dataset: str | None

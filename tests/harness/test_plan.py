@@ -10,9 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from contract.jobspec import JobSpec
+from contract.checksum import file_sha256
+from contract.fields import SpecError
+from contract.jobspec import FileRef, JobSpec
 from harness.errors import HarnessUsageError
 from harness.plan import assign_to_devices, eligible, idle_job, load_plan
+from harness.recorder import Recorder
+from harness.runner import Runner
+from harness.store import RunStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,8 +68,10 @@ def test_matrix_expands_to_every_combination_with_stable_ids(tmp_path):
     bop = plan.jobs[-1]
     assert bop.max_steps == 10 and bop.epochs is None and bop.pinned == ()
     assert bop.spec["telemetry"]["memory_hz"] == 5
-    for job in plan.jobs:  # every expanded spec is a valid job spec
-        JobSpec.from_dict(job.spec)
+    for job in plan.jobs:  # every expanded job is a valid description, and becomes a spec
+        assert JobSpec.describe(job.spec) == job.spec
+        file = FileRef(f"/run/data/{job.dataset}.npz", "ab" * 32)
+        assert JobSpec.from_description(job.spec, dataset=file).dataset.sha256 == "ab" * 32
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,38 @@ def test_every_arm_runs_on_every_device_in_a_recorded_random_order(tmp_path):
     assert [j.job_id for j in other] != [j.job_id for j in jobs]
     single = assign_to_devices(plan.jobs[-1:], [Device("solo")], seed=0)
     assert [j.job_id for j in single] == ["mlp-digits-bop-b100-s0-r0"]  # one device: its id
+
+
+def test_a_planned_job_has_no_checksum_until_its_spec_is_built_once(tmp_path, monkeypatch):
+    """A plan names its data sets and scripts; the spec a device gets is built once, with
+    the prepared file's real checksum (no made-up one in between), the device's idle
+    temperature to cool to after a cooldown, and the file hashed once per run."""
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    plan = load_plan(write(tmp_path, MATRIX + "scripts:\n  - {name: mine, path: train.py}\n"))
+    job = plan.jobs[0]
+    assert job.spec["dataset"] == {"name": "digits"}
+    script_job = plan.jobs[-1]
+    assert script_job.spec["script"] == {"name": "mine", "args": []}
+    assert [(s.name, s.path) for s in plan.scripts] == [("mine", tmp_path / "train.py")]
+    with pytest.raises(SpecError, match=r"dataset\.sha256"):  # a description is not a spec
+        JobSpec.from_dict(job.spec)
+    with pytest.raises(SpecError, match=r"dataset\.path"):  # nor a spec a description
+        JobSpec.describe({**job.spec, "dataset": {"name": "digits", "path": "x"}})
+    data = tmp_path / "digits.npz"
+    data.write_bytes(b"not really a data set")
+    sums = {data: file_sha256(data), plan.scripts[0].path: file_sha256(plan.scripts[0].path)}
+    monkeypatch.setattr("harness.runner.file_sha256", lambda path: pytest.fail(f"{path} again"))
+    with RunStore.create(tmp_path / "run") as store:
+        runner = Runner(Recorder(store), [], [], {"digits": data}, max_attempts=1, cooldown_s=1,
+                        attempts={}, log=print, checksums=sums,
+                        script_files={"mine": plan.scripts[0].path})
+    spec = runner.device_spec(job, idle_temp_c=45.04)
+    assert spec.dataset.path == str(data) and spec.dataset.sha256 == sums[data]
+    assert spec.telemetry.cool_to_c == 47.0 and spec.telemetry.cool_max_s == 120
+    assert spec.on_device().dataset.path == "data/digits.npz"
+    assert runner.device_spec(job).telemetry.cool_to_c is None
+    script = runner.device_spec(script_job).script
+    assert (script.path, script.sha256) == (str(plan.scripts[0].path), sums[plan.scripts[0].path])
 
 
 def test_pinning_by_name_or_tag():
