@@ -12,7 +12,7 @@ import nbformat
 import pytest
 
 from harness.commands.notebook import run_notebook
-from harness.commands.run import point_latest
+from harness.service import point_latest
 from harness.store.synthetic import build_synthetic_run
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "analysis" / "notebooks"
