@@ -31,7 +31,6 @@ from harness.store import PlannedJob
 from harness.transport import Transport, make_transport
 from harness.watchdog import WatchedStream
 
-FINAL_STATUSES = ("completed", "failed", "oom", "stalled", "timed_out")
 # What `--resume` runs again: never started, cut short, or skipped (its device could not be
 # reached, had no sftp, had a changed host key: fixable, so the job is not final).
 RERUN_STATUSES = ("pending", "running", "incomplete", "interrupted", "skipped")
