@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from trainers.continual.qstore import ROUNDINGS, QuantisedTensor, quantise
-from trainers.continual.quant import FULL_PRECISION_BITS, quantise_minmax
+from trainers.continual.quant import FULL_PRECISION_BITS, quantise_minmax_
 
 
 class HybridSGD(torch.optim.Optimizer):
@@ -134,11 +134,13 @@ class HybridSGD(torch.optim.Optimizer):
             held = self._held(group)
             if held and p.numel() == 0:
                 self.materialise([p])
-            grad = quantise_minmax(p.grad, group["bits"]) if held else p.grad
-            p.sub_(grad, alpha=group["lr"])
+            if held:  # the gradient at q_b bits, in place (it is consumed here)
+                quantise_minmax_(p.grad, group["bits"])
+            p.sub_(p.grad, alpha=group["lr"])
             if group["clip"] is not None:
                 p.clamp_(-group["clip"], group["clip"])
             if held:
+                p.grad = None  # before quantising: its scratch takes the gradient's place
                 self._store(group, p, p.data)
                 _release(p)
 

@@ -104,14 +104,15 @@ def quantise(x: torch.Tensor, bits: int, rounding: str = "nearest",
     if scale <= 0.0:  # all zeros: any scale holds them exactly
         scale = 1.0
     zero_point = min(levels, max(0, round(-lo / scale)))
-    q = x.to(wide) / scale + zero_point
+    q = x.to(wide, copy=True).div_(scale).add_(zero_point)  # in place: one scratch tensor
     if rounding == "nearest":
-        q = torch.round(q)
+        q.round_()
     else:
-        q = torch.floor(q + torch.rand(q.shape, generator=generator, dtype=wide))
+        q.add_(torch.rand(q.shape, generator=generator, dtype=wide)).floor_()
     codes = q.clamp_(0, levels).to(torch.int32)
+    del q
     if bits < 8:
         stored = pack_codes(codes, bits)
     else:
-        stored = (codes - _offset(bits)).to(dtype)
+        stored = codes.sub_(_offset(bits)).to(dtype)
     return QuantisedTensor(stored, x.shape, bits, scale, zero_point)

@@ -22,11 +22,18 @@ def quantise_minmax(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Round `x` onto 2**bits evenly spaced levels between its own min and max."""
     if bits >= FULL_PRECISION_BITS or x.numel() == 0:
         return x
+    return quantise_minmax_(x.clone(), bits)
+
+
+def quantise_minmax_(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """`quantise_minmax` in place, without scratch tensors (a gradient consumed by a step)."""
+    if bits >= FULL_PRECISION_BITS or x.numel() == 0:
+        return x
     lo, hi = torch.aminmax(x.detach())
     scale = (hi - lo) / (2**bits - 1)
     if scale <= 0:
         return x
-    return torch.round((x - lo) / scale) * scale + lo
+    return x.sub_(lo).div_(scale).round_().mul_(scale).add_(lo)
 
 
 class HybridQuantise(torch.autograd.Function):
