@@ -88,8 +88,9 @@ class ExperienceRecord:
     test_accuracy: float  # fraction 0..1 on the test samples of all classes seen so far
     accuracy_per_experience: list[float]  # on each seen experience's classes
     buffer_bytes: int  # measured bytes of the stored replay latents
-    trainable_bytes: int  # parameters (as held: q_b-bit codes), buffers and optimizer state
-    # of what was trained (experience 1: the whole float32 network and Adam's moments)
+    # parameters (as held: q_b-bit codes), buffers and optimizer state of what was trained
+    # (experience 1: the whole float32 network and Adam's moments)
+    trainable_bytes: int
     seconds: float  # training, buffer update and evaluation of the experience
 
 
@@ -263,6 +264,8 @@ class ContinualRun:
                 yield weight
 
     def trainable_bytes(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        """The ledger of what was trained: held parameters count as their codes (their
+        modules keep empty tensors between steps), plus buffers and optimizer state."""
         if not isinstance(optimizer, HybridSGD):
             return tensor_bytes(model, optimizer)
         buffers = sum(b.numel() * b.element_size() for b in model.buffers())
