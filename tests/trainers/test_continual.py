@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -14,12 +15,15 @@ import torch
 
 from contract.errors import UsageError
 from datafiles import load_dataset
-from trainers.continual.quant import (
-    HybridQuantise,
-    QuantisedUpdates,
-    quantise_activations,
-    quantise_minmax,
+from trainers.continual.hybrid_sgd import HybridSGD
+from trainers.continual.qstore import (
+    SCALE_ZERO_POINT_BYTES,
+    pack_codes,
+    quantise,
+    storage_dtype,
+    unpack_codes,
 )
+from trainers.continual.quant import HybridQuantise, quantise_activations, quantise_minmax
 from trainers.continual.scenario import class_incremental
 
 
@@ -99,19 +103,116 @@ def test_hybrid_quantise_forward_at_qf_gradient_identity_then_at_qb():
     assert torch.equal(x.grad, torch.round(upstream))
 
 
-def test_quantised_updates_round_gradients_and_updates_at_qb():
-    w = torch.nn.Parameter(torch.tensor([0.0, 0.0, 0.0]))
-    optimizer = torch.optim.SGD([w], lr=1.0)
-    step = QuantisedUpdates(optimizer, [w], qb=1)
-    w.grad = torch.tensor([0.0, 0.4, 1.0])
-    step.step()
-    # gradient on 2 levels {0, 1} -> [0, 0, 1]; update -[0, 0, 1] is already on its grid
-    assert torch.equal(w.detach(), torch.tensor([0.0, 0.0, -1.0]))
-    reference = torch.nn.Parameter(torch.tensor([0.0, 0.0, 0.0]))
-    full = QuantisedUpdates(torch.optim.SGD([reference], lr=1.0), [reference], qb=32)
-    reference.grad = torch.tensor([0.0, 0.4, 1.0])
-    full.step()
-    assert torch.equal(reference.detach(), torch.tensor([0.0, -0.4, -1.0]))
+@pytest.mark.parametrize(("bits", "dtype", "nbytes"), [
+    (1, torch.uint8, 1 * 13), (3, torch.uint8, 3 * 13), (7, torch.uint8, 7 * 13),
+    (8, torch.uint8, 100), (12, torch.int16, 200), (16, torch.int16, 200), (20, torch.int32, 400),
+])
+def test_stored_tensor_dtype_and_bytes(bits, dtype, nbytes):
+    # 100 values: packed widths keep `bits` planes of ceil(100 / 8) = 13 bytes
+    x = torch.linspace(-1.0, 0.5, 100).reshape(10, 10)
+    q = quantise(x, bits)
+    assert q.codes.dtype == dtype and storage_dtype(bits) == dtype
+    assert q.nbytes == nbytes + SCALE_ZERO_POINT_BYTES
+    assert q.dequantise().shape == x.shape and q.dequantise().dtype == torch.float32
+
+
+@pytest.mark.parametrize("bits", range(1, 8))
+def test_pack_unpack_codes_round_trip(bits):
+    generator = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (1001,), generator=generator)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == bits * 126  # ceil(1001 / 8)
+    assert torch.equal(unpack_codes(packed, bits, 1001), codes.to(torch.int32))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_quantised_values_sit_on_a_grid_that_holds_zero(bits):
+    x = torch.cat([torch.linspace(-0.3, 0.9, 999), torch.zeros(1)])
+    q = quantise(x, bits)
+    values = q.dequantise()
+    assert values[-1] == 0.0  # zero is exact (CWR* zeroes head rows)
+    assert (values - x).abs().max() <= q.scale / 2 + 1e-6
+    steps = values / q.scale
+    assert torch.allclose(steps, torch.round(steps), atol=1e-3)
+    assert len(torch.unique(q.int_codes())) <= 2**bits
+    assert torch.equal(quantise(torch.zeros(5), bits).dequantise(), torch.zeros(5))
+
+
+def test_hybrid_sgd_holds_weights_as_codes_and_updates_onto_the_grid():
+    w = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 64))
+    start = w.detach().clone()
+    optimizer = HybridSGD([w], lr=0.5, bits=4)
+    assert w.numel() == 0  # between steps only the codes are held
+    held = optimizer.stored(w)
+    assert held.codes.dtype == torch.uint8 and held.nbytes == 4 * 8 + SCALE_ZERO_POINT_BYTES
+    assert optimizer.stored_bytes == held.nbytes
+    optimizer.materialise()
+    assert torch.equal(w.detach(), quantise(start, 4).dequantise())
+    grad = torch.linspace(0.0, 0.2, 64)
+    expected = quantise(w.detach() - 0.5 * quantise_minmax(grad, 4), 4).dequantise()
+    w.grad = grad
+    optimizer.step()
+    assert w.numel() == 0 and w.grad is None
+    assert torch.equal(optimizer.stored(w).dequantise(), expected)
+
+
+def test_nearest_rounding_loses_updates_below_half_a_step_stochastic_keeps_them_on_average():
+    def mean_after(rounding):
+        w = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 4096))
+        with torch.no_grad():
+            w[0], w[-1] = -2.0, 2.0  # untouched ends keep the range (and so the grid) in place
+        optimizer = HybridSGD([w], lr=1.0, bits=4, rounding=rounding, seed=0)
+        optimizer.materialise()
+        before = w.detach().clone()
+        w.grad = torch.full((4096,), 0.02)  # a step is 4 / 15: the update is 0.075 of it
+        w.grad[0] = w.grad[-1] = 0.0
+        optimizer.step()
+        return float((optimizer.stored(w).dequantise() - before)[1:-1].mean())
+
+    # nearest: every value rounds back to its old level (one code moved would shift the
+    # mean by 0.27 / 4094 = 6.5e-5; what is left is float32 noise of the re-fitted scale)
+    assert abs(mean_after("nearest")) < 1e-6
+    assert mean_after("stochastic") == pytest.approx(-0.02, abs=0.004)
+
+
+def test_hybrid_sgd_state_dict_round_trip():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(7))]
+    optimizer = HybridSGD(params, lr=0.1, bits=16)
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fresh = [torch.nn.Parameter(torch.zeros(6, 5)), torch.nn.Parameter(torch.zeros(7))]
+    loaded = HybridSGD(fresh, lr=0.5, bits=16)
+    loaded.load_state_dict(saved)
+    assert loaded.param_groups[0]["lr"] == 0.1
+    for a, b in zip(params, fresh, strict=True):
+        assert loaded.stored(b).codes.dtype == torch.int16
+        assert torch.equal(loaded.stored(b).codes, optimizer.stored(a).codes)
+        assert torch.equal(loaded.stored(b).dequantise(), optimizer.stored(a).dequantise())
+        assert b.numel() == 0
+    for opt, ps in ((optimizer, params), (loaded, fresh)):
+        opt.materialise()
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert all(torch.equal(optimizer.stored(a).codes, loaded.stored(b).codes)
+               for a, b in zip(params, fresh, strict=True))
+
+
+def test_hybrid_sgd_at_32_bits_is_plain_sgd_with_clipping():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(20))
+    reference = torch.nn.Parameter(w.detach().clone())
+    optimizer = HybridSGD([{"params": [w], "clip": 1.0}], lr=0.3)
+    sgd = torch.optim.SGD([reference], lr=0.3)
+    grad = torch.randn(20)
+    w.grad, reference.grad = grad.clone(), grad.clone()
+    optimizer.step()
+    sgd.step()
+    assert optimizer.state_dict()["state"] == {} and optimizer.stored_bytes == 20 * 4
+    assert torch.equal(w.detach(), reference.detach().clamp(-1.0, 1.0))
 
 
 def test_activation_hooks_quantise_outputs_and_vanish_at_32_bits():
@@ -274,6 +375,18 @@ def test_unquantised_reference_differs_from_8_16_bits(digits):
     again = run_continual(config(experiences=2, qf=8, qb=16), dataset=digits)
     assert quantised.experiences[-1].train_loss != reference.experiences[-1].train_loss
     assert quantised.experiences[-1].train_loss == again.experiences[-1].train_loss
+
+
+@pytest.mark.parametrize(("qb", "weight_bytes"), [
+    (32, lambda n: 4 * n), (16, lambda n: 2 * n + 8), (4, lambda n: 4 * -(-n // 8) + 8),
+])
+def test_trainable_part_is_held_at_qb_bits_after_the_first_experience(digits, qb, weight_bytes):
+    result = run_continual(config(experiences=3, qf=8, qb=qb), dataset=digits)
+    trainable = torch.nn.Sequential(result.model[1], result.model[2])
+    buffers = sum(b.numel() * b.element_size() for b in trainable.buffers())
+    held = buffers + sum(weight_bytes(p.numel()) for p in trainable.parameters())
+    assert [r.trainable_bytes for r in result.experiences[1:]] == [held, held]
+    assert result.experiences[0].trainable_bytes > 4 * held // 2  # float32 + Adam, whole net
 
 
 @pytest.mark.parametrize(

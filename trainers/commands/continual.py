@@ -7,7 +7,13 @@ import argparse
 import json
 import sys
 
-from trainers.continual.runner import ContinualConfig, ExperienceRecord, run_continual
+from trainers.continual.runner import (
+    BINARY_LR,
+    SGD_LR,
+    ContinualConfig,
+    ExperienceRecord,
+    run_continual,
+)
 
 
 class ExperienceLines:
@@ -46,13 +52,22 @@ def register(subparsers) -> None:
                         help="packed (1 bit per latent, default) or fp32 (ablation)")
     parser.add_argument("--qf", type=int, default=8, help="forward bits of the trainable part")
     parser.add_argument("--qb", type=int, default=16,
-                        help="gradient and update bits of the trainable part")
+                        help="bits the trainable part's weights are held at (and its gradients "
+                        "and updates)")
+    parser.add_argument("--rounding", default="nearest",
+                        help="onto the q_b-bit grid: nearest (the paper's, default) or stochastic")
     parser.add_argument("--latent-layer", type=int,
                         help="blocks below this index are frozen after the first experience "
                         "(default 1)")
     parser.add_argument("--epochs-per-experience", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="Adam's rate, first experience (the whole network, float32)")
+    parser.add_argument("--sgd-lr", type=float, default=SGD_LR,
+                        help=f"SGD's rate from the second experience on (default {SGD_LR})")
+    parser.add_argument("--binary-lr", type=float, default=BINARY_LR,
+                        help="SGD's rate for the trainable binary layers' latent weights "
+                        f"(default {BINARY_LR})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.set_defaults(handler=run)
@@ -73,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
         epochs_per_experience=args.epochs_per_experience,
         batch_size=args.batch_size,
         lr=args.lr,
+        sgd_lr=args.sgd_lr,
+        binary_lr=args.binary_lr,
+        rounding=args.rounding,
         seed=args.seed,
     )
     as_json = args.format == "json"

@@ -1,9 +1,11 @@
 """Hybrid quantisation of the trainable part (Vorabbi et al.): forward at q_f bits,
-gradients and weight updates at q_b bits, per-tensor min-max, identity gradient.
+gradients at q_b bits, per-tensor min-max, identity gradient.
 
-Quantisation here is an emulation on fp32 tensors (values are rounded onto the
-2**bits-level min-max grid); it reproduces the accuracy effect, not the storage.
-`bits >= 32` means "leave as is", so q_f = q_b = 32 is the unquantised reference.
+These are the transient tensors of a step (activations, their gradients, the head's
+weight as the forward uses it), rounded onto the 2**bits-level min-max grid in place of
+the float32 values. The weights themselves are held at q_b bits for real by
+`hybrid_sgd.HybridSGD` (`qstore`). `bits >= 32` means "leave as is", so q_f = q_b = 32
+is the unquantised reference.
 """
 
 from __future__ import annotations
@@ -20,11 +22,18 @@ def quantise_minmax(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Round `x` onto 2**bits evenly spaced levels between its own min and max."""
     if bits >= FULL_PRECISION_BITS or x.numel() == 0:
         return x
+    return quantise_minmax_(x.clone(), bits)
+
+
+def quantise_minmax_(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """`quantise_minmax` in place, without scratch tensors (a gradient consumed by a step)."""
+    if bits >= FULL_PRECISION_BITS or x.numel() == 0:
+        return x
     lo, hi = torch.aminmax(x.detach())
     scale = (hi - lo) / (2**bits - 1)
     if scale <= 0:
         return x
-    return torch.round((x - lo) / scale) * scale + lo
+    return x.sub_(lo).div_(scale).round_().mul_(scale).add_(lo)
 
 
 class HybridQuantise(torch.autograd.Function):
@@ -49,7 +58,8 @@ def hybrid_quantise(x: torch.Tensor, qf: int, qb: int) -> torch.Tensor:
 
 class QuantisedLinearHead(nn.Module):
     """The bias-free linear classifier of CWR*, its weight used at q_f bits in forward
-    (and its weight gradient quantised at q_b bits)."""
+    (and its weight gradient quantised at q_b bits); 32/32 until `qf`/`qb` are set (the
+    first experience trains unquantised, as in the authors' code)."""
 
     def __init__(self, in_features: int, num_classes: int, qf: int, qb: int) -> None:
         super().__init__()
@@ -77,40 +87,3 @@ def quantise_activations(modules: Iterable[nn.Module], qf: int, qb: int) -> list
             if not any(True for _ in module.children()):
                 handles.append(module.register_forward_hook(hook))
     return handles
-
-
-class QuantisedUpdates:
-    """Makes an optimizer's step work at q_b bits: gradients are quantised before the
-    step and each parameter's update (new - old) after it."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], qb: int):
-        self.optimizer = optimizer
-        self.params = [p for p in params if p.requires_grad]
-        self.qb = qb
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    @torch.no_grad()
-    def step(self) -> None:
-        if self.qb >= FULL_PRECISION_BITS:
-            self.optimizer.step()
-            return
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.copy_(quantise_minmax(p.grad, self.qb))
-        before = [p.detach().clone() for p in self.params]
-        self.optimizer.step()
-        for p, old in zip(self.params, before, strict=True):
-            p.copy_(old + quantise_minmax(p - old, self.qb))
-
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
