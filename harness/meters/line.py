@@ -30,7 +30,7 @@ DEFAULT_COLUMNS = ("t_us", "bus_mV", "current_uA")
 # Accuracy class (a bound on each power reading) of the reference INA226 board; a board
 # with another shunt sets `accuracy_pct` / `accuracy_w` in the inventory.
 ACCURACY: dict[str, object] = {
-    "relative": 0.012, "offset_w": 0.0005,
+    "relative": 0.012, "offset_w": 0.0005, "assumed": False,
     "source": "TI INA226 datasheet (SBOS547): shunt and bus gain error 0.1 % each, shunt "
               "offset 10 uV (0.1 mA on a 0.1 ohm shunt, 0.5 mW at 5 V); plus a 1 % shunt "
               "resistor as on common breakout boards",
