@@ -57,7 +57,6 @@ LOGGED_STAGES = ("building kernels",)
 RERUN_STATUSES = ("pending", "running", "incomplete", "interrupted", "skipped")
 WAIT_AFTER_STREAM_S = 30.0
 COOL_MARGIN_C = 2.0  # a job starts once the board is within this of its idle temperature
-COOL_MAX_S = 120.0  # ... or after this long (the job records what it reached)
 STOP_GRACE_S = 5.0
 
 
@@ -231,6 +230,17 @@ class StreamRecorder:
         if parsed.payload is not None:
             self._handle(parsed, t_host)
 
+    def _log_cooldown(self, conditions: dict[str, Any] | None) -> None:
+        """Say when a job started before its board was back to idle temperature: the agent
+        gave up after the configured maximum (recorded in the job's conditions)."""
+        cooled = (conditions or {}).get("cooldown")
+        if self.log is None or not isinstance(cooled, dict) or cooled.get("reached", True):
+            return
+        at_c = cooled.get("at_c")
+        self.log(f"[{self.device}] {self.job.job_id}: not cooled to {cooled.get('to_c')} °C "
+                 f"after {cooled.get('waited_s')} s (the maximum): started at "
+                 f"{'?' if at_c is None else at_c} °C")
+
     def _handle(self, event: Event, t_host: float) -> None:
         payload = event.payload
         if isinstance(payload, Hello):
@@ -243,6 +253,7 @@ class StreamRecorder:
                 self.progress.steps_per_epoch = payload.steps_per_epoch
         elif isinstance(payload, JobStart):
             self.t_start_host_s = t_host
+            self._log_cooldown(payload.conditions)
             if not self.progress.state.startswith("setup"):
                 self.progress.set_state("running")
             if self.job.kind in ("idle", "script"):  # no epochs: the work starts here
@@ -444,12 +455,10 @@ class DeviceWorker:
             before.error_s,
             before.samples,
         )
-        spec = run.device_spec(job, self.device)
+        cool_to_c = None
         if job.kind != "idle" and run.cooldown_s > 0 and self.idle_temp_c is not None:
-            # after the cooldown, the agent waits (in setup) for the board's idle temperature
-            spec["telemetry"] = {**spec.get("telemetry", {}),
-                                 "cool_to_c": round(self.idle_temp_c + COOL_MARGIN_C, 1),
-                                 "cool_max_s": COOL_MAX_S}
+            cool_to_c = round(self.idle_temp_c + COOL_MARGIN_C, 1)
+        spec = run.device_spec(job, self.device, cool_to_c)
         t_attempt = time.time()
         store.start_job(job.job_id, name, attempt, t_attempt)
         self.progress.set_state("starting")
@@ -553,13 +562,18 @@ class Runner:
             self._attempts[job_id] = self._attempts.get(job_id, 0) + 1
             return self._attempts[job_id]
 
-    def device_spec(self, job: PlannedJob, device: Any = None) -> JobSpec:
+    def device_spec(self, job: PlannedJob, device: Any = None,
+                    cool_to_c: float | None = None) -> JobSpec:
         """The job's spec with the data set's (a script's) host path and checksum filled in,
-        and the device's `modeled` power source when the agent computes it; validated."""
+        the device's `modeled` power source when the agent computes it, and `cool_to_c`:
+        the temperature the agent waits for in setup (up to the plan's
+        `telemetry.cool_max_s`) after the cooldown; validated."""
         spec = dict(job.spec)
         model = agent_power_model(device) if device is not None else None
         if model is not None:
             spec["telemetry"] = {**spec.get("telemetry", {}), "power_model": model}
+        if cool_to_c is not None:
+            spec["telemetry"] = {**spec.get("telemetry", {}), "cool_to_c": cool_to_c}
         if job.dataset is not None:
             path = self.datasets[job.dataset]
             spec["dataset"] = {"name": job.dataset, "path": str(path),
