@@ -19,6 +19,7 @@ from harness.meters.base import (
     PowerSample,
     close_serial,
     host_now,
+    power_bound,
 )
 
 RECORD_BYTES = 130
@@ -64,8 +65,6 @@ class UmSpec:
     assumed: bool  # no manufacturer figure was found: the class is a stated assumption
 
 
-# Supply range over which the power bound below holds: USB's 5 V +-5 % (a Pi's supply).
-SUPPLY_VOLTS = (4.75, 5.25)
 POWER_COUNT_W = 0.001  # the record's power field counts mW: half a count of rounding
 RESOLUTION_SOURCE = ("resolution 1 mV / 0.1 mA on the UM25C, 10 mV / 1 mA on the UM24C and "
                      "UM34C: sigrok wiki, RDTech UM series page (sigrok.org/wiki/RDTech_UM_series)")
@@ -96,23 +95,15 @@ UM_SPECS: dict[str, UmSpec] = {
 }
 
 
-def power_class(model: UmModel, spec: UmSpec,
-                supply_volts: tuple[float, float] = SUPPLY_VOLTS) -> dict[str, object]:
-    """A power reading's bound, `relative` x P + `offset_w`, from the voltage and current
-    classes (docs/energy.md): with |dV| <= aV V + dV0 and |dI| <= aI I + dI0,
-    |dP| <= |dV| I + V |dI| + |dV| |dI|; for V in `supply_volts` and any current this is at
-    most (aV + aI + aV aI + dV0 (1 + aI) / Vmin) P + dI0 Vmax (1 + aV) + dV0 dI0, plus
-    half a count of the record's power field."""
-    v_min, v_max = supply_volts
-    dv0 = spec.volts_digits * model.volts_per_count
-    di0 = spec.amps_digits * model.amps_per_count
-    a_v, a_i = spec.volts_fraction, spec.amps_fraction
-    return {
-        "relative": a_v + a_i + a_v * a_i + dv0 * (1 + a_i) / v_min,
-        "offset_w": di0 * v_max * (1 + a_v) + dv0 * di0 + POWER_COUNT_W / 2,
-        "source": spec.source,
-        "assumed": spec.assumed,
-    }
+def power_class(model: UmModel, spec: UmSpec) -> dict[str, object]:
+    """A power reading's bound, `relative` x P + `offset_w` (`base.power_bound`), from the
+    model's voltage and current classes, with half a count of the record's mW field."""
+    relative, offset_w = power_bound(
+        spec.volts_fraction, spec.volts_digits * model.volts_per_count,
+        spec.amps_fraction, spec.amps_digits * model.amps_per_count,
+        power_count_w=POWER_COUNT_W)
+    return {"relative": relative, "offset_w": offset_w, "source": spec.source,
+            "assumed": spec.assumed}
 
 
 # Each model's class as a bound on a power reading (override per device with the

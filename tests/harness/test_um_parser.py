@@ -238,7 +238,8 @@ def test_power_class_bounds_every_worst_case_reading(model):
     """The class `ACCURACY` records is a bound: for readings off by the full voltage and
     current classes either way, anywhere on a 5 V +-5 % supply up to the model's current,
     the power error stays within relative x P + offset_w."""
-    from harness.meters.um import ACCURACY, SUPPLY_VOLTS, UM_MODELS, UM_SPECS
+    from harness.meters.base import SUPPLY_VOLTS
+    from harness.meters.um import ACCURACY, UM_MODELS, UM_SPECS
 
     spec, scale, bound = UM_SPECS[model], UM_MODELS[model], ACCURACY[model]
     max_amps = {"um24c": 3.0, "um25c": 5.0, "um34c": 4.0}[model]
