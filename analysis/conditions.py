@@ -3,8 +3,9 @@
 The agent reports each job's conditions in its `job_end` (or `error` / `interrupted`)
 payload under `conditions` (`device_agent.conditions`): the low-memory implementation
 that ran and why, torch threads, CPU governor and frequency, temperature and throttling
-over the job, kernel and library versions. A job that throttled is flagged
-(`throttled`), and every table that shows it carries the flag.
+over the job, kernel and library versions, and the wait before it for the board's idle
+temperature (`cooldown_*`). A job that throttled is flagged (`throttled`), and every table
+that shows it carries the flag.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from analysis.load import Run
 CONDITION_COLUMNS = (
     "implementation", "implementation_reason", "torch_threads", "governor", "cpu_mhz_min",
     "cpu_mhz_max", "temp_c_max", "throttled", "throttled_reason", "kernel",
-    "torch_version", "numpy_version", "python_version",
+    "torch_version", "numpy_version", "python_version", "cooldown_to_c", "cooldown_from_c",
+    "cooldown_at_c", "cooldown_wait_s", "cooldown_reached",
 )
 
 
@@ -38,6 +40,7 @@ def _conditions(metrics: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(cond, dict):
         return {col: None for col in CONDITION_COLUMNS}
     versions = cond.get("versions") if isinstance(cond.get("versions"), dict) else {}
+    cooled = cond.get("cooldown") if isinstance(cond.get("cooldown"), dict) else {}
     return {
         "implementation": cond.get("implementation"),
         "implementation_reason": cond.get("implementation_reason"),
@@ -52,6 +55,13 @@ def _conditions(metrics: dict[str, Any]) -> dict[str, Any]:
         "torch_version": versions.get("torch"),
         "numpy_version": versions.get("numpy"),
         "python_version": versions.get("python"),
+        # the wait (in setup) for the board's idle temperature; reached False: the agent
+        # gave up after the plan's maximum and the job started warmer
+        "cooldown_to_c": cooled.get("to_c"),
+        "cooldown_from_c": cooled.get("from_c"),
+        "cooldown_at_c": cooled.get("at_c"),
+        "cooldown_wait_s": cooled.get("waited_s"),
+        "cooldown_reached": cooled.get("reached"),
     }
 
 

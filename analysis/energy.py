@@ -44,7 +44,8 @@ STATUSES = ("ok", "low_confidence", "withheld")
 @dataclass(frozen=True)
 class MeterAccuracy:
     """A meter's accuracy class as a bound on each reading: `relative` x reading +
-    `offset_w`; `source` says where the figures come from (datasheet, or why assumed);
+    `offset_w`; `source` says where the figures come from (datasheet, or why assumed, then
+    `assumed`);
     `timing_s` bounds how far a sample's time stamp may be from when its reading was
     taken, the same for every sample of a meter (a UM's poll phase against its refresh)."""
 
@@ -52,6 +53,7 @@ class MeterAccuracy:
     offset_w: float
     source: str
     timing_s: float = 0.0
+    assumed: bool = False  # no maker's figure: the class is a stated assumption (`source`)
 
 
 UNKNOWN_ACCURACY = MeterAccuracy(0.0, 0.0, "unknown: the run did not record the meter's class")

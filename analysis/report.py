@@ -22,10 +22,11 @@ from matplotlib.figure import Figure
 
 from analysis import figures
 from analysis.compare import compare_methods, headline
+from analysis.energy import UNKNOWN_ACCURACY, MeterAccuracy
 from analysis.jobs import job_table
 from analysis.load import Run, load_run
 from analysis.reproduction import modeled_table, reproduction_table, run_combos
-from analysis.run_energy import devices_without_power, energy_table
+from analysis.run_energy import devices_without_power, energy_table, meter_infos
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Analysis:
     headline: pd.DataFrame
     modeled: pd.DataFrame
     reproduction: pd.DataFrame
+    meters: pd.DataFrame
     missing: list[str] = field(default_factory=list)
     low_confidence: list[str] = field(default_factory=list)
     baseline: str = "standard"
@@ -56,6 +58,24 @@ def missing_notes(run: Run, jobs: pd.DataFrame, energy: pd.DataFrame) -> list[st
     for r in energy[energy["status"] == "withheld"].itertuples():
         notes.append(f"withheld energy {r.device}/{r.meter} {r.job} {_where(r)}: {r.reason}")
     return notes
+
+
+def meter_table(run: Run) -> pd.DataFrame:
+    """Each device's meter, its accuracy class and where the class comes from, so that a
+    reader sees which energy figures rest on an assumed class rather than a maker's."""
+    rows = [{"device": device, "meter": m.name, "type": m.type, "kind": m.kind,
+             "class": f"±({m.accuracy.relative * 100:.3g} % + {m.accuracy.offset_w * 1000:.3g} mW)",
+             "class_is": _class_is(m.accuracy),
+             "source": m.accuracy.source}
+            for (device, _), m in sorted(meter_infos(run.info, run.devices).items())]
+    return pd.DataFrame(rows, columns=["device", "meter", "type", "kind", "class", "class_is",
+                                       "source"])
+
+
+def _class_is(accuracy: MeterAccuracy) -> str:
+    if accuracy is UNKNOWN_ACCURACY:
+        return "unknown"
+    return "assumed" if accuracy.assumed else "published"
 
 
 def low_confidence_notes(energy: pd.DataFrame) -> list[str]:
@@ -94,6 +114,7 @@ def analyse(path: str | Path, modeled: bool = True, baseline: str = "standard",
         headline=headline(comparison),
         modeled=modeled_frame,
         reproduction=reproduction_table(jobs, modeled_frame),
+        meters=meter_table(run),
         missing=missing_notes(run, jobs, energy) + notes,
         low_confidence=low_confidence_notes(energy),
         baseline=baseline,
@@ -130,7 +151,8 @@ def write_report(a: Analysis, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tables = {"headline": a.headline, "comparison": a.comparison, "jobs": a.jobs,
-              "energy": a.energy, "reproduction": a.reproduction, "modeled_memory": a.modeled}
+              "energy": a.energy, "reproduction": a.reproduction, "modeled_memory": a.modeled,
+              "meters": a.meters}
     for name, frame in tables.items():
         frame.to_csv(out / f"{name}.csv", index=False)
     drawn = []
@@ -147,7 +169,8 @@ def write_report(a: Analysis, out_dir: str | Path) -> Path:
         n_devices=a.run.devices["name"].nunique(), baseline=a.baseline,
         missing=a.missing, low_confidence=a.low_confidence, figures=drawn,
         tables={name: _table(frame) for name, frame in
-                (("headline", a.headline), ("reproduction", a.reproduction), ("jobs", a.jobs))},
+                (("headline", a.headline), ("reproduction", a.reproduction), ("jobs", a.jobs),
+                 ("meters", a.meters))},
         csv_files=[f"{name}.csv" for name in tables],
     )
     path = out / "report.html"

@@ -40,7 +40,8 @@ ENERGY_COLUMNS = (
     "t_end_s", "duration_s", "energy_j", "energy_lo_j", "energy_hi_j", "above_idle_j",
     "above_idle_lo_j", "above_idle_hi_j", "meter", "meter_kind", "samples", "status", "reason",
     "attempt", "achieved_hz", "largest_gap_s", "covered_s", "mean_power_w", "idle_power_w",
-    "accuracy_j", "sampling_j", "clock_j", "gap_j", "accuracy_source", "throttled",
+    "accuracy_j", "sampling_j", "clock_j", "gap_j", "accuracy_source", "accuracy_assumed",
+    "throttled",
     "counter_j", "counter_diff_j", "counter_mismatch",
 )
 COUNTER_COUNTS = 2  # a counter difference is uncertain by a count at each end
@@ -124,10 +125,11 @@ def meter_infos_from_rows(recorded: Mapping[str, Any], devices: Iterable[tuple[s
     for device, meters in recorded.items():
         for m in meters:
             acc = m.get("accuracy") or {}
+            source = str(acc.get("source", UNKNOWN_ACCURACY.source))
             accuracy = MeterAccuracy(float(acc.get("relative", 0.0)),
-                                     float(acc.get("offset_w", 0.0)),
-                                     str(acc.get("source", UNKNOWN_ACCURACY.source)),
-                                     float(acc.get("timing_s", 0.0)))
+                                     float(acc.get("offset_w", 0.0)), source,
+                                     float(acc.get("timing_s", 0.0)),
+                                     bool(acc.get("assumed", source.startswith("assumed"))))
             out[(device, m["name"])] = MeterInfo(m["name"], m.get("type", m["name"]),
                                                  m.get("kind", "measured"), accuracy)
     for name, meter_json in devices:
@@ -204,6 +206,7 @@ def figure_row(figure: WindowEnergy, phase: PhaseWindow, meter: MeterInfo,
         "accuracy_j": figure.accuracy_j, "sampling_j": figure.sampling_j,
         "clock_j": figure.clock_j, "gap_j": figure.gap_j,
         "accuracy_source": meter.accuracy.source,
+        "accuracy_assumed": meter.accuracy.assumed,
         "throttled": job.get("throttled"),
     }
 

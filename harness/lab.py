@@ -49,12 +49,20 @@ ARM64_WORKDIR = "/root/bnn-work"
 ARM64_SSHD_START_S = 90.0  # an emulated sshd takes seconds to start on a busy host
 # Mount the device's overlay (lower: the cached root), /proc, /dev and /sys in a private
 # mount namespace, then run the root's own sshd there; it daemonises and keeps the namespace.
+# With a thermal zone (`thermal`: a directory, else empty), it is bound over the root's
+# /sys/class/thermal after sysfs is mounted.
 _ARM64_START = (
-    'lower=$1 upper=$2 work=$3 merged=$4; shift 4; '
+    'lower=$1 upper=$2 work=$3 merged=$4 thermal=$5; shift 5; '
     'mount -t overlay overlay -o "lowerdir=$lower,upperdir=$upper,workdir=$work" "$merged" && '
     'mount -t proc proc "$merged/proc" && mount --rbind /dev "$merged/dev" && '
-    'mount -t sysfs sysfs "$merged/sys" && exec chroot "$merged" "$@"'
+    'mount -t sysfs sysfs "$merged/sys" && '
+    '{ [ -z "$thermal" ] || mount --bind "$thermal" "$merged/sys/class/thermal"; } && '
+    'exec chroot "$merged" "$@"'
 )
+# A native device with a thermal zone: its sshd in a private mount namespace where the
+# device's `thermal/` directory stands in for /sys/class/thermal (harness.thermal).
+_NATIVE_THERMAL_START = 'mount --bind "$1" /sys/class/thermal && shift && exec "$@"'
+
 
 
 @dataclass
@@ -70,6 +78,12 @@ class LabDevice:
     host_veth: str | None = None
     arch: str = NATIVE_ARCH
     lower_root: str | None = None  # arm64: the cached root under this device's overlay
+    thermal: bool = False  # its own /sys/class/thermal (`thermal_dir`, written by harness.thermal)
+
+    @property
+    def thermal_dir(self) -> Path:
+        """The directory the device sees as /sys/class/thermal (when `thermal`)."""
+        return Path(self.directory) / "thermal"
 
     def host_path(self, device_path: str) -> Path:
         """Where a path of the device is on this machine (arm64: in its overlay's upper
@@ -183,11 +197,14 @@ class Lab:
     # ------------------------------------------------------------ up / down
 
     def up(self, count: int, *, netns: bool = False, python: str | None = None,
-           arch: str = NATIVE_ARCH, root_builder: Arm64Root | None = None) -> Path:
+           arch: str = NATIVE_ARCH, root_builder: Arm64Root | None = None,
+           thermal: bool = False) -> Path:
         """Start `count` devices and write the inventory; returns its path.
 
         `arch="arm64"`: emulated aarch64 devices on the root `root_builder` provides
-        (built first if this machine has none: once, with progress)."""
+        (built first if this machine has none: once, with progress). `thermal`: each device
+        has its own thermal zone at /sys/class/thermal/thermal_zone0 (root only), whose
+        temperature a `harness.thermal.ThermalZoneEmulator` drives from its load."""
         if arch not in ARCHES:
             raise HarnessUsageError(f"--arch: {arch!r} (choices: {', '.join(ARCHES)})")
         if count < 1:
@@ -202,6 +219,9 @@ class Lab:
             )
         if netns and not netns_available():
             raise HarnessError("network namespaces need root and iproute2; run without --netns")
+        if thermal and (os.geteuid() != 0 or not Path("/sys/class/thermal").is_dir()):
+            raise HarnessError("a lab device's thermal zone needs root and /sys/class/thermal "
+                               "(a bind mount in its own mount namespace)")
         lower_root = None
         if arch == "arm64":
             if os.geteuid() != 0:
@@ -221,6 +241,9 @@ class Lab:
         try:
             for index in range(1, count + 1):
                 device = self._make_device(index, public_key, lab_id, octet, lower_root)
+                device.thermal = thermal
+                if thermal:
+                    device.thermal_dir.mkdir(parents=True, exist_ok=True)
                 self.devices.append(device)
                 self._save_state()
                 self.start(device.name)
@@ -308,11 +331,14 @@ class Lab:
             command = [
                 "unshare", "--mount", "--propagation", "private", "sh", "-c", _ARM64_START, "sh",
                 device.lower_root, str(directory / "upper"), str(directory / "overlay-work"),
-                str(directory / "merged"),
+                str(directory / "merged"), str(device.thermal_dir) if device.thermal else "",
                 "env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG=C.UTF-8",
                 "/usr/sbin/sshd", "-f", device.device_file(device.config_file),
                 "-E", device.device_file(device.pid_file.with_name("sshd.log")),
             ]
+        elif device.thermal:
+            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       _NATIVE_THERMAL_START, "sh", str(device.thermal_dir), *command]
         if device.netns:
             command = ["ip", "netns", "exec", device.netns, *command]
         result = subprocess.run(command, capture_output=True, text=True)

@@ -13,7 +13,8 @@ Errors name the file, line and field. Example (the embedded default)::
     stall_timeout_s: 120             # no event (heartbeats included) this long: `stalled`
     wall_clock_s: null               # a job running longer than this: `timed_out`
     telemetry: {memory_hz: 10, power_hz: 5}  # also step_every, tensor_peak_steps (2),
-                                     # heartbeat_s (5)
+                                     # heartbeat_s (5), cool_max_s (120: after the cooldown,
+                                     # the longest wait for the idle temperature)
     datasets:
       digits: {}                     # or {from: /path/to/source/files}
     matrix:

@@ -190,6 +190,17 @@ class StreamRecorder:
         if parsed.payload is not None:
             self._handle(parsed, t_host)
 
+    def _log_cooldown(self, conditions: dict[str, Any] | None) -> None:
+        """Say when a job started before its board was back to idle temperature: the agent
+        gave up after the configured maximum (recorded in the job's conditions)."""
+        cooled = (conditions or {}).get("cooldown")
+        if self.log is None or not isinstance(cooled, dict) or cooled.get("reached", True):
+            return
+        at_c = cooled.get("at_c")
+        self.log(f"[{self.device}] {self.job.job_id}: not cooled to {cooled.get('to_c')} °C "
+                 f"after {cooled.get('waited_s')} s (the maximum): started at "
+                 f"{'?' if at_c is None else at_c} °C")
+
     def _handle(self, event: Event, t_host: float) -> None:
         payload = event.payload
         if isinstance(payload, Hello):
@@ -202,6 +213,7 @@ class StreamRecorder:
                 self.progress.steps_per_epoch = payload.steps_per_epoch
         elif isinstance(payload, JobStart):
             self.t_start_host_s = t_host
+            self._log_cooldown(payload.conditions)
             if not self.progress.state.startswith("setup"):
                 self.progress.set_state("running")
             if self.job.kind in ("idle", "script"):  # no epochs: the work starts here

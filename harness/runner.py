@@ -36,7 +36,6 @@ from harness.watchdog import WatchedStream
 RERUN_STATUSES = ("pending", "running", "incomplete", "interrupted", "skipped")
 WAIT_AFTER_STREAM_S = 30.0
 COOL_MARGIN_C = 2.0  # a job starts once the board is within this of its idle temperature
-COOL_MAX_S = 120.0  # ... or after this long (the job records what it reached)
 STOP_GRACE_S = 5.0
 
 
@@ -318,7 +317,6 @@ class Runner:
             telemetry["power_model"] = model
         if idle_temp_c is not None:  # the agent waits (in setup) for the board to cool
             telemetry["cool_to_c"] = round(idle_temp_c + COOL_MARGIN_C, 1)
-            telemetry["cool_max_s"] = COOL_MAX_S
         dataset = self._located(self.datasets[job.dataset]) if job.dataset is not None else None
         script = (self._located(self.script_files[job.spec["script"]["name"]])
                   if job.kind == "script" else None)

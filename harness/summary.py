@@ -19,10 +19,12 @@ def print_comparison(run_dir: Path) -> None:
     from analysis.compare import ENERGY_PER_EPOCH, t_interval, with_measurement
     from analysis.jobs import job_table
     from analysis.load import load_run
-    from analysis.run_energy import energy_table
+    from analysis.run_energy import energy_table, meter_infos
 
     run = load_run(run_dir)
     energy = energy_table(run)
+    meters = meter_infos(run.info, run.devices)
+    assumed: dict[str, str] = {}  # meter type -> why its class is an assumption
     jobs = job_table(run, energy)
     # A terminal's own width; in a log or a pipe wide enough that no figure wraps away
     # from its interval and its 'modeled' label.
@@ -49,7 +51,12 @@ def print_comparison(run_dir: Path) -> None:
         throttled = int(done["throttled"].fillna(False).astype(bool).sum())
         shown = f"{method} ({throttled} throttled)" if throttled else str(method)
         name = f"{device} (emulated)" if device in emulated else str(device)
-        table.add_row(name, meter if isinstance(meter, str) else "-", shown,
+        info = meters.get((device, meter))
+        shown_meter = meter if isinstance(meter, str) else "-"
+        if info is not None and info.accuracy.assumed:
+            shown_meter += " (class assumed)"
+            assumed[info.type] = info.accuracy.source
+        table.add_row(name, shown_meter, shown,
                       str(model), str(dataset), f"{len(done)}/{len(frame)}",
                       _mean(done["peak_tensor_bytes"], MIB),
                       _mean(done["peak_rss_delta_bytes"], MIB),
@@ -58,6 +65,8 @@ def print_comparison(run_dir: Path) -> None:
     console.print(table)
     for device, how in emulated.items():
         console.print(f"{device}: emulated ({how}): its times and energy are not the target's")
+    for kind, source in sorted(assumed.items()):
+        console.print(f"{kind}: its accuracy class (in every interval above) is {source}")
     console.print("memory: 'peak tensor' is the engine's tensor ledger over the first steps; "
                   "'peak RSS+' the process's resident-set growth over the job, 'peak RSS' its "
                   "high-water mark: RSS also counts the allocator's retained pages, torch's "

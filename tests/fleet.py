@@ -28,12 +28,13 @@ requires_sshd = pytest.mark.skipif(not SSHD.exists(), reason=f"{SSHD} not instal
 
 @pytest.fixture
 def lab_factory(tmp_path: Path) -> Iterator[Callable[..., Lab]]:
-    """`make(n, netns=False)` starts a lab of n sshd devices; all are stopped at teardown."""
+    """`make(n, netns=False, thermal=False)` starts a lab of n sshd devices; all are
+    stopped at teardown."""
     labs: list[Lab] = []
 
-    def make(count: int, netns: bool = False, name: str = "lab") -> Lab:
+    def make(count: int, netns: bool = False, name: str = "lab", thermal: bool = False) -> Lab:
         lab = Lab(tmp_path / name)
-        lab.up(count, netns=netns)
+        lab.up(count, netns=netns, thermal=thermal)
         labs.append(lab)
         return lab
 
@@ -61,6 +62,32 @@ def metered_lab(lab_factory: Callable[..., Lab]) -> Iterator[Callable[[int], Lab
             emulators.append(emulator.start())
             meters[device.name] = {"type": "um34c", "port": str(link)}
         lab.attach_meters(meters)
+        return lab
+
+    yield make
+    for emulator in emulators:
+        emulator.stop()
+
+
+requires_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="a lab device's thermal zone needs root (a private mount namespace)"
+)
+
+
+@pytest.fixture
+def thermal_lab(lab_factory: Callable[..., Lab]) -> Iterator[Callable[..., Lab]]:
+    """`make(n, model)`: a lab whose devices each have a thermal zone at
+    /sys/class/thermal/thermal_zone0, its temperature following the CPU load of that
+    device's sshd tree through `model` (`harness.thermal`)."""
+    from harness.thermal import ThermalZoneEmulator
+
+    emulators = []
+
+    def make(count: int, model: Any) -> Lab:
+        lab = lab_factory(count, thermal=True)
+        for device in lab.devices:
+            emulator = ThermalZoneEmulator(device.thermal_dir, device.pid_file, model)
+            emulators.append(emulator.start())
         return lab
 
     yield make

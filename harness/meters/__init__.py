@@ -156,6 +156,7 @@ def describe_meter(config: Mapping[str, Any], device_name: str = "") -> dict[str
             "relative": pct / 100 if pct is not None else accuracy["relative"],
             "offset_w": float(watts) if watts is not None else accuracy["offset_w"],
             "source": "the inventory's accuracy_pct / accuracy_w",
+            "assumed": False,
         }
     if kind in UM_MODELS:  # a reading's age at its poll (UmMeter.age_correction_s)
         poll_hz = _field(config, "poll_hz", float, 4.0, where)

@@ -81,3 +81,23 @@ def close_serial(port) -> None:
 
     with contextlib.suppress(serial.SerialException, OSError):
         port.close()
+
+
+# Supply range over which a power class derived below holds: USB's 5 V +-5 % (a Pi's supply).
+SUPPLY_VOLTS = (4.75, 5.25)
+
+
+def power_bound(volts_fraction: float, volts_offset: float, amps_fraction: float,
+                amps_offset: float, supply_volts: tuple[float, float] = SUPPLY_VOLTS,
+                power_count_w: float = 0.0) -> tuple[float, float]:
+    """A power reading's bound as (relative, offset_w), from the voltage and current classes
+    (docs/energy.md): with |dV| <= aV V + dV0 and |dI| <= aI I + dI0, |dP| <= |dV| I + V |dI|
+    + |dV| |dI|; for V in `supply_volts` and any current this is at most
+    (aV + aI + aV aI + dV0 (1 + aI) / Vmin) P + dI0 Vmax (1 + aV) + dV0 dI0, plus half a
+    count of the power the meter reports."""
+    v_min, v_max = supply_volts
+    relative = (volts_fraction + amps_fraction + volts_fraction * amps_fraction
+                + volts_offset * (1 + amps_fraction) / v_min)
+    offset_w = (amps_offset * v_max * (1 + volts_fraction) + volts_offset * amps_offset
+                + power_count_w / 2)
+    return relative, offset_w

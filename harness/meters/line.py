@@ -24,16 +24,24 @@ from harness.meters.base import (
     PowerSample,
     close_serial,
     host_now,
+    power_bound,
 )
 
 DEFAULT_COLUMNS = ("t_us", "bus_mV", "current_uA")
-# Accuracy class (a bound on each power reading) of the reference INA226 board; a board
-# with another shunt sets `accuracy_pct` / `accuracy_w` in the inventory.
+# Accuracy class (a bound on each power reading) of the reference INA226 board, by the same
+# derivation as the UM meters' (`base.power_bound`). The chip's figures are TI's; the 1 %
+# 0.1 ohm shunt is the usual breakout board's part, not the maker's: the class is therefore
+# marked assumed. A board with another shunt, or calibrated, sets `accuracy_pct` /
+# `accuracy_w` in the inventory.
+SHUNT_OHM = 0.1
+SHUNT_TOLERANCE = 0.01
+_RELATIVE, _OFFSET_W = power_bound(0.001, 0.0075, 0.001 + SHUNT_TOLERANCE, 10e-6 / SHUNT_OHM)
 ACCURACY: dict[str, object] = {
-    "relative": 0.012, "offset_w": 0.0005,
-    "source": "TI INA226 datasheet (SBOS547): shunt and bus gain error 0.1 % each, shunt "
-              "offset 10 uV (0.1 mA on a 0.1 ohm shunt, 0.5 mW at 5 V); plus a 1 % shunt "
-              "resistor as on common breakout boards",
+    "relative": _RELATIVE, "offset_w": _OFFSET_W, "assumed": True,
+    "source": "TI INA226 datasheet (SBOS547, electrical characteristics, maximum values): bus "
+              "voltage gain error 0.1 % and offset 7.5 mV, shunt voltage gain error 0.1 % and "
+              "offset 10 uV (0.1 mA on a 0.1 ohm shunt); assumed: a 1 % shunt resistor, as on "
+              "common breakout boards (set accuracy_pct / accuracy_w for yours)",
 }
 # quantity -> unit -> factor to SI (seconds, volts, amps, watts)
 UNITS: dict[str, dict[str, float]] = {

@@ -40,7 +40,7 @@ class PowerProfile:
 
 # A model's figures are estimates: the class is an assumption, not a measurement.
 ACCURACY: dict[str, object] = {
-    "relative": 0.25, "offset_w": 0.0,
+    "relative": 0.25, "offset_w": 0.0, "assumed": True,
     "source": "assumed ±25 %: modeled from CPU utilisation through a device profile, not "
               "measured (calibrate idle_w/busy_w against a real meter)",
 }

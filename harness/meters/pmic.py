@@ -16,7 +16,7 @@ PMIC_COMMAND = ("vcgencmd", "pmic_read_adc")
 # Raspberry Pi publishes no accuracy for the Pi 5 PMIC's ADC; the rails also miss the
 # losses before the PMIC (USB-C input, 5 V peripherals), so the class is an assumption.
 ACCURACY: dict[str, object] = {
-    "relative": 0.05, "offset_w": 0.05,
+    "relative": 0.05, "offset_w": 0.05, "assumed": True,
     "source": "assumed ±(5 % + 50 mW): no published accuracy for the Pi 5 PMIC ADC",
 }
 _LINE = re.compile(

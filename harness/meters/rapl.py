@@ -16,7 +16,7 @@ from harness.meters.base import MeterError, PowerSample, host_now
 POWERCAP_ROOT = Path("/sys/class/powercap")
 # No datasheet bounds RAPL's counters (on many parts they are modeled by the CPU itself).
 ACCURACY: dict[str, object] = {
-    "relative": 0.05, "offset_w": 0.0,
+    "relative": 0.05, "offset_w": 0.0, "assumed": True,
     "source": "assumed ±5 %: Intel/AMD publish no accuracy bound for RAPL energy counters",
 }
 

@@ -19,6 +19,7 @@ from harness.meters.base import (
     PowerSample,
     close_serial,
     host_now,
+    power_bound,
 )
 
 RECORD_BYTES = 130
@@ -48,20 +49,67 @@ UM_MODELS: dict[str, UmModel] = {
     "um34c": UmModel("um34c", 0x0D4C, 0.01, 0.001, has_checksum=True),
 }
 MODELS_BY_ID = {model.model_id: model for model in UM_MODELS.values()}
-# Accuracy class of each model as a bound on a power reading: a fraction of the reading
-# (voltage + current gain terms) plus an offset in watts (the digits of the voltage and
-# current terms at a 5 V, 1 A load, and half a count of the 1 mW power field). Override
-# per device with the inventory's `accuracy_pct` / `accuracy_w`.
+
+
+@dataclass(frozen=True)
+class UmSpec:
+    """A model's accuracy as its maker states it (or, where no statement was found, as
+    assumed): +-(fraction of reading + digits) for voltage and for current, a digit being
+    the model's resolution (`UmModel.volts_per_count` / `amps_per_count`)."""
+
+    volts_fraction: float
+    volts_digits: int
+    amps_fraction: float
+    amps_digits: int
+    source: str
+    assumed: bool  # no manufacturer figure was found: the class is a stated assumption
+
+
+POWER_COUNT_W = 0.001  # the record's power field counts mW: half a count of rounding
+RESOLUTION_SOURCE = ("resolution 1 mV / 0.1 mA on the UM25C, 10 mV / 1 mA on the UM24C and "
+                     "UM34C: sigrok wiki, RDTech UM series page (sigrok.org/wiki/RDTech_UM_series)")
+UM_SPECS: dict[str, UmSpec] = {
+    "um25c": UmSpec(
+        0.0005, 2, 0.001, 4, assumed=False,
+        source="RDTech's UM25C specification as listed by the seller and reproduced in the "
+               "README of github.com/davatorium/um25c-client (the maker's own page was not "
+               "among the sources searched): voltage 4-24 V to 0.5 per mille of the reading "
+               "plus 2 digits, current 0-5 A to 1 per mille plus 4 digits; " + RESOLUTION_SOURCE,
+    ),
+    # No accuracy statement for the UM24C or UM34C was found (sigrok wiki, rdserialtool,
+    # rd-usb, pyummeter, sebastianha/um34c, the pages and documentation corpora searched):
+    # assumed 20x the UM25C's gain terms (1 % each) and its digit counts at these models'
+    # 10x coarser resolution, wider than the UM25C's class at every reading.
+    "um24c": UmSpec(
+        0.01, 2, 0.01, 4, assumed=True,
+        source="assumed (no published accuracy found for the UM24C): voltage 1 % of the "
+               "reading plus 2 digits of 10 mV, current 1 % plus 4 digits of 1 mA, the "
+               "UM25C's published class widened; " + RESOLUTION_SOURCE,
+    ),
+    "um34c": UmSpec(
+        0.01, 2, 0.01, 4, assumed=True,
+        source="assumed (no published accuracy found for the UM34C): voltage 1 % of the "
+               "reading plus 2 digits of 10 mV, current 1 % plus 4 digits of 1 mA, the "
+               "UM25C's published class widened; " + RESOLUTION_SOURCE,
+    ),
+}
+
+
+def power_class(model: UmModel, spec: UmSpec) -> dict[str, object]:
+    """A power reading's bound, `relative` x P + `offset_w` (`base.power_bound`), from the
+    model's voltage and current classes, with half a count of the record's mW field."""
+    relative, offset_w = power_bound(
+        spec.volts_fraction, spec.volts_digits * model.volts_per_count,
+        spec.amps_fraction, spec.amps_digits * model.amps_per_count,
+        power_count_w=POWER_COUNT_W)
+    return {"relative": relative, "offset_w": offset_w, "source": spec.source,
+            "assumed": spec.assumed}
+
+
+# Each model's class as a bound on a power reading (override per device with the
+# inventory's `accuracy_pct` / `accuracy_w`).
 ACCURACY: dict[str, dict[str, object]] = {
-    "um25c": {"relative": 0.0015, "offset_w": 0.0045,
-              "source": "RDTech UM25C specification: voltage ±(0.05 % + 2 digits of 1 mV), "
-                        "current ±(0.1 % + 4 digits of 0.1 mA)"},
-    "um24c": {"relative": 0.02, "offset_w": 0.07,
-              "source": "RDTech UM24C specification: voltage ±(1 % + 2 digits of 10 mV), "
-                        "current ±(1 % + 4 digits of 1 mA)"},
-    "um34c": {"relative": 0.02, "offset_w": 0.07,
-              "source": "RDTech UM34C specification: voltage ±(1 % + 2 digits of 10 mV), "
-                        "current ±(1 % + 4 digits of 1 mA)"},
+    name: power_class(UM_MODELS[name], spec) for name, spec in UM_SPECS.items()
 }
 
 

@@ -64,6 +64,10 @@ def test_report_command_writes_html_and_csv_and_prints_the_headline(run_dir, tmp
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 6
     assert "no result" in page and "<script" not in page
+    meters = pd.read_csv(out / "meters.csv")  # each meter's class and where it comes from
+    assert list(zip(meters["device"], meters["class_is"])) == [("pi-a", "published"),
+                                                               ("pi-b", "unknown")]
+    assert "synthetic: the signal itself, exact" in page
 
 
 def test_bad_run_path_is_a_one_line_usage_error(tmp_path, harness):

@@ -139,3 +139,19 @@ def test_corrupt_and_torn_lines_are_rejected_and_counted():
     assert meter.rejected_records >= 1
     assert len(jumps) == meter.rejected_records
     assert np.all(jumps - 1 >= 2)
+
+
+def test_the_ina226_class_bounds_every_worst_case_reading_and_says_it_is_assumed():
+    """TI's maximum gain errors and offsets plus the assumed 1 % shunt, through the same
+    derivation as the UM meters': no reading off by the full classes exceeds the bound."""
+    from harness.meters.base import SUPPLY_VOLTS
+    from harness.meters.line import ACCURACY, SHUNT_OHM, SHUNT_TOLERANCE
+
+    for volts in (SUPPLY_VOLTS[0], 5.0, SUPPLY_VOLTS[1]):
+        for amps in (0.0, 0.05, 0.5, 2.0, 3.0):
+            dv = 0.001 * volts + 0.0075
+            di = (0.001 + SHUNT_TOLERANCE) * amps + 10e-6 / SHUNT_OHM
+            error = max(abs((volts + sv * dv) * (amps + si * di) - volts * amps)
+                        for sv in (-1, 1) for si in (-1, 1))
+            assert error <= ACCURACY["relative"] * volts * amps + ACCURACY["offset_w"]
+    assert ACCURACY["assumed"] and "SBOS547" in ACCURACY["source"]

@@ -58,6 +58,9 @@ def test_default_run_completes_every_job_with_samples_and_manifest(tmp_path):
     for header in ("peak RSS+ MiB", "s / epoch", "J / epoch [95 %]", "test accuracy"):
         assert header in stdout
     assert "] modeled" in stdout  # each modeled figure says so, beside its interval
+    # and its meter's accuracy class is an assumption, with the reason
+    assert "modeled (class assumed)" in stdout
+    assert "modeled: its accuracy class (in every interval above) is assumed ±25 %" in stdout
     # every energy figure of the embedded default run is confident (issue 15 point 8)
     assert " ok, 0 low-confidence, 0 withheld" in stdout, stdout[-3000:]
     jobs = db.execute("SELECT job_id, kind, status, attempts FROM jobs").fetchall()

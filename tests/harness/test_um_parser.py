@@ -231,3 +231,37 @@ def test_good_records_in_noise_are_all_found_and_bad_ones_all_counted(data, mode
     assert [record.raw for record in found] == expected_good
     assert parser.rejected == expected_bad
     assert parser.records * 130 + parser.skipped_bytes + parser.pending == len(stream)
+
+
+@pytest.mark.parametrize("model", ["um24c", "um25c", "um34c"])
+def test_power_class_bounds_every_worst_case_reading(model):
+    """The class `ACCURACY` records is a bound: for readings off by the full voltage and
+    current classes either way, anywhere on a 5 V +-5 % supply up to the model's current,
+    the power error stays within relative x P + offset_w."""
+    from harness.meters.base import SUPPLY_VOLTS
+    from harness.meters.um import ACCURACY, UM_MODELS, UM_SPECS
+
+    spec, scale, bound = UM_SPECS[model], UM_MODELS[model], ACCURACY[model]
+    max_amps = {"um24c": 3.0, "um25c": 5.0, "um34c": 4.0}[model]
+    worst_ratio = 0.0
+    for volts in (SUPPLY_VOLTS[0], 5.0, SUPPLY_VOLTS[1]):
+        for amps in (0.0, 0.01, 0.3, 1.0, 2.5, max_amps):
+            dv = spec.volts_fraction * volts + spec.volts_digits * scale.volts_per_count
+            di = spec.amps_fraction * amps + spec.amps_digits * scale.amps_per_count
+            power = volts * amps
+            error = max(abs((volts + sv * dv) * (amps + si * di) - power)
+                        for sv in (-1, 1) for si in (-1, 1))
+            allowed = bound["relative"] * power + bound["offset_w"]
+            assert error <= allowed, (volts, amps, error, allowed)
+            worst_ratio = max(worst_ratio, error / allowed)
+    assert worst_ratio > 0.5  # tight enough to mean something, not a blanket figure
+    assert bound["assumed"] is spec.assumed and bound["source"] == spec.source
+
+
+def test_the_um25c_class_is_the_published_one_and_the_others_say_they_are_assumed():
+    from harness.meters.um import ACCURACY
+
+    assert not ACCURACY["um25c"]["assumed"]
+    assert "davatorium/um25c-client" in ACCURACY["um25c"]["source"]
+    for model in ("um24c", "um34c"):
+        assert ACCURACY[model]["assumed"] and ACCURACY[model]["source"].startswith("assumed")
