@@ -509,6 +509,7 @@ def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
     need_x = ctx.needs_input_grad[0] and not spec.first
     grad_x = None
     packed_dw = d_w = None
+
     def top_exponent(spans: list[tuple[int, int]]) -> float:
         """Wang's window top: the whole batch's largest |dz| (one more pass over dz)."""
         with phase("lowmem.backward.po2_dz_max"):
