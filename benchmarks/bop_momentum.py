@@ -83,7 +83,7 @@ def train_bop(dataset, label: str, spec: str | None, args, *, lowmem: bool = Fal
               tau: float = DEFAULT_TAU) -> dict:
     """Train the MLP with Bop; accuracy per epoch, lost fractions, the three accountings."""
     torch.manual_seed(args.seed)
-    enable = LowMemSwitches.names() if lowmem else ()
+    enable = LowMemSwitches.lowmem().enabled() if lowmem else ()
     recipe = make_recipe("bop", enable=enable, momentum_format=spec, bop_gamma=args.gamma,
                          bop_tau=tau)
     model = build_model("mlp", recipe, in_shape=dataset.in_shape)

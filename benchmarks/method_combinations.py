@@ -37,7 +37,8 @@ def recipe_for(combination: str, momentum_format: str):
         return make_recipe("bop")
     if combination == "bop+lowbit":
         return make_recipe("bop", momentum_format=momentum_format)
-    return make_recipe("bop", enable=LowMemSwitches.names(), momentum_format=momentum_format)
+    return make_recipe("bop", enable=LowMemSwitches.lowmem().enabled(),
+                       momentum_format=momentum_format)
 
 
 def measure_one(model_name: str, combination: str, momentum_format: str, args) -> dict:

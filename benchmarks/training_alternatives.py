@@ -79,8 +79,8 @@ class Worker:
             from trainers.models import build_model
             from trainers.optim import build_optimizer
 
-            recipe = (make_recipe("bop", enable=LowMemSwitches.names()) if arm == "lowmem-bop"
-                      else make_recipe(arm, optimizer="adam"))
+            recipe = (make_recipe("bop", enable=LowMemSwitches.lowmem().enabled())
+                      if arm == "lowmem-bop" else make_recipe(arm, optimizer="adam"))
             self.model = build_model(model_name, recipe, in_shape=shape)
             self.optimizer = build_optimizer(self.model, recipe)
             self.step_fn = lambda x, y: train_step(self.model, self.optimizer, x, y)

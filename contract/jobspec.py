@@ -59,6 +59,7 @@ from contract.vocabulary import (
     DATASETS,
     IDLE_METHOD,
     LOWMEM_SWITCHES,
+    LOWMEM_VARIANTS,
     METHODS,
     MODELS,
     OPTIMIZERS,
@@ -121,6 +122,12 @@ class MethodSpec:
                 if data.get(option) not in (None, [], False):
                     raise SpecError(prefix + option, data[option],
                                     "nothing for method cwr (it takes lr only)")
+        for variant in spec.enable:  # the engine refuses a variant without its technique
+            technique = LOWMEM_VARIANTS.get(variant)
+            if technique and not (technique in spec.enable or (
+                    name == "lowmem" and technique not in spec.disable)):
+                raise SpecError(prefix + "enable", variant,
+                                f"{technique!r} on too (the switch is its variant)")
         if name == IDLE_METHOD and spec.duration_s is None:
             raise SpecError(prefix + "duration_s", None, "a positive number for method idle")
         if name != IDLE_METHOD and spec.duration_s is not None:

@@ -18,7 +18,7 @@ OPTIMIZERS = ("adam", "sgd", "bop")
 DATASETS = ("mnist", "cifar10", "svhn", "digits", "synthetic")
 
 # Wang et al.'s low-memory techniques, one switch each (see docs/methods.md, "lowmem").
-LOWMEM_SWITCHES = (
+LOWMEM_TECHNIQUES = (
     "binary_inputs",
     "bn_sign_trick",
     "packed_masks",
@@ -27,6 +27,16 @@ LOWMEM_SWITCHES = (
     "binary_dw",
     "fp16_state",
 )
+# Wang et al.'s code's exact numerics where ours differ, each a variant of one technique
+# (docs/methods.md, "Variants"): it is refused without that technique, and `lowmem` leaves
+# it off unless `LOWMEM_DEFAULT_VARIANTS` names it (benchmarks/wang_ablation.py decides).
+LOWMEM_VARIANTS = {
+    "wang_bn_trick": "bn_sign_trick",  # keep sgn(x_hat), mean|x_hat|; beta added outside
+    "wang_po2": "po2_grads",  # round dZ, window [R-16, R-1], clamp (not dY, [R-15, R], flush)
+    "wang_fp16": "fp16_grads",  # activation gradients float16 (not bfloat16)
+}
+LOWMEM_DEFAULT_VARIANTS: tuple[str, ...] = ()
+LOWMEM_SWITCHES = (*LOWMEM_TECHNIQUES, *LOWMEM_VARIANTS)
 
 # Bop's low-bit momentum: "E,M" or "E,M,bias" (sign + E exponent bits + M mantissa bits),
 # or "auto" (searched on warm-up batches). The values must stay inside float32's range.

@@ -38,6 +38,7 @@ from trainers.phases import phase
 
 if TYPE_CHECKING:  # the block is only named in annotations: no import at run time
     from trainers.blocks import BinaryBlock
+    from trainers.methods import LowMemSwitches
 
 # Elements per chunk of fp32 temporaries (4 MiB).
 CHUNK_ELEMENTS = 1 << 20
@@ -115,9 +116,47 @@ def po2_quantize(grad: torch.Tensor, exp_max: float) -> torch.Tensor:
     return out.masked_fill_(drop.bool(), 0.0)
 
 
+def po2_quantize_clamped(grad: torch.Tensor, exp_max: float) -> torch.Tensor:
+    """Wang et al.'s rounding of dZ: sign * 2^e with e = round(log2|g|) clamped to
+    [exp_max - 16, exp_max - 1] (their 4-bit exponent biased by 8 - R), so nothing below the
+    window is lost and the largest magnitudes are halved; exact zeros stay zero (their code
+    has no zero code and yields +2^(exp_max - 16) there). Float32 out."""
+    out = torch.empty(grad.shape, dtype=torch.float32).copy_(grad)
+    zero = out == 0
+    bits = out.view(torch.int32)
+    doubling = bits.bitwise_and(0x7FFFFF).ge_(SQRT2_MANTISSA).add_(1)  # 1 or 2
+    bits.bitwise_and_(-0x800000)  # clear the mantissa: sign * 2^E
+    magnitude = out.abs().mul_(doubling).clamp_(2.0 ** (exp_max - PO2_LEVELS),
+                                                2.0 ** (exp_max - 1))
+    return out.copy_(magnitude.copysign_(out)).masked_fill_(zero, 0.0)
+
+
+def activation_grad_dtype(sw: LowMemSwitches) -> torch.dtype:
+    """The dtype of a sign output and so of the activation gradients between blocks."""
+    if not sw.fp16_grads:
+        return torch.float32
+    return torch.float16 if sw.wang_fp16 else torch.bfloat16
+
+
+def product_dtype(sw: LowMemSwitches) -> torch.dtype:
+    """The backward's products: 16-bit with bfloat16 gradients on the int8 path; float32 on
+    float16 gradients, as Wang et al.'s code computes (float16 holds them, float32 sums)."""
+    if kernels.int8_enabled() and sw.fp16_grads and not sw.wang_fp16:
+        return kernels.grad_dtype()
+    return torch.float32
+
+
 def max_exponent(grad: torch.Tensor) -> float:
+    return peak_exponent(peak_magnitude(grad))
+
+
+def peak_magnitude(grad: torch.Tensor) -> float:
     low, high = torch.stack(torch.aminmax(grad)).tolist() if grad.numel() else (0.0, 0.0)
-    peak = max(high, -low)
+    return max(high, -low)
+
+
+def peak_exponent(peak: float) -> float:
+    """R = round(log2(peak)), the top of a power-of-two window (0 for an all-zero tensor)."""
     return math.floor(math.log2(peak) + 0.5) if peak > 0 else 0.0
 
 
@@ -211,7 +250,7 @@ class LowMemBlockFunction(torch.autograd.Function):
         spec, sw, bn = block.spec, block.switches, block.bn
         save = any(ctx.needs_input_grad)
         n = x.shape[0]
-        out_dtype = torch.bfloat16 if sw.fp16_grads and spec.sign_output else torch.float32
+        out_dtype = activation_grad_dtype(sw) if spec.sign_output else torch.float32
         fast = kernels.int8_enabled() and not spec.first
         pack_input = save and not spec.first and (sw.binary_inputs or spec.sign_input)
         with phase("lowmem.forward.layer"):
@@ -234,28 +273,36 @@ class LowMemBlockFunction(torch.autograd.Function):
             else:
                 mu, sigma1 = bn.running_mean.float(), bn.running_sigma1.float()
 
-        # Pass 3: normalise, sign, pool; keep the low-bit state.
+        # Pass 3: normalise, sign, pool; keep the low-bit state: sgn(y) and mean|y|, or with
+        # `wang_bn_trick` sgn(x_hat) and mean|x_hat| (beta added outside).
         beta32 = beta.float()
+        keep_y = save and sw.bn_sign_trick and not sw.wang_bn_trick
+        keep_xhat = save and sw.bn_sign_trick and sw.wang_bn_trick
         y_bits = xhat = mask = pool_act = None
         abs_y = torch.zeros_like(sums)
         out = None
         with phase("lowmem.forward.bn_apply"):
             for s, e in z_rows:
                 yc = z16[s:e].float().sub_(per_channel(mu, z16)).div_(per_channel(sigma1, z16))
+                if keep_xhat:
+                    if y_bits is None:
+                        y_bits = packed_rows_like(n, yc)
+                    y_bits[s:e] = pack_rows(yc >= 0)
+                    abs_y += yc.abs().sum(dim=dims, dtype=torch.float64)
                 yc += per_channel(beta32, yc)
                 positive = yc >= 0
-                if save and sw.bn_sign_trick:
+                if keep_y:
                     if y_bits is None:
                         y_bits = packed_rows_like(n, yc)
                     y_bits[s:e] = pack_rows(positive)
-                elif save:
+                elif save and not sw.bn_sign_trick:
                     if xhat is None:
                         xhat = torch.empty((n, *yc.shape[1:]), dtype=torch.float32)
                     xhat[s:e] = yc - per_channel(beta32, yc)
                 a = None
                 if spec.sign_output:
                     magnitude = yc.abs_()  # y itself is not needed any more
-                    if save and sw.bn_sign_trick:
+                    if keep_y:
                         abs_y += magnitude.sum(dim=dims, dtype=torch.float64)
                     if save:
                         inside = magnitude <= 1
@@ -270,7 +317,7 @@ class LowMemBlockFunction(torch.autograd.Function):
                         continue
                     a = signs_of(positive, out_dtype)
                 else:
-                    if save and sw.bn_sign_trick:
+                    if keep_y:
                         abs_y += yc.abs().sum(dim=dims, dtype=torch.float64)
                     a = yc
                 if spec.pool == "after_act":
@@ -337,22 +384,21 @@ class LowMemBlockFunction(torch.autograd.Function):
         y_shape = ctx.y_shape
         dims = (0,) if len(y_shape) == 2 else (0, 2, 3)
         count = math.prod(y_shape) // y_shape[1]
-        exp_max = max_exponent(grad_out) if sw.po2_grads else 0.0
+        po2_dy = sw.po2_grads and not sw.wang_po2  # ours: dY; Wang's: dZ (see po2_dz below)
+        exp_max = max_exponent(grad_out) if po2_dy else 0.0
         # Chunks sized by the largest per-sample tensor a chunk makes: the batch-norm output,
         # its un-pooled gradient (4x when pooling precedes batch norm), or the layer's input.
         unpooled = math.prod(y_shape[1:]) * (4 if spec.pool == "before_bn" else 1)
         y_rows = chunks(n, max(unpooled, math.prod(ctx.x_shape[1:])), BACKWARD_CHUNK_ELEMENTS)
         # Products of the backward: 16-bit when the gradients are 16-bit anyway; dW of the
         # first layer (real input) stays fp32.
-        fast = kernels.int8_enabled() and sw.fp16_grads
-        cd = kernels.grad_dtype() if fast else torch.float32
+        cd = product_dtype(sw)
         wd = torch.float32 if spec.first else cd
 
         def grad_y(s: int, e: int) -> torch.Tensor:
             """dL/dy for samples s:e (through po2 rounding, un-pooling and the STE mask)."""
             g = grad_out[s:e]
-            g = po2_quantize(g, exp_max) if sw.po2_grads else g.to(torch.float32,
-                                                                           copy=True)
+            g = po2_quantize(g, exp_max) if po2_dy else g.to(torch.float32, copy=True)
             if spec.pool == "after_act":
                 g = unpool(g, pool_act[s:e], ctx.act_size)
             if spec.sign_output:
@@ -386,24 +432,34 @@ class LowMemBlockFunction(torch.autograd.Function):
         mean_gy = (sum_gy / count).float()
         mean_sgn = (sum_sgn / count).float()
 
-        def grad_z(s: int, e: int) -> torch.Tensor:
-            """dL/dz (the binary layer's output) for samples s:e."""
+        po2_dz = sw.po2_grads and sw.wang_po2
+        dz_exp = 0.0
+
+        def grad_z(s: int, e: int, quantize: bool = True) -> torch.Tensor:
+            """dL/dz (the binary layer's output) for samples s:e, rounded to Wang et al.'s
+            powers of two with `wang_po2`."""
             g = grad_y(s, e)
             g.div_(per_channel(sigma1, g))
             if sw.bn_sign_trick:
                 # xhat ~ sgn(y) mean|y| in the exact L1 gradient; the mean(sgn) term keeps
                 # sum(dz) = 0 per channel, as the exact gradient has it (sum(xhat) = 0 per
-                # channel, while sum(sgn(y)) is not). Wang et al.'s code keeps sgn(xhat) and
-                # mean|xhat| instead, with beta added outside, and has no such term.
+                # channel, while sum(sgn(y)) is not). `wang_bn_trick` (Wang et al.'s code)
+                # keeps sgn(xhat) and mean|xhat| instead and has no such term: see
+                # docs/methods.md, "Variants".
                 scale = mean_abs_y * mean_gy
-                dz = g.sub_(per_channel(mean_g - mean_sgn * scale, g)).sub_(
-                    y_sign(s, e).mul_(per_channel(scale, g)))
+                shift = mean_g if sw.wang_bn_trick else mean_g - mean_sgn * scale
+                dz = g.sub_(per_channel(shift, g)).sub_(y_sign(s, e).mul_(per_channel(scale, g)))
             else:
                 dz = g - per_channel(mean_g, g) - (sign(xhat[s:e]) - per_channel(mean_sgn, g)) * (
                     per_channel(mean_gy, g))
             if spec.pool == "before_bn":
                 dz = unpool(dz, pool_bn[s:e], ctx.bn_pre_size)
-            return dz
+            return po2_quantize_clamped(dz, dz_exp) if po2_dz and quantize else dz
+
+        if po2_dz:  # the window's top is the whole batch's largest |dz|: one more pass
+            with phase("lowmem.backward.po2_dz_max"):
+                dz_exp = peak_exponent(max(peak_magnitude(grad_z(s, e, quantize=False))
+                                           for s, e in y_rows))
 
         # Pass B: dz per chunk, then dX and dW of the binary layer.
         need_x = ctx.needs_input_grad[0] and not spec.first

@@ -14,6 +14,8 @@ view of channels-last memory, which the next block's int8 im2col reads without a
 
 It runs when the recipe keeps batch-norm signs and packed masks (`bn_sign_trick`,
 `packed_masks`, the defaults) and the kernels are built; other ablations use the reference.
+Wang et al.'s variants (`wang_bn_trick`, `wang_po2`, `wang_fp16`) run here too, on the same
+kernels driven differently from Python (step by step, never the whole-dense C++ block).
 """
 
 from __future__ import annotations
@@ -36,13 +38,18 @@ from trainers.lowmem import (
     LAYER_CHUNK_ELEMENTS,
     PO2_LEVELS,
     LowMemBlockFunction,
+    activation_grad_dtype,
     chunks,
     int8_layer_forward,
     layer_elements_per_sample,
     layer_forward,
     max_exponent,
     packed_rows,
+    peak_exponent,
+    peak_magnitude,
+    po2_quantize_clamped,
     pool_positions,
+    product_dtype,
 )
 from trainers.methods import LowMemSwitches
 from trainers.phases import phase
@@ -72,6 +79,16 @@ EMPTY_FLOAT = torch.empty(0)
 def runs_fused(sw: LowMemSwitches) -> bool:
     """Whether low-memory blocks with these switches run here (else the reference path)."""
     return sw.bn_sign_trick and sw.packed_masks and native.kernels() is not None
+
+
+def wang_variant(sw: LowMemSwitches) -> bool:
+    return sw.wang_bn_trick or sw.wang_po2 or sw.wang_fp16
+
+
+def codes_gradients(sw: LowMemSwitches) -> bool:
+    """Whether output gradients are rounded to powers of two (ours), so they may pass
+    between blocks as int8 codes; `wang_po2` rounds dz inside the block instead."""
+    return sw.po2_grads and not sw.wang_po2
 
 
 def applies(block: BinaryBlock) -> bool:
@@ -145,12 +162,13 @@ class FusedBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor,
                 block: BinaryBlock) -> torch.Tensor:
-        ctx.whole_dense = isinstance(block.layer, nn.Linear) and not block.spec.sign_input
+        ctx.whole_dense = (isinstance(block.layer, nn.Linear) and not block.spec.sign_input
+                           and not wang_variant(block.switches))
         if ctx.whole_dense:
             out = dense_forward(ctx, x, weight, beta, block)
         else:
             out = fused_forward(ctx, x, weight, beta, block)
-        po2 = block.switches.po2_grads and any(ctx.needs_input_grad)
+        po2 = codes_gradients(block.switches) and any(ctx.needs_input_grad)
         ctx.below = getattr(x, "_po2_mailbox", None) if po2 and ctx.needs_input_grad[0] else None
         ctx.mailbox = None
         if po2 and block.feeds_block:
@@ -360,7 +378,9 @@ def fused_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
     spec, sw, bn = block.spec, block.switches, block.bn
     save = any(ctx.needs_input_grad)
     n = x.shape[0]
-    out_dtype = torch.bfloat16 if sw.fp16_grads and spec.sign_output else torch.float32
+    out_dtype = activation_grad_dtype(sw) if spec.sign_output else torch.float32
+    # the kernels write +-1 as bfloat16 or float32: a float16 output is converted after
+    kernel_dtype = torch.bfloat16 if out_dtype == torch.float16 else out_dtype
     with phase("lowmem.forward.layer"):
         z_rows, z_map, sums, x_bits, in_mask, pool_bn = layer_rows(
             ctx, x, weight_values(block.layer), block, save)
@@ -384,7 +404,7 @@ def fused_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
             y_bits = y_bits if save else packed_rows(rows, channels)
             abs_y = ext.bn_forward(z_rows, *stats, EMPTY_FLOAT, y_bits, mask, True)
             pooled_hw = (hw[0] // 2, hw[1] // 2)
-            out_rows, out = empty_like_map(n, channels, pooled_hw, out_dtype)
+            out_rows, out = empty_like_map(n, channels, pooled_hw, kernel_dtype)
             if save:
                 pool_act, _ = empty_like_map(n, channels, pooled_hw, torch.uint8)
             ext.pool_signs(y_bits, n, *hw, out_rows, pool_act)
@@ -392,12 +412,20 @@ def fused_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
                 _, handed, _ = ext.sign_pack(out_rows, True, False)
                 del out_rows
                 out = placeholder(out.shape, out_dtype)
+            elif kernel_dtype != out_dtype:
+                out = out.to(out_dtype)
         elif hand_over:  # the output's sign bits are y_bits: no output values at all
             abs_y = ext.bn_forward(z_rows, *stats, EMPTY_FLOAT, y_bits, mask, True)
             handed, out = y_bits, placeholder(torch.Size([n, channels, *hw]), out_dtype)
         else:
-            out_rows, out = empty_like_map(n, channels, hw, out_dtype)
+            out_rows, out = empty_like_map(n, channels, hw, kernel_dtype)
             abs_y = ext.bn_forward(z_rows, *stats, out_rows, y_bits, mask, spec.sign_output)
+            if kernel_dtype != out_dtype:
+                out = out.to(out_dtype)
+        if save and sw.wang_bn_trick:  # keep sgn(x_hat) and sum|x_hat| instead (beta = 0)
+            y_bits = packed_rows(rows, channels)
+            abs_y = ext.bn_forward(z_rows, stats[0], stats[1], torch.zeros(channels),
+                                   EMPTY_FLOAT, y_bits, EMPTY, True)
         if handed is not None:
             out._sign_bits = handed
         del z_rows, z_map
@@ -443,7 +471,7 @@ def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
     n = grad_out.shape[0]
     rows, channels = y_bits.shape[0], sigma1.shape[0]
     h, w = ctx.y_hw
-    po2 = sw.po2_grads
+    po2 = codes_gradients(sw)
     if codes is not None:  # int8 power-of-two codes from the block above
         g_rows, exp_max = codes
         if len(ctx.out_shape) == 4 and g_rows.shape[0] == n:  # a dense block's (n, C*H*W)
@@ -453,28 +481,44 @@ def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
         g_rows = as_rows(grad_out)
         if g_rows.dtype not in (torch.bfloat16, torch.float32):
             g_rows = g_rows.float()
-    fast = kernels.int8_enabled() and sw.fp16_grads
-    cd = kernels.grad_dtype() if fast else torch.float32
+    cd = product_dtype(sw)
     wd = torch.float32 if spec.first else cd
 
     with phase("lowmem.backward.bn_sums"):
         d_beta, sum_g, sum_gy, sum_sgn = ext.bn_backward_sums(
             g_rows, pool_act, mask, y_bits, sigma1, h, w, po2, exp_max, PO2_LEVELS)
         slope = (mean_abs_y * (sum_gy / rows).float()).contiguous()
-        shift = ((sum_g / rows).float() - (sum_sgn / rows).float() * slope).contiguous()
+        mean_g = (sum_g / rows).float()
+        shift = (mean_g if sw.wang_bn_trick  # Wang et al.'s code: no centring term
+                 else mean_g - (sum_sgn / rows).float() * slope).contiguous()
+    po2_dz = sw.po2_grads and sw.wang_po2
+    dz_exp = 0.0
 
-    def grad_z(s: int, e: int, dtype: torch.dtype) -> torch.Tensor:
-        """dL/dz for samples s:e: (e-s, C) rows, or an NCHW view of channels-last rows."""
+    def grad_z(s: int, e: int, dtype: torch.dtype, quantize: bool = True) -> torch.Tensor:
+        """dL/dz for samples s:e: (e-s, C) rows, or an NCHW view of channels-last rows;
+        rounded in float32 to Wang et al.'s powers of two with `wang_po2`."""
         z_hw = ctx.pre_pool_hw if pool_bn.numel() else (h, w)
-        dz_rows = torch.empty(((e - s) * z_hw[0] * z_hw[1], channels), dtype=dtype)
+        rows_dtype = torch.float32 if po2_dz else dtype
+        dz_rows = torch.empty(((e - s) * z_hw[0] * z_hw[1], channels), dtype=rows_dtype)
         ext.bn_backward_dz(g_rows, pool_act, mask, y_bits, sigma1, shift, slope, h, w, po2,
                            exp_max, PO2_LEVELS, s * h * w, e * h * w, pool_bn, *z_hw, dz_rows)
+        if po2_dz and quantize:
+            dz_rows = po2_quantize_clamped(dz_rows, dz_exp).to(dtype)
         return dz_rows if len(ctx.x_shape) == 2 else nchw(dz_rows, e - s, *z_hw)
 
     need_x = ctx.needs_input_grad[0] and not spec.first
     grad_x = None
     packed_dw = d_w = None
+
+    def top_exponent(spans: list[tuple[int, int]]) -> float:
+        """Wang's window top: the whole batch's largest |dz| (one more pass over dz)."""
+        with phase("lowmem.backward.po2_dz_max"):
+            return peak_exponent(max(peak_magnitude(grad_z(s, e, torch.float32, False))
+                                     for s, e in spans))
+
     if isinstance(layer, nn.Linear):
+        if po2_dz:
+            dz_exp = top_exponent([(0, n)])
         with phase("lowmem.backward.bn_grad"):
             dz = grad_z(0, n, wd)
         with phase("lowmem.backward.dw"):
@@ -500,6 +544,8 @@ def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
                          c_in * h_in * w_in)
         samples = max(math.ceil(n / BACKWARD_CHUNKS), BACKWARD_CHUNK_ELEMENTS // per_sample)
         spans = chunks(n, 1, samples)
+        if po2_dz:
+            dz_exp = top_exponent(spans)
         out_blocks = conv_dw_blocks(weight.shape) if sw.binary_dw else [(0, weight.shape[0])]
         if sw.binary_dw:
             packed_dw = packed_rows(weight.shape[0], math.prod(weight.shape[1:]))
@@ -522,6 +568,8 @@ def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
                                                     c_in, torch.int8)
                             dx = dx.masked_fill(nchw(keep, e - s, h_in, w_in) < 0, 0)
                         if coded is not None:
+                            if ctx.x_dtype == torch.float16:  # code what autograd would carry
+                                dx = dx.to(torch.float16).float()
                             coded.add(s, e, dx)
                         else:
                             grad_x[s:e] = dx

@@ -27,7 +27,7 @@ from torch import nn
 from trainers.blocks import BinaryBlock
 from trainers.layers import L1BatchNorm, weight_shape
 from trainers.lowmem import BACKWARD_CHUNK_ELEMENTS, DW_BLOCK_ELEMENTS
-from trainers.lowmem_fused import BACKWARD_CHUNKS, hands_sign_bits, runs_fused
+from trainers.lowmem_fused import BACKWARD_CHUNKS, codes_gradients, hands_sign_bits, runs_fused
 from trainers.methods import LowMemSwitches, Recipe
 from trainers.models import LayerInfo, layer_inventory
 from trainers.real_blocks import RealConvBN
@@ -285,7 +285,7 @@ def _dense(shape: BlockShape) -> bool:
 
 def _coded_gradients(recipe: Recipe) -> bool:
     """Whether gradients pass between blocks as int8 power-of-two codes."""
-    return runs_fused(recipe.switches) and recipe.switches.po2_grads
+    return runs_fused(recipe.switches) and codes_gradients(recipe.switches)
 
 
 def _standard_pair_bits(shape: BlockShape) -> int:

@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from contract.errors import UsageError, unknown_choice
-from contract.vocabulary import OPTIMIZERS, default_optimizer
+from contract.vocabulary import (
+    LOWMEM_DEFAULT_VARIANTS,
+    LOWMEM_TECHNIQUES,
+    LOWMEM_VARIANTS,
+    OPTIMIZERS,
+    default_optimizer,
+)
 from contract.vocabulary import TRAINING_METHODS as METHODS
 
 # Bop's adaptivity rate and threshold: Larq's defaults (larq.optimizers.Bop), which are also
@@ -36,10 +42,24 @@ class LowMemSwitches:
     po2_grads: bool = False  # activation gradients rounded to powers of two (int8 exponent + sign)
     binary_dw: bool = False  # weight gradient kept as 1 bit: sgn(dW) / sqrt(N)
     fp16_state: bool = False  # latent weights and optimizer moments stored as float16
+    # Wang et al.'s code's numerics (docs/methods.md, "Variants"), each needing its technique:
+    wang_bn_trick: bool = False  # keep sgn(x_hat) and mean|x_hat| (beta outside), no centring
+    wang_po2: bool = False  # round dZ (feeds dX and dW) in [R-16, R-1], clamping, not dY
+    wang_fp16: bool = False  # activation gradients float16 (products float32), not bfloat16
+
+    def __post_init__(self) -> None:
+        for variant, technique in LOWMEM_VARIANTS.items():
+            if getattr(self, variant) and not getattr(self, technique):
+                raise UsageError(f"lowmem switch {variant!r} is a variant of {technique!r}, "
+                                 f"which is off: enable {technique!r} too")
 
     @classmethod
-    def all_on(cls) -> LowMemSwitches:
-        return cls(**{f.name: True for f in fields(cls)})
+    def lowmem(cls) -> LowMemSwitches:
+        """The `lowmem` method: every technique on, the variants the ablation chose."""
+        return cls(**{name: True for name in (*LOWMEM_TECHNIQUES, *LOWMEM_DEFAULT_VARIANTS)})
+
+    def enabled(self) -> tuple[str, ...]:
+        return tuple(name for name in self.names() if getattr(self, name))
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -50,11 +70,16 @@ class LowMemSwitches:
         return any(getattr(self, name) for name in self.names())
 
     def with_changes(self, enable=(), disable=()) -> LowMemSwitches:
+        """Switches with these turned on and off; turning a technique off turns its variant
+        off too (unless the variant is asked for, which is refused)."""
         known = set(self.names())
         for name in (*enable, *disable):
             if name not in known:
                 raise unknown_choice("lowmem switch", name, known)
         values = {name: True for name in enable} | {name: False for name in disable}
+        for variant, technique in LOWMEM_VARIANTS.items():
+            if not values.get(technique, True) and variant not in enable:
+                values[variant] = False
         return replace(self, **values)
 
 
@@ -84,7 +109,7 @@ def make_recipe(
     """Build a recipe from CLI-level names, refusing unknown ones with the choices."""
     if method not in METHODS:
         raise unknown_choice("method", method, METHODS)
-    base = LowMemSwitches.all_on() if method == "lowmem" else LowMemSwitches()
+    base = LowMemSwitches.lowmem() if method == "lowmem" else LowMemSwitches()
     optimizer = optimizer or default_optimizer(method)
     if optimizer not in OPTIMIZERS:
         raise unknown_choice("optimizer", optimizer, OPTIMIZERS)

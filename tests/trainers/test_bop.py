@@ -213,7 +213,7 @@ def test_routing_refuses_parameters_claimed_twice_or_not_at_all():
         route_parameters(named[:2], {"bop": [a], "adam": [b, c]})
 
 
-@pytest.mark.parametrize("switches", [(), tuple(LowMemSwitches.names())])
+@pytest.mark.parametrize("switches", [(), LowMemSwitches.lowmem().enabled()])
 def test_routed_optimizer_trains_real_model_and_round_trips(switches):
     recipe = make_recipe("bop", enable=switches, momentum_format="4,7,22")
     torch.manual_seed(0)

@@ -63,9 +63,9 @@ def run_block(function, block: BinaryBlock, x: torch.Tensor, grad_seed: int = 1)
     torch.manual_seed(grad_seed)
     out.backward(torch.randn(out.shape).to(out.dtype))
     packed = block.layer.weight.packed_grad
-    result = (out.detach().float(), None if x.grad is None else x.grad.float(),
+    result = (out.detach().float(), None if x.grad is None else x.grad.clone(),
               block.bn.beta.grad.clone(), packed.data.clone(),
-              block.bn.running_mean.clone(), block.bn.running_sigma1.clone())
+              block.bn.running_mean.clone(), block.bn.running_sigma1.clone(), out.dtype)
     block.bn.beta.grad = None
     block.layer.weight.packed_grad = None
     return result
@@ -83,7 +83,7 @@ def test_fused_block_equals_reference(name, blocked, monkeypatch):
         monkeypatch.setattr(lowmem_fused, "CONV_DW_BLOCK_ELEMENTS", 1024)
     make, spec, shape = BLOCKS[name]
     torch.manual_seed(3)
-    block = BinaryBlock(make(), spec, LowMemSwitches.all_on())
+    block = BinaryBlock(make(), spec, LowMemSwitches.lowmem())
     block.layer.weight.data = block.layer.weight.data.half()
     block.bn.beta.data = (torch.randn(block.bn.beta.shape) * 0.2).half()
     x = torch.randn(*shape)
@@ -92,7 +92,7 @@ def test_fused_block_equals_reference(name, blocked, monkeypatch):
     ref_block, fused_block = block, copy.deepcopy(block)
     ref = run_block(LowMemBlockFunction, ref_block, x)
     fused = run_block(FusedBlockFunction, fused_block, x)
-    out, grad_x, d_beta, dw, running_mean, running_sigma1 = fused
+    out, grad_x, d_beta, dw, running_mean, running_sigma1, _ = fused
     assert torch.equal(ref[0], out)
     assert (ref[1] is None) == (grad_x is None)
     if grad_x is not None:
@@ -105,10 +105,46 @@ def test_fused_block_equals_reference(name, blocked, monkeypatch):
     assert torch.equal(ref[4], running_mean) and torch.equal(ref[5], running_sigma1)
 
 
+VARIANTS = {
+    "wang_bn_trick": ("wang_bn_trick",),
+    "wang_po2": ("wang_po2",),
+    "wang_fp16": ("wang_fp16",),
+    "wang_all": ("wang_bn_trick", "wang_po2", "wang_fp16"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_fused_block_equals_reference_with_wang_variants(name, variant):
+    """Wang et al.'s numerics run on the fused kernels too, equal to the reference."""
+    make, spec, shape = BLOCKS[name]
+    torch.manual_seed(3)
+    block = BinaryBlock(make(), spec, LowMemSwitches.lowmem().with_changes(
+        enable=VARIANTS[variant]))
+    block.layer.weight.data = block.layer.weight.data.half()
+    block.bn.beta.data = (torch.randn(block.bn.beta.shape) * 0.2).half()
+    x = torch.randn(*shape)
+    if not (spec.first or spec.sign_input):  # as the block below hands it over
+        x = x.sign().to(torch.float16 if block.switches.wang_fp16 else torch.bfloat16)
+    fused_block = copy.deepcopy(block)
+    ref = run_block(LowMemBlockFunction, block, x)
+    fused = run_block(FusedBlockFunction, fused_block, x)
+    out_dtype = torch.float16 if block.switches.wang_fp16 and spec.sign_output else None
+    assert out_dtype is None or ref[6] == fused[6] == out_dtype
+    assert torch.equal(ref[0], fused[0])
+    if ref[1] is not None:
+        assert ref[1].dtype == fused[1].dtype == x.dtype
+        assert torch.equal(ref[1].float(), fused[1].float())
+    torch.testing.assert_close(ref[2], fused[2], rtol=1e-6, atol=0)
+    flipped = bit_count(ref[3] ^ fused[3]) / (fused[3].numel() * 8)
+    assert flipped == 0 if isinstance(block.layer, BinaryLinear) else flipped < 0.005
+    assert torch.equal(ref[4], fused[4]) and torch.equal(ref[5], fused[5])
+
+
 def test_fused_block_in_evaluation_mode_uses_running_statistics():
     make, spec, shape = BLOCKS["conv-pool-after-act"]
     torch.manual_seed(4)
-    block = BinaryBlock(make(), spec, LowMemSwitches.all_on())
+    block = BinaryBlock(make(), spec, LowMemSwitches.lowmem())
     x = torch.randn(*shape).sign().to(torch.bfloat16)
     run_block(FusedBlockFunction, block, x)  # one training step moves the running stats
     block.eval()
@@ -119,10 +155,10 @@ def test_fused_block_in_evaluation_mode_uses_running_statistics():
 
 
 def test_fused_path_applies_only_where_its_state_is_kept():
-    block = BinaryBlock(BinaryLinear(8, 8), BlockSpec(), LowMemSwitches.all_on())
+    block = BinaryBlock(BinaryLinear(8, 8), BlockSpec(), LowMemSwitches.lowmem())
     assert applies(block)
     for switch in ("bn_sign_trick", "packed_masks"):
-        sw = LowMemSwitches.all_on().with_changes(disable=[switch])
+        sw = LowMemSwitches.lowmem().with_changes(disable=[switch])
         assert not applies(BinaryBlock(BinaryLinear(8, 8), BlockSpec(), sw))
     native.set_fused(False)
     assert not applies(block)

@@ -98,7 +98,7 @@ def test_lowmem_block_int8_forward_equals_fp32(name, compute):
     """Whole block: output, running statistics and saved bits identical in both paths."""
     make, spec, shape = BLOCKS[name]
     torch.manual_seed(7)
-    ref = BinaryBlock(make(), spec, LowMemSwitches.all_on())
+    ref = BinaryBlock(make(), spec, LowMemSwitches.lowmem())
     fast = copy.deepcopy(ref)
     x = (torch.randn(*shape) if spec.sign_input else pm1(*shape)).requires_grad_(True)
     compute("fp32")
@@ -132,7 +132,7 @@ def test_fast_backward_keeps_dw_signs_and_dx(compute):
     within bf16 rounding of zero; dX within bf16 rounding."""
     torch.manual_seed(3)
     block = BinaryBlock(BinaryConv2d(16, 8, 3, padding=1), BlockSpec(pool="after_act"),
-                        LowMemSwitches.all_on().with_changes(disable=("binary_dw",)))
+                        LowMemSwitches.lowmem().with_changes(disable=("binary_dw",)))
     x = pm1(4, 16, 8, 8).bfloat16()
     grads = {}
     for mode in ("fp32", "int8"):

@@ -13,10 +13,11 @@ import math
 import pytest
 import torch
 
+from trainers import lowmem
 from trainers.bits import unpack_signs
 from trainers.blocks import BinaryBlock, BlockSpec
 from trainers.layers import BinaryConv2d, BinaryLinear, sign
-from trainers.lowmem import po2_quantize
+from trainers.lowmem import po2_quantize, po2_quantize_clamped
 from trainers.methods import LowMemSwitches
 
 EXACT = LowMemSwitches(binary_inputs=True, packed_masks=True)
@@ -80,7 +81,7 @@ def test_running_statistics_match_standard():
     torch.manual_seed(0)
     ref = BinaryBlock(BinaryConv2d(2, 3, 3), BlockSpec(), LowMemSwitches())
     low = copy.deepcopy(ref)
-    low.switches = LowMemSwitches.all_on()
+    low.switches = LowMemSwitches.lowmem()
     x = sign(torch.randn(4, 2, 6, 6))
     ref(x)
     low(x)
@@ -134,6 +135,112 @@ def test_bn_sign_trick_matches_formula(conv):
     assert dz.sum(dim=(0,) if not conv else (0, 2, 3)).abs().max() < 1e-9
 
 
+def wang_bn_trick_reference(z, beta, dy_out):
+    """Wang et al.'s code: x_hat ~ sgn(x_hat) mean|x_hat|, beta added outside, no centring:
+    dX = g - mean(g) - sgn(x_hat) * mean(g * sgn(x_hat) * mean|x_hat|)."""
+    dims = (0,) if z.dim() == 2 else (0, 2, 3)
+    shape = (1, -1) if z.dim() == 2 else (1, -1, 1, 1)
+    mu = z.mean(dims)
+    sigma1 = (z - mu.view(shape)).abs().mean(dims)
+    xhat = (z - mu.view(shape)) / sigma1.view(shape)
+    g = dy_out * ((xhat + beta.view(shape)).abs() <= 1) / sigma1.view(shape)
+    sx = sign(xhat)
+    scale = (g * sx).mean(dims) * xhat.abs().mean(dims)
+    return g - g.mean(dims).view(shape) - sx * scale.view(shape)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_wang_bn_trick_matches_wang_formula(conv):
+    torch.manual_seed(2)
+    sw = LowMemSwitches(binary_inputs=True, packed_masks=True, bn_sign_trick=True,
+                        wang_bn_trick=True)
+    if conv:
+        layer, x = BinaryConv2d(3, 4, 3), sign(torch.randn(3, 3, 6, 6))
+    else:
+        layer, x = BinaryLinear(16, 6), sign(torch.randn(8, 16))
+    block = BinaryBlock(layer, BlockSpec(), sw)
+    with torch.no_grad():
+        block.bn.beta.copy_(torch.randn(block.bn.channels) * 0.3)
+    g_out = torch.randn_like(block(x))
+    _, _, dw, _ = run(block, x, g_out)
+    xd = x.double()
+    w_sign = sign(layer.weight.detach()).double()
+    z = (torch.nn.functional.conv2d(xd, w_sign) if conv else xd @ w_sign.t())
+    beta = block.bn.beta.detach().double()
+    dz = wang_bn_trick_reference(z, beta, g_out.double())
+    _, dz_ours = bn_sign_trick_reference(z, beta, g_out.double())
+
+    def weight_grad(dz):
+        return torch.nn.grad.conv2d_weight(xd, layer.weight.shape, dz) if conv else dz.t() @ xd
+
+    assert close(dw.double(), weight_grad(dz))
+    assert not close(dw.double(), weight_grad(dz_ours))  # the two variants really differ
+
+
+def test_wang_po2_rounds_dz_feeding_dx_and_dw(monkeypatch):
+    """The rounding sits on dz (the layer output's gradient), whose powers of two then make
+    dX and dW; the block's output gradient reaches batch norm unrounded."""
+    torch.manual_seed(4)
+    seen = []
+
+    def spy(dz, exp_max):
+        q = po2_quantize_clamped(dz, exp_max)
+        seen.append((dz.clone(), exp_max, q.clone()))
+        return q
+
+    monkeypatch.setattr(lowmem, "po2_quantize_clamped", spy)
+    sw = LowMemSwitches(binary_inputs=True, packed_masks=True, po2_grads=True, wang_po2=True)
+    layer, x = BinaryLinear(16, 6), sign(torch.randn(8, 16))
+    block = BinaryBlock(layer, BlockSpec(), sw)
+    g_out = torch.randn_like(block(x)) * 1e-3
+    _, dx, dw, _ = run(block, x, g_out)
+    (dz, exp_max, q), = seen
+    assert exp_max == math.floor(math.log2(dz.abs().max().item()) + 0.5)
+    xd, w_sign = x.double(), sign(layer.weight.detach()).double()
+    z = xd @ w_sign.t()
+    mu = z.mean(0)
+    sigma1 = (z - mu).abs().mean(0)
+    xhat = (z - mu) / sigma1
+    g = g_out.double() * ((xhat + block.bn.beta.detach().double()).abs() <= 1) / sigma1
+    sx = sign(xhat)  # the exact L1 backward (bn_sign_trick off), no rounding of dY
+    dz_exact = g - g.mean(0) - (sx - sx.mean(0)) * (g * xhat).mean(0)
+    assert close(dz.double(), dz_exact)
+    assert close(dx.double(), q.double() @ w_sign)
+    assert close(dw.double(), q.double().t() @ xd)
+
+
+def test_po2_quantize_clamped_is_wangs_window():
+    """Wang et al.'s 4-bit exponent biased by 8 - R: [R-16, R-1], clamped, not flushed."""
+    g = torch.cat([torch.randn(20000) * 10.0 ** torch.randint(-9, 2, (20000,)),
+                   torch.tensor([0.0, 2**-0.5, -(2**0.5), 1.0, -3.0, 1e-30, 100.0])])
+    exp_max = 2.0
+    q = po2_quantize_clamped(g, exp_max).double()
+    e = torch.log2(g.abs().double()).round().clamp(exp_max - 16, exp_max - 1)
+    assert torch.equal(q, torch.where(g == 0, 0.0, torch.exp2(e) * g.sign()))
+    assert q[-3:].tolist() == [-2.0, 2.0**-14, 2.0]
+
+
+def test_wang_fp16_carries_float16_activation_gradients():
+    sw = LowMemSwitches(binary_inputs=True, packed_masks=True, fp16_grads=True, wang_fp16=True)
+    block = BinaryBlock(BinaryLinear(16, 6), BlockSpec(), sw)
+    x = sign(torch.randn(8, 16)).half().requires_grad_(True)
+    out = block(x)
+    assert out.dtype == torch.float16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float16
+
+
+def test_a_variant_needs_its_technique():
+    from contract.errors import UsageError
+
+    with pytest.raises(UsageError, match="'wang_po2' is a variant of 'po2_grads'"):
+        LowMemSwitches(wang_po2=True)
+    sw = LowMemSwitches.lowmem().with_changes(enable=["wang_po2"])
+    assert not sw.with_changes(disable=["po2_grads"]).wang_po2  # goes with its technique
+    with pytest.raises(UsageError):
+        sw.with_changes(enable=["wang_fp16"], disable=["fp16_grads"])
+
+
 def test_binary_dw_is_sign_over_sqrt_n_packed():
     torch.manual_seed(3)
     x = sign(torch.randn(6, 10))
@@ -161,7 +268,7 @@ def test_lowmem_keeps_low_bit_tensors_only():
     """What a lowmem block saves for backward: uint8 bits, float16 stats, the weight."""
     torch.manual_seed(0)
     block = BinaryBlock(BinaryConv2d(8, 8, 3, padding=1), BlockSpec(pool="after_act"),
-                        LowMemSwitches.all_on())
+                        LowMemSwitches.lowmem())
     block.layer.weight.data = block.layer.weight.data.half()
     block.bn.beta.data = block.bn.beta.data.half()
     x = sign(torch.randn(4, 8, 8, 8)).bfloat16().requires_grad_(True)
