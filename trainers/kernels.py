@@ -6,11 +6,19 @@ fp32 product gives (fp32 sums integers exactly below 2^24). Convolutions run as 
 im2col unfold in int8 (channels-last windows, so one strided copy builds the columns)
 followed by the same product.
 
-Which path runs is a process-wide switch: `set_compute("int8" | "fp32")`, default from
-the environment variable `BNN_COMPUTE` (else "int8"). The backward pass of the low-memory
-block computes its activation and weight gradients in `grad_dtype()` (bfloat16 by
-default, `BNN_GRAD_DTYPE` = bf16 | fp16 | fp32) when the recipe's gradients are 16-bit
-anyway; see `trainers.lowmem`.
+Which path runs is a process-wide switch: `set_compute("int8" | "fp32" | "auto")`, default
+from the environment variable `BNN_COMPUTE` (else "auto"). The backward pass of the
+low-memory block computes its activation and weight gradients in `grad_dtype()`
+(bfloat16 by default, `BNN_GRAD_DTYPE` = bf16 | fp16 | fp32) when the products are int8 and
+the recipe's gradients are 16-bit anyway; see `trainers.lowmem`.
+
+"auto" times int8 against float32 products once per process, on one thread and a small
+product (a few milliseconds), and keeps the faster: int8 products are fast only where the
+CPU has int8 dot products (VNNI, ARM's dot product) and torch uses them; elsewhere torch
+runs them element by element (torch 2.13 on an AVX2 host without VNNI: `_int_mm` 30-40x
+slower than float32, its bfloat16 `mm` too), which made lowmem 10x slower than a plain
+float32 network there. Both give the same forward results (exact +-1 products); the float32
+path's backward products are float32 (docs/performance.md: what that costs in memory).
 
 Threads: the low-memory block's many short, memory-bound passes over chunks (batch-norm
 statistics, packing, masks) gain little from a second thread and lose much to OpenMP's
@@ -25,7 +33,8 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +42,13 @@ import torch.nn.functional as F
 from trainers import native
 from trainers.threads import governor
 
-COMPUTE_CHOICES = ("int8", "fp32")
+COMPUTE_CHOICES = ("int8", "fp32", "auto")
 GRAD_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-_compute = os.environ.get("BNN_COMPUTE", "int8")
+_compute = os.environ.get("BNN_COMPUTE", "auto")
 _grad_dtype = os.environ.get("BNN_GRAD_DTYPE", "bf16")
+# What "auto" chose, timed once per process (see the module doc); None until asked.
+_auto_compute: str | None = None
 _elementwise_threads = int(os.environ.get("BNN_ELEMENTWISE_THREADS", "1"))
 # torch's thread count outside `elementwise_threads()` (None when not inside one).
 _full_threads: int | None = None
@@ -82,8 +93,45 @@ def all_threads() -> Iterator[None]:
         torch.set_num_threads(_elementwise_threads)
 
 
+def _best_seconds(product, repeats: int = 5) -> float:
+    product()  # first call: lazy initialisation, not the product's cost
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _fastest(candidates: dict[str, Callable[[], object]]) -> str:
+    """The name of the fastest of these zero-argument products (the first wins a tie)."""
+    times = {name: _best_seconds(product) for name, product in candidates.items()}
+    return min(times, key=lambda name: times[name])
+
+
+def _auto() -> str:
+    """What "auto" means here: the faster of int8 and float32 products of +-1 operands of a
+    small layer's size, timed once, on one thread (a second thread's fork/join under
+    contention would time the scheduler, not the product)."""
+    global _auto_compute
+    if _auto_compute is None:
+        generator = torch.Generator().manual_seed(0)
+        a = torch.randint(-1, 2, (64, 512), dtype=torch.int8, generator=generator)
+        b = torch.randint(-1, 2, (512, 64), dtype=torch.int8, generator=generator)
+        af, bf = a.float(), b.float()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _auto_compute = _fastest({"int8": lambda: torch._int_mm(a, b),
+                                      "fp32": lambda: af.mm(bf)})
+        finally:
+            torch.set_num_threads(threads)
+    return _auto_compute
+
+
 def set_compute(name: str) -> None:
-    """Select the forward kernels of binary layers: "int8" (exact, fast) or "fp32"."""
+    """Select the forward kernels of binary layers: "int8" (exact, fast where the CPU has
+    int8 dot products), "fp32", or "auto" (the faster of the two here)."""
     global _compute
     if name not in COMPUTE_CHOICES:
         raise ValueError(f"compute must be one of {COMPUTE_CHOICES}, got {name!r}")
@@ -91,9 +139,10 @@ def set_compute(name: str) -> None:
 
 
 def get_compute() -> str:
+    """"int8" or "fp32": the forward kernels that run ("auto" resolved)."""
     if _compute not in COMPUTE_CHOICES:
         raise ValueError(f"BNN_COMPUTE must be one of {COMPUTE_CHOICES}, got {_compute!r}")
-    return _compute
+    return _auto() if _compute == "auto" else _compute
 
 
 def set_grad_dtype(name: str) -> None:
@@ -242,7 +291,7 @@ def describe() -> dict:
     """What runs where: kernel choice, threads, CPU capability (for `measure` and benchmarks)."""
     flags = _cpu_flags()
     return {
-        "compute": get_compute(),
+        "compute": get_compute() + (" (auto: the faster here)" if _compute == "auto" else ""),
         "lowmem_block": native.status(),
         "forward_kernel": ("int8 _int_mm (im2col for conv), int32 accumulation"
                            if int8_enabled() else "fp32 F.linear / F.conv2d"),

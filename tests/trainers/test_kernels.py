@@ -8,6 +8,7 @@ dW (all that the 1-bit gradient keeps) wherever dW is not within bf16 rounding o
 """
 
 import copy
+import time
 
 import pytest
 import torch
@@ -232,3 +233,11 @@ def test_profiling_times_every_block_and_the_lowmem_phases():
     assert "dense 64->256 (real input)" in text and "lowmem.backward.dense_block" in text
     with pytest.raises(ValueError, match="at least 2 batches"):
         profile_training(net, opt, lambda x, y: None, data[:1])
+
+
+def test_auto_keeps_the_faster_product(compute):
+    """"auto" times the candidates and keeps the faster; either gives exact products."""
+    assert kernels._fastest({"slow": lambda: time.sleep(0.002), "fast": lambda: None}) == "fast"
+    compute("auto")
+    assert kernels.get_compute() in ("int8", "fp32")
+    assert kernels.describe()["compute"].startswith(kernels.get_compute() + " (auto")

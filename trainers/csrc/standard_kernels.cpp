@@ -92,6 +92,31 @@ std::vector<Tensor> l1bn_forward_only(const Tensor& x, const Tensor& beta, doubl
       }
     }
   };
+  // A dense row: every value has its own channel's statistics. Branch-free (selects, no
+  // jumps) so that it vectorises: with branches, random signs cost a misprediction each
+  // (a 100 x 256 batch took 190 us instead of 20).
+  auto write_row = [&](int64_t at, int64_t len, const float* __restrict__ m,
+                       const float* __restrict__ s1, const float* __restrict__ bc) {
+    const float* __restrict__ row = xp + at;
+    float* __restrict__ h = hp + at;
+    float* __restrict__ o = op + at;
+    if (sign_output) {
+      float* __restrict__ k = mp + at;
+      for (int64_t j = 0; j < len; ++j) {
+        const float xh = (row[j] - m[j]) / s1[j];
+        const float y = xh + bc[j];
+        h[j] = xh;
+        o[j] = sgn_value(y);
+        k[j] = ste_mask(y);
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) {
+        const float xh = (row[j] - m[j]) / s1[j];
+        h[j] = xh;
+        o[j] = xh + bc[j];
+      }
+    }
+  };
   if (sh.s == 1) {  // dense: rows of C channels, statistics as channel vectors
     std::vector<double> sum(sh.c, 0.0), dev(sh.c, 0.0);
     for (int64_t i = 0; i < sh.n; ++i)
@@ -100,24 +125,7 @@ std::vector<Tensor> l1bn_forward_only(const Tensor& x, const Tensor& beta, doubl
     for (int64_t i = 0; i < sh.n; ++i)
       for (int64_t c = 0; c < sh.c; ++c) dev[c] += std::fabs(xp[i * sh.c + c] - mup[c]);
     for (int64_t c = 0; c < sh.c; ++c) sgp[c] = static_cast<float>(dev[c] / count) + feps;
-    for (int64_t i = 0; i < sh.n; ++i) {
-      const int64_t at = i * sh.c;
-      if (sign_output) {
-        for (int64_t c = 0; c < sh.c; ++c) {
-          const float xh = (xp[at + c] - mup[c]) / sgp[c];
-          const float y = xh + bp[c];
-          hp[at + c] = xh;
-          op[at + c] = sgn_value(y);
-          mp[at + c] = ste_mask(y);
-        }
-      } else {
-        for (int64_t c = 0; c < sh.c; ++c) {
-          const float xh = (xp[at + c] - mup[c]) / sgp[c];
-          hp[at + c] = xh;
-          op[at + c] = xh + bp[c];
-        }
-      }
-    }
+    for (int64_t i = 0; i < sh.n; ++i) write_row(i * sh.c, sh.c, mup, sgp, bp);
     return {xhat, out, mask, mu, sigma1};
   }
   at::parallel_for(0, sh.c, 1, [&](int64_t c0, int64_t c1) {  // conv: a channel a task
@@ -196,29 +204,64 @@ std::vector<Tensor> l1bn_backward(const Tensor& grad_out, const Tensor& xhat,
     return Terms{static_cast<float>(sum_g / count), (1.0f - mean_s) * mean_gx,
                  (-1.0f - mean_s) * mean_gx};
   };
+  // Restrict-qualified locals and no branch in the loop, so that it vectorises (through the
+  // captured pointers it ran element by element, a misprediction per random sign).
   auto write = [&](int64_t at, int64_t len, const Terms& t, float s1) {
-    for (int64_t j = 0; j < len; ++j) {
-      const float term = hp[at + j] >= 0.0f ? t.up : t.down;
-      dp[at + j] = (gval(at + j) - t.mean_g - term) / s1;
+    const float* __restrict__ h = hp + at;
+    const float* __restrict__ gr = gp + at;
+    float* __restrict__ d = dp + at;
+    if (masked) {
+      const float* __restrict__ k = kp + at;
+      for (int64_t j = 0; j < len; ++j)
+        d[j] = (gr[j] * k[j] - t.mean_g - (h[j] >= 0.0f ? t.up : t.down)) / s1;
+    } else {
+      for (int64_t j = 0; j < len; ++j)
+        d[j] = (gr[j] - t.mean_g - (h[j] >= 0.0f ? t.up : t.down)) / s1;
     }
   };
-  if (sh.s == 1) {  // dense: channel vectors
+  if (sh.s == 1) {  // dense: channel vectors, rows written branch-free (see the forward)
     std::vector<double> sum_g(sh.c, 0.0), sum_gx(sh.c, 0.0), positive(sh.c, 0.0);
-    for (int64_t i = 0; i < sh.n; ++i)
-      for (int64_t c = 0; c < sh.c; ++c) {
-        const int64_t at = i * sh.c + c;
-        const float gv = gval(at);
-        sum_g[c] += gv;
-        sum_gx[c] += gv * hp[at];
-        positive[c] += hp[at] >= 0.0f ? 1.0 : 0.0;
+    std::vector<float> mean_g(sh.c), up(sh.c), down(sh.c);
+    double* __restrict__ sg = sum_g.data();
+    double* __restrict__ sgx = sum_gx.data();
+    double* __restrict__ pos = positive.data();
+    std::vector<float> g_row(sh.c);
+    float* __restrict__ gv = g_row.data();
+    for (int64_t i = 0; i < sh.n; ++i) {
+      const float* __restrict__ h = hp + i * sh.c;
+      const float* __restrict__ gr = gp + i * sh.c;
+      if (masked) {
+        const float* __restrict__ kr = kp + i * sh.c;
+        for (int64_t c = 0; c < sh.c; ++c) gv[c] = gr[c] * kr[c];
+      } else {
+        for (int64_t c = 0; c < sh.c; ++c) gv[c] = gr[c];
       }
-    std::vector<Terms> t(sh.c);
+      for (int64_t c = 0; c < sh.c; ++c) {
+        sg[c] += gv[c];
+        sgx[c] += gv[c] * h[c];
+        pos[c] += h[c] >= 0.0f ? 1.0 : 0.0;
+      }
+    }
     for (int64_t c = 0; c < sh.c; ++c) {
-      t[c] = terms(sum_g[c], sum_gx[c], positive[c]);
+      const Terms t = terms(sum_g[c], sum_gx[c], positive[c]);
+      mean_g[c] = t.mean_g;
+      up[c] = t.up;
+      down[c] = t.down;
       bp[c] = static_cast<float>(sum_g[c]);
     }
-    for (int64_t i = 0; i < sh.n; ++i)
-      for (int64_t c = 0; c < sh.c; ++c) write(i * sh.c + c, 1, t[c], sp[c]);
+    const float* __restrict__ mg = mean_g.data();
+    const float* __restrict__ tu = up.data();
+    const float* __restrict__ td = down.data();
+    for (int64_t i = 0; i < sh.n; ++i) {
+      const float* __restrict__ h = hp + i * sh.c;
+      const float* __restrict__ gr = gp + i * sh.c;
+      const float* __restrict__ kr = masked ? kp + i * sh.c : nullptr;
+      float* __restrict__ d = dp + i * sh.c;
+      for (int64_t c = 0; c < sh.c; ++c) {
+        const float gv = masked ? gr[c] * kr[c] : gr[c];
+        d[c] = (gv - mg[c] - (h[c] >= 0.0f ? tu[c] : td[c])) / sp[c];
+      }
+    }
     return {grad_x, grad_beta};
   }
   at::parallel_for(0, sh.c, 1, [&](int64_t c0, int64_t c1) {
