@@ -44,8 +44,21 @@ def test_ci_runs_the_readme_commands_not_a_copy() -> None:
 INSTALLED_VENV = Path(sys.prefix) / ".bnn-install-stamp"
 
 
+def _installed_from() -> str | None:
+    """The checkout the running venv's install stamp names (after its hash), if any."""
+    try:
+        return INSTALLED_VENV.read_text().split(maxsplit=1)[1].strip()
+    except (OSError, IndexError):
+        return None
+
+
 @pytest.mark.skipif(
     not INSTALLED_VENV.exists(), reason="not running inside a venv made by .ci/install"
+)
+@pytest.mark.skipif(
+    _installed_from() not in (None, str(REPO_ROOT)),
+    reason=f"the venv was installed from {_installed_from()}, not this checkout: installing "
+           "again would point it here (a venv shared between checkouts)",
 )
 def test_installing_again_is_quick_and_changes_nothing() -> None:
     env = {"HOME": os.environ.get("HOME", "/root"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
