@@ -191,6 +191,7 @@ class LineMeter:
         self._seq = 0
         self._clock = BoardClock()
         self._last_mono_s = 0.0
+        self._last_host_s = 0.0
         self._last: LineRecord | None = None
         self._held: LineRecord | None = None
 
@@ -290,10 +291,15 @@ class LineMeter:
                 mono_s = min(record.t_meter_s + offset_s, t_mono_ns / 1e9)
             mono_s = max(mono_s, self._last_mono_s + 1e-7)  # keep host times increasing
             self._last_mono_s = mono_s
+            # Host times stay increasing too: the wall-minus-monotonic difference is read
+            # anew for each chunk (a preemption may fall between its two clock reads), and
+            # at ~1.7e9 s a float64 resolves only ~0.24 us (1e-7 s steps can vanish).
+            t_host = max(mono_s + wall_minus_mono_s, self._last_host_s + 1e-6)
+            self._last_host_s = t_host
             self._seq += 1
             samples.append(
                 PowerSample(
-                    t_host_s=mono_s + wall_minus_mono_s,
+                    t_host_s=t_host,
                     t_mono_ns=int(mono_s * 1e9),
                     power_w=record.power_w,
                     volts=record.volts,
