@@ -9,7 +9,8 @@ derived in docs/energy.md:
   an offset in watts, from its datasheet, written beside its driver);
 - sampling: each sample interval's energy is known only as well as the power between its
   two samples; the power is taken as uniform between them (standard deviation
-  |dp| / sqrt(12)), independent from interval to interval, at the chosen coverage;
+  |dp| / sqrt(12)), independent from interval to interval, at the chosen coverage; and
+  each sample's time stamp is off by up to the meter's `timing_s` on its own (uniform);
 - clock: the bound of the clock offset at each edge times the power there, plus the meter's
   time-stamp bound times the change of power across the window (a shifted trace);
 - gaps: a stretch without samples (longer than `max_gap_s`, or a recorded meter gap) is
@@ -170,6 +171,21 @@ def _withheld(window: Window, reasons: list[str], samples: int, covered: float,
     )
 
 
+def _stamp_jitter_var(t: np.ndarray, p: np.ndarray, a: float, b: float, timing_s: float
+                      ) -> float:
+    """The variance a window's trapezoid energy takes from each sample's own time stamp
+    being off by up to `timing_s` (uniform, independent from sample to sample: the poll's
+    phase drifts against the meter's refresh, the host is sometimes late): moving sample j
+    by e changes the energy by e x (p[j-1] - p[j+1]) / 2."""
+    if timing_s <= 0 or t.size < 3:
+        return 0.0
+    inner = np.flatnonzero((t[1:-1] > a) & (t[1:-1] < b)) + 1
+    if inner.size == 0:
+        return 0.0
+    slope_w = (p[inner - 1] - p[inner + 1]) / 2.0
+    return float(np.sum(slope_w**2) * timing_s**2 / 3.0)
+
+
 def window_energy(
     t_s: np.ndarray,
     power_w: np.ndarray,
@@ -235,7 +251,8 @@ def window_energy(
             f"{gap_s:.3g} s of the window ({100 * gap_s / duration:.1f} %) had no samples and "
             "are bridged (interval widened by the observed power range)"
         )
-    sampling_j = z * float(np.sqrt(np.sum((width[good] * np.abs(y1 - y0)[good]) ** 2) / 12.0))
+    sampling_var = float(np.sum((width[good] * np.abs(y1 - y0)[good]) ** 2) / 12.0)
+    sampling_j = z * math.sqrt(sampling_var + _stamp_jitter_var(t, p, a, b, accuracy.timing_s))
     p_a, p_b = float(y0[0]), float(y1[-1])
     clock_j = (window.clock_error_s * abs(p_a) + window.end_error_s * abs(p_b)
                + accuracy.timing_s * abs(p_b - p_a))

@@ -24,8 +24,9 @@ import time
 import numpy as np
 
 from analysis.energy import MeterAccuracy, Window, window_energy
+from harness.meters import um
 
-UM25C = MeterAccuracy(0.0015, 0.0045, "RDTech UM25C class (harness/meters/um.py)")
+UM25C = MeterAccuracy(**um.ACCURACY["um25c"])  # the driver's class, with its source
 
 
 def power_at(x: np.ndarray) -> np.ndarray:
@@ -45,7 +46,8 @@ def cell(length_s: float, rate_hz: float, repeats: int, rng: np.random.Generator
          ) -> tuple[float, float, float, int]:
     """Median and largest relative width, coverage, and how many figures were ok."""
     timing_s = 0.5 / (2 * rate_hz)  # polled at twice the refresh rate
-    accuracy = MeterAccuracy(UM25C.relative, UM25C.offset_w, UM25C.source, timing_s)
+    accuracy = MeterAccuracy(UM25C.relative, UM25C.offset_w, UM25C.source, timing_s,
+                             UM25C.assumed)
     widths, inside = [], 0
     for _ in range(repeats):
         start = rng.uniform(5.0, 50.0)
