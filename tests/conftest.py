@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,15 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Real MNIST for tests and benchmarks; the product never depends on this path.
 DEFAULT_MNIST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started as a background job of a non-interactive shell inherits SIGINT
+    ignored, and so would every process it starts: the tests that stop a child with SIGINT
+    (Ctrl-C) would then wait for nothing. Catching it here makes it the default again in
+    children (a caught signal is reset by exec, an ignored one is not)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def mnist_dir_setting() -> Path:
