@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from runs import TINY_PLAN
 
 REPO = Path(__file__).resolve().parents[2]
 HOST_STACK = ("torch", "pandas", "seaborn", "fabric", "paramiko", "rich", "yaml", "serial")
@@ -190,19 +191,6 @@ def test_packages_import_each_other_one_way_only():
     assert forbidden == []
     package_graph = {p: {b for a, b in arrows if a == p} for p in PACKAGES}
     assert cycles(package_graph) == []
-
-
-TINY_PLAN = """\
-idle_baseline_s: 0
-cooldown_s: 0
-datasets: {digits: {}}
-matrix:
-  - methods: [standard]
-    models: [mlp]
-    datasets: [digits]
-    epochs: 1
-    max_steps: 2
-"""
 
 
 def test_a_whole_run_report_and_export_never_load_torch_in_the_host(tmp_path):

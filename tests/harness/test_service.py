@@ -7,23 +7,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from runs import TINY_PLAN
+
 from contract import checksum
 from harness.commands.run import packaged_file
 from harness.exit_codes import ExitStatus
 from harness.service import RunRequest, RunService
 from runstore.reader import StoreReader
-
-TINY_PLAN = """\
-idle_baseline_s: 0
-cooldown_s: 0
-datasets: {digits: {}}
-matrix:
-  - methods: [standard]
-    models: [mlp]
-    datasets: [digits]
-    epochs: 1
-    max_steps: 2
-"""
 
 
 def test_a_run_hashes_each_data_file_once_and_sends_that_checksum(tmp_path, monkeypatch):

@@ -110,10 +110,11 @@ def bn_sign_trick_reference(z, beta, dy_out, mask_grad=True):
     return y, dz
 
 
-@pytest.mark.parametrize("conv", [False, True])
-def test_bn_sign_trick_matches_formula(conv):
+def sign_trick_block_run(conv: bool, sw: LowMemSwitches):
+    """A dense or conv block with a nonzero beta, run forward and backward on +-1 inputs:
+    its dW, the float64 pre-BN output z, beta and the output gradient, and a function that
+    makes dW from a dz (the weight-gradient formula of the layer kind)."""
     torch.manual_seed(2)
-    sw = LowMemSwitches(binary_inputs=True, packed_masks=True, bn_sign_trick=True)
     if conv:
         layer, x = BinaryConv2d(3, 4, 3), sign(torch.randn(3, 3, 6, 6))
     else:
@@ -123,15 +124,22 @@ def test_bn_sign_trick_matches_formula(conv):
         block.bn.beta.copy_(torch.randn(block.bn.channels) * 0.3)
     g_out = torch.randn_like(block(x))
     _, _, dw, _ = run(block, x, g_out)
-    w_sign = sign(layer.weight.detach()).double()
     xd = x.double()
+    w_sign = sign(layer.weight.detach()).double()
     z = (torch.nn.functional.conv2d(xd, w_sign) if conv else xd @ w_sign.t())
-    _, dz = bn_sign_trick_reference(z, block.bn.beta.detach().double(), g_out.double())
-    if conv:
-        dw_ref = torch.nn.grad.conv2d_weight(xd, layer.weight.shape, dz)
-    else:
-        dw_ref = dz.t() @ xd
-    assert close(dw.double(), dw_ref)
+
+    def weight_grad(dz):
+        return torch.nn.grad.conv2d_weight(xd, layer.weight.shape, dz) if conv else dz.t() @ xd
+
+    return dw.double(), z, block.bn.beta.detach().double(), g_out.double(), weight_grad
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_bn_sign_trick_matches_formula(conv):
+    sw = LowMemSwitches(binary_inputs=True, packed_masks=True, bn_sign_trick=True)
+    dw, z, beta, g_out, weight_grad = sign_trick_block_run(conv, sw)
+    _, dz = bn_sign_trick_reference(z, beta, g_out)
+    assert close(dw, weight_grad(dz))
     assert dz.sum(dim=(0,) if not conv else (0, 2, 3)).abs().max() < 1e-9
 
 
@@ -151,30 +159,13 @@ def wang_bn_trick_reference(z, beta, dy_out):
 
 @pytest.mark.parametrize("conv", [False, True])
 def test_wang_bn_trick_matches_wang_formula(conv):
-    torch.manual_seed(2)
     sw = LowMemSwitches(binary_inputs=True, packed_masks=True, bn_sign_trick=True,
                         wang_bn_trick=True)
-    if conv:
-        layer, x = BinaryConv2d(3, 4, 3), sign(torch.randn(3, 3, 6, 6))
-    else:
-        layer, x = BinaryLinear(16, 6), sign(torch.randn(8, 16))
-    block = BinaryBlock(layer, BlockSpec(), sw)
-    with torch.no_grad():
-        block.bn.beta.copy_(torch.randn(block.bn.channels) * 0.3)
-    g_out = torch.randn_like(block(x))
-    _, _, dw, _ = run(block, x, g_out)
-    xd = x.double()
-    w_sign = sign(layer.weight.detach()).double()
-    z = (torch.nn.functional.conv2d(xd, w_sign) if conv else xd @ w_sign.t())
-    beta = block.bn.beta.detach().double()
-    dz = wang_bn_trick_reference(z, beta, g_out.double())
-    _, dz_ours = bn_sign_trick_reference(z, beta, g_out.double())
-
-    def weight_grad(dz):
-        return torch.nn.grad.conv2d_weight(xd, layer.weight.shape, dz) if conv else dz.t() @ xd
-
-    assert close(dw.double(), weight_grad(dz))
-    assert not close(dw.double(), weight_grad(dz_ours))  # the two variants really differ
+    dw, z, beta, g_out, weight_grad = sign_trick_block_run(conv, sw)
+    dz = wang_bn_trick_reference(z, beta, g_out)
+    _, dz_ours = bn_sign_trick_reference(z, beta, g_out)
+    assert close(dw, weight_grad(dz))
+    assert not close(dw, weight_grad(dz_ours))  # the two variants really differ
 
 
 def test_wang_po2_rounds_dz_feeding_dx_and_dw(monkeypatch):
