@@ -38,7 +38,8 @@ from pathlib import Path
 from trainers import build_flags
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
-SOURCE_NAMES = ("lowmem_kernels.cpp", "bop_kernels.cpp", "standard_kernels.cpp", "torch_lite.h")
+SOURCE_NAMES = ("lowmem_kernels.cpp", "bop_kernels.cpp", "standard_kernels.cpp", "bit_kernels.cpp",
+                "torch_lite.h")
 # Compiler processes at once (ninja's -j): each takes most of a small device's memory.
 BUILD_JOBS = 1
 # Free memory a build needs: one g++ on these sources peaks at about 1.1 GB resident (GNU

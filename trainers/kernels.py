@@ -24,8 +24,14 @@ Threads: the low-memory block's many short, memory-bound passes over chunks (bat
 statistics, packing, masks) gain little from a second thread and lose much to OpenMP's
 fork/join when cores are busy (about 24 ms per op against 0.1 ms single-threaded, on this
 shared 2-core host). They run with `BNN_ELEMENTWISE_THREADS` threads (default 1; 0 = all)
-inside `elementwise_threads()`, while the products (`linear_int8`, `conv2d_int8`,
-`matmul`, `conv2d_input`, `conv2d_weight`) always use all of torch's threads.
+inside `elementwise_threads()`, while the products (`linear_int8`, `conv2d_int8`, `conv2d`,
+`linear`, `bit_conv`, `matmul`, `conv2d_input`, `conv2d_weight`) always use all of torch's
+threads.
+
+XNOR-popcount (`bit_conv`, `trainers/csrc/bit_kernels.cpp`): a hidden conv layer's input is
++-1 and the fused block holds it as packed sign bits already, so its forward product is
+C - 2 popcount(x XOR w) per tap, exact like the int8 product and without an unpacked input
+or im2col columns. `BNN_BIT_FORWARD=0` (or `set_bit_forward(False)`) turns it off.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ _grad_dtype = os.environ.get("BNN_GRAD_DTYPE", "bf16")
 # What "auto" chose, timed once per process (see the module doc); None until asked.
 _auto_compute: str | None = None
 _elementwise_threads = int(os.environ.get("BNN_ELEMENTWISE_THREADS", "1"))
+_bit_forward = os.environ.get("BNN_BIT_FORWARD", "1") != "0"
 # torch's thread count outside `elementwise_threads()` (None when not inside one).
 _full_threads: int | None = None
 
@@ -160,6 +167,30 @@ def grad_dtype() -> torch.dtype:
     return GRAD_DTYPES[_grad_dtype]
 
 
+def set_bit_forward(enabled: bool) -> None:
+    """Whether hidden conv layers of the fused low-memory block run XNOR-popcount on their
+    input's sign bits (`bit_conv`); off, they run `get_compute()`'s product."""
+    global _bit_forward
+    _bit_forward = enabled
+
+
+def bit_forward_enabled() -> bool:
+    """XNOR-popcount forward switched on (`BNN_BIT_FORWARD`, default 1) and compiled."""
+    return _bit_forward and native.kernels() is not None
+
+
+def bit_conv(x_bits: torch.Tensor, in_shape: tuple[int, int, int, int], w_bits: torch.Tensor,
+             kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+             ) -> torch.Tensor:
+    """Exact binary conv of packed sign-bit rows (n*h*w, ceil(C/8)) with packed sgn(W) per
+    tap (out, kh*kw*ceil(C/8)) -> int32 NCHW (a channels-last view), with all threads."""
+    n, c, h, w = in_shape
+    ho, wo = conv_geometry((h, w), kernel, stride, padding)
+    with all_threads():
+        rows = native.kernels().bit_conv(x_bits, n, h, w, c, w_bits, *kernel, *stride, *padding)
+    return rows.view(n, ho, wo, -1).permute(0, 3, 1, 2)
+
+
 def int8_enabled() -> bool:
     return get_compute() == "int8"
 
@@ -214,6 +245,19 @@ def conv2d_int8(x: torch.Tensor, w_mat: torch.Tensor, kernel: tuple[int, int],
     with all_threads():
         out = torch._int_mm(unfold_int8(x, kernel, stride, padding), w_mat)
     return out.view(n, ho, wo, -1).permute(0, 3, 1, 2)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int],
+           padding: tuple[int, int]) -> torch.Tensor:
+    """A float convolution with all threads (the fp32 forward of binary layers)."""
+    with all_threads():
+        return F.conv2d(x, weight, None, stride, padding)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T in float with all threads (the fp32 forward of binary dense layers)."""
+    with all_threads():
+        return F.linear(x, weight)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -293,8 +337,10 @@ def describe() -> dict:
     return {
         "compute": get_compute() + (" (auto: the faster here)" if _compute == "auto" else ""),
         "lowmem_block": native.status(),
-        "forward_kernel": ("int8 _int_mm (im2col for conv), int32 accumulation"
-                           if int8_enabled() else "fp32 F.linear / F.conv2d"),
+        "forward_kernel": (("hidden conv: XNOR-popcount on sign bits; "
+                            if bit_forward_enabled() else "")
+                           + ("int8 _int_mm (im2col for conv), int32 accumulation"
+                              if int8_enabled() else "fp32 F.linear / F.conv2d")),
         "backward_dtype": str(grad_dtype()).removeprefix("torch.") if int8_enabled()
         else "float32",
         "torch_threads": _full_threads or torch.get_num_threads(),

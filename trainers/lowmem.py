@@ -52,8 +52,10 @@ LAYER_CHUNK_ELEMENTS = 1 << 18
 # int8 im2col columns may take this many bytes per chunk element (2 MiB per chunk).
 UNFOLD_BYTES_PER_CHUNK_ELEMENT = 8
 # Elements per block of a dense layer's dW (or first-layer sgn(W)) before it is packed to
-# 1 bit (64 KiB fp32); at least DW_BLOCK_MIN_ROWS output rows per block.
-DW_BLOCK_ELEMENTS = 1 << 14
+# 1 bit (256 KiB fp32); at least DW_BLOCK_MIN_ROWS output rows per block. 64 KiB blocks made
+# the mlp's first layer 13 products of 20 rows each way, ~1 ms of a 6 ms step; at 256 KiB
+# (4 products) the tensor peak is unchanged, at 1 MiB it grows 16 %.
+DW_BLOCK_ELEMENTS = 1 << 16
 DW_BLOCK_MIN_ROWS = 8
 # Power-of-two gradients: 4-bit exponent below the tensor's largest (5 bits with the sign).
 PO2_LEVELS = 16
@@ -165,17 +167,27 @@ def sign_as(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(weight.shape, dtype=dtype).copy_(weight).ge_(0).mul_(2).sub_(1)
 
 
-def layer_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The binary layer in fp32 on (real or +-1) input x. A dense layer's sgn(W) is made
-    block by block of output rows, so no full-size fp32 copy of W exists."""
+def conv_weight_sign(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+    """sgn(W) in fp32 for a conv layer's forward, made once per pass (not per chunk); None
+    for a dense layer, whose sgn(W) `layer_forward` makes block by block."""
+    return None if isinstance(layer, nn.Linear) else sign_as(weight, torch.float32)
+
+
+def layer_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                  conv_sign: torch.Tensor | None = None) -> torch.Tensor:
+    """The binary layer in fp32 on (real or +-1) input x, with all threads (a product, run
+    inside the block's elementwise thread count). A conv layer uses `conv_sign` when given
+    (`conv_weight_sign`); a dense layer's sgn(W) is made block by block of output rows, so
+    no full-size fp32 copy of W exists."""
     if not isinstance(layer, nn.Linear):
-        return F.conv2d(x, sign_as(weight, torch.float32), None, layer.stride, layer.padding)
+        w_sign = sign_as(weight, torch.float32) if conv_sign is None else conv_sign
+        return kernels.conv2d(x, w_sign, layer.stride, layer.padding)
     rows = max(DW_BLOCK_MIN_ROWS, DW_BLOCK_ELEMENTS // weight.shape[1])
     if rows >= weight.shape[0]:
-        return F.linear(x, sign_as(weight, torch.float32))
+        return kernels.linear(x, sign_as(weight, torch.float32))
     z = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
     for o in range(0, weight.shape[0], rows):
-        z[:, o:o + rows] = F.linear(x, sign_as(weight[o:o + rows], torch.float32))
+        z[:, o:o + rows] = kernels.linear(x, sign_as(weight[o:o + rows], torch.float32))
     return z
 
 
@@ -212,6 +224,7 @@ def layer_pass(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, f
     if fast:
         w_mat = kernels.weight_matrix_int8(weight)
     x_bits = packed_rows_like(n, x) if fast and pack_input else None
+    conv_sign = None if fast else conv_weight_sign(layer, weight)
     z16 = pool_bn = sums = dims = None
     for s, e in chunks(n, per_row, LAYER_CHUNK_ELEMENTS):
         if fast:
@@ -221,7 +234,7 @@ def layer_pass(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, f
             zc = int8_layer_forward(layer, signs_of(positive, torch.int8), w_mat)
         else:
             xc = x[s:e].float()
-            zc = layer_forward(layer, sign(xc) if spec.sign_input else xc, weight)
+            zc = layer_forward(layer, sign(xc) if spec.sign_input else xc, weight, conv_sign)
         if spec.pool == "before_bn":
             ctx.bn_pre_size = (zc.shape[2], zc.shape[3])
             zc, idx = F.max_pool2d(zc.float(), 2, return_indices=True)

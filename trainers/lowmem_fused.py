@@ -40,6 +40,7 @@ from trainers.lowmem import (
     LowMemBlockFunction,
     activation_grad_dtype,
     chunks,
+    conv_weight_sign,
     int8_layer_forward,
     layer_elements_per_sample,
     layer_forward,
@@ -265,7 +266,8 @@ def dense_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
             x, weight_values(block.layer), beta, bn.running_mean, bn.running_sigma1,
             bn.momentum, bn.eps,
             block.training, save, spec.first, pack_input, spec.sign_output, sw.fp16_grads,
-            kernels.int8_enabled(), dw_block_rows(x.shape[1]))
+            kernels.int8_enabled(), kernels.bit_forward_enabled() and not spec.first,
+            dw_block_rows(x.shape[1]))
     if save:
         ctx.save_for_backward(x_bits if pack_input else x, y_bits, mask, stats)
         ctx.block = block
@@ -308,47 +310,71 @@ def finish_backward(ctx, grad_x: torch.Tensor | None, packed_dw: torch.Tensor | 
     return grad_x, grad_w, d_beta.to(ctx.block.bn.beta.dtype), None
 
 
+def conv_weight_bits(weight: torch.Tensor) -> torch.Tensor:
+    """sgn(W) of a conv layer as packed bits per tap, (out, kh*kw*ceil(C/8)) in (kh, kw)
+    order: `kernels.bit_conv`'s right operand."""
+    o, c, kh, kw = weight.shape
+    w = weight.permute(0, 2, 3, 1).reshape(o * kh * kw, c)
+    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        w = w.float()  # int8 +-1 of a packed-bit parameter
+    _, bits, _ = native.kernels().sign_pack(w.contiguous(), True, False)
+    return bits.view(o, kh * kw * bits.shape[1])
+
+
 def layer_rows(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, save: bool):
     """The binary layer (and a max-pool before batch norm) into float16 rows, with the
-    per-channel sums; packs the input's sign bits (and STE mask) on the way."""
+    per-channel sums; packs the input's sign bits (and STE mask) on the way. A hidden conv
+    layer runs XNOR-popcount on those bits (`kernels.bit_conv`) where it is switched on."""
     ext = native.kernels()
     spec, sw, layer = block.spec, block.switches, block.layer
     conv = not isinstance(layer, nn.Linear)
     n = x.shape[0]
-    fast = kernels.int8_enabled() and not spec.first
+    on_bits = conv and not spec.first and kernels.bit_forward_enabled()
+    fast = kernels.int8_enabled() and not spec.first and not on_bits
+    signed = fast or on_bits  # the input is read as signs (int8 or bits)
     pack_input = save and not spec.first and (sw.binary_inputs or spec.sign_input)
     want_mask = save and spec.sign_input
     handed = take_sign_bits(x)  # the input exists only as these bits (see hands_sign_bits)
-    x_rows = as_rows(x) if (fast or want_mask) and handed is None else None
+    x_rows = as_rows(x) if (signed or want_mask) and handed is None else None
     in_rows_per_sample = (math.prod(x.shape[2:]) if handed is not None
                           else x_rows.shape[0] // n if x_rows is not None else 1)
     per_sample = layer_elements_per_sample(layer, tuple(x.shape[1:]), fast)
     if fast:
         w_mat = weight_matrix(weight, torch.int8).t()
+    w_bits = conv_weight_bits(weight) if on_bits else None
+    conv_sign = conv_weight_sign(layer, weight) if conv and not signed else None
     x_bits = (handed if handed is not None and pack_input
-              else packed_rows(x_rows.shape[0], x_rows.shape[1]) if pack_input and fast
+              else packed_rows(x_rows.shape[0], x_rows.shape[1]) if pack_input and signed
               else None)
     in_mask = packed_rows(x_rows.shape[0], x_rows.shape[1]) if want_mask else None
     z_rows = z_map = pool_bn = pool_map = sums = None
     z_per_sample = 1
     for s, e in chunks(n, per_sample, LAYER_CHUNK_ELEMENTS):
         r0, r1 = s * in_rows_per_sample, e * in_rows_per_sample
+        bits = None
         if handed is not None:
-            x8 = ext.unpack_signs(handed[r0:r1], x.shape[1],
-                                  torch.int8 if fast else torch.float32)
-        elif fast or want_mask:
-            x8, bits, mask = ext.sign_pack(x_rows[r0:r1], x_bits is not None, want_mask)
+            if on_bits:
+                bits = handed[r0:r1]
+            else:
+                x8 = ext.unpack_signs(handed[r0:r1], x.shape[1],
+                                      torch.int8 if fast else torch.float32)
+        elif signed or want_mask:
+            x8, bits, mask = ext.sign_pack(x_rows[r0:r1], x_bits is not None or on_bits,
+                                           want_mask)
             if x_bits is not None:
                 x_bits[r0:r1] = bits
             if in_mask is not None:
                 in_mask[r0:r1] = mask
-        if fast:
+        if on_bits:
+            zc = kernels.bit_conv(bits, (e - s, *x.shape[1:]), w_bits, layer.kernel_size,
+                                  layer.stride, layer.padding)
+        elif fast:
             x8 = nchw(x8, e - s, *x.shape[2:]) if conv else x8
             zc = int8_layer_forward(layer, x8, w_mat)
         elif conv:  # channels-last in, channels-last out: rows without a transpose
             xc = (nchw(x8, e - s, *x.shape[2:]) if handed is not None
                   else x[s:e].float().contiguous(memory_format=torch.channels_last))
-            zc = layer_forward(layer, sign(xc) if spec.sign_input else xc, weight)
+            zc = layer_forward(layer, sign(xc) if spec.sign_input else xc, weight, conv_sign)
         else:
             xc = x[s:e].float()
             with kernels.all_threads():
@@ -366,7 +392,7 @@ def layer_rows(ctx, x: torch.Tensor, weight: torch.Tensor, block: BinaryBlock, s
             z_per_sample = z_rows.shape[0] // n
             sums = torch.zeros(zc.shape[1], dtype=torch.float64)
         ext.store_rows(as_rows(zc), z_rows[s * z_per_sample:e * z_per_sample], sums)
-    if pack_input and not fast and handed is None:  # first layer never packs; fp32 ablation
+    if pack_input and not signed and handed is None:  # first layer never packs; fp32 ablation
         x_rows = as_rows(x)
         _, x_bits, _ = ext.sign_pack(x_rows, True, False)
     return z_rows, z_map, sums, x_bits, in_mask, pool_bn

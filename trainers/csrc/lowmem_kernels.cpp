@@ -27,6 +27,11 @@
 #include <arm_neon.h>
 #endif
 
+// bit_kernels.cpp: exact binary convolution (a dense layer: 1 x 1 on 1 x 1) of sign bits.
+at::Tensor bit_conv(const at::Tensor& x_bits, int64_t n, int64_t h, int64_t w, int64_t c,
+                    const at::Tensor& w_bits, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                    int64_t ph, int64_t pw);
+
 namespace {
 
 using torch::Tensor;
@@ -943,20 +948,27 @@ void po2_rebase(Tensor& codes, int64_t shift, int64_t levels) {
 
 // A dense block's forward in one call (what trainers.lowmem_fused does step by step for
 // conv blocks): int8 product on +-1 input (float32 on a first layer's real input), float16 z
-// with its sums, batch-norm statistics and running update, then the fused apply. Returns
+// with its sums, batch-norm statistics and running update, then the fused apply; with
+// `bits`, a hidden layer's product is XNOR-popcount of sign bits (bit_kernels.cpp). Returns
 // {out, packed input bits (or empty), y_bits, mask, float16 (sigma1, mean|y|)}.
 std::vector<Tensor> dense_forward(const Tensor& x, const Tensor& weight, const Tensor& beta,
                                   Tensor& running_mean, Tensor& running_sigma1, double momentum,
                                   double eps, bool training, bool save, bool first,
                                   bool pack_input, bool sign_output, bool bf16_out, bool int8,
-                                  int64_t sign_block_rows) {
+                                  bool bits, int64_t sign_block_rows) {
   const auto u8 = x.options().dtype(torch::kUInt8);
   const Tensor empty = torch::empty({0}, u8);
   Tensor z, x_bits = empty;
   if (!first) {
-    auto packed = sign_pack(x.contiguous(), pack_input, false);
-    x_bits = packed[1];
-    if (int8) z = at::_int_mm(packed[0], signs(weight.contiguous(), torch::kInt8).t());
+    auto packed = sign_pack(x.contiguous(), pack_input || bits, false);
+    x_bits = pack_input ? packed[1] : empty;
+    if (bits) {  // XNOR-popcount of the input's sign bits with sgn(W)'s
+      const Tensor w = weight.scalar_type() == torch::kChar ? weight.to(torch::kFloat) : weight;
+      const Tensor w_bits = sign_pack(w.contiguous(), true, false)[1];
+      z = bit_conv(packed[1], x.size(0), 1, 1, x.size(1), w_bits, 1, 1, 1, 1, 0, 0);
+    } else if (int8) {
+      z = at::_int_mm(packed[0], signs(weight.contiguous(), torch::kInt8).t());
+    }
   }
   if (!z.defined()) z = dense_sign_forward(x, weight, sign_block_rows);  // real or fp32 path
   const int64_t rows = z.size(0), c = z.size(1);
@@ -1051,6 +1063,7 @@ std::vector<Tensor> dense_backward(const Tensor& grad_out, const Tensor& x_saved
 
 void register_bop_kernels(pybind11::module& m);  // bop_kernels.cpp
 void register_standard_kernels(pybind11::module& m);  // standard_kernels.cpp
+void register_bit_kernels(pybind11::module& m);  // bit_kernels.cpp
 
 // The instruction-set extensions this build was compiled for (what `measure` reports).
 std::string simd_features() {
@@ -1089,6 +1102,7 @@ std::string simd_features() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_bop_kernels(m);
   register_standard_kernels(m);
+  register_bit_kernels(m);
   m.def("simd_features", &simd_features, "instruction-set extensions compiled in");
   m.def("sign_pack", &sign_pack, "int8 signs (+ packed sign bits and |x| <= 1 mask) of rows");
   m.def("unpack_signs", &unpack_signs, "packed bits -> +-1 rows of a dtype");
