@@ -53,7 +53,7 @@ REPO = HERE.parent
 ARMS = ("plain", "plain-bf16", "plain-ckpt", "plain-bf16-ckpt", "standard", "lowmem",
         "lowmem-bop")
 ENGINE_ARMS = ("standard", "lowmem", "lowmem-bop")
-STEPS_PER_ROUND = {"mlp": 20, "cnv": 2, "binarynet": 1}
+STEPS_PER_ROUND = {"mlp": 20, "cnv": 4, "binarynet": 1}
 MIB = 2**20
 STANDARD_TIME_TARGET = 1.10
 
@@ -280,7 +280,7 @@ def main() -> int:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=0,
-                        help="steps per arm per round (default: mlp 20, cnv 2, binarynet 1)")
+                        help="steps per arm per round (default: mlp 20, cnv 4, binarynet 1)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per arm (2)")
     parser.add_argument("--no-adaptive-threads", dest="adaptive_threads", action="store_false",

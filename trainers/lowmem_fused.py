@@ -413,14 +413,14 @@ def fused_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
     rows, channels = z_rows.shape
     hw = tuple(z_map.shape[2:]) if z_map.dim() == 4 else None
 
-    with phase("lowmem.forward.bn_stats"):
+    with phase("lowmem.forward.bn_stats"), kernels.all_threads():
         if block.training:
             mu, sigma1 = ext.bn_statistics(z_rows, sums, bn.eps)
             bn.update_running(mu, sigma1)
         else:
             mu, sigma1 = bn.running_mean.float(), bn.running_sigma1.float()
 
-    with phase("lowmem.forward.bn_apply"):
+    with phase("lowmem.forward.bn_apply"), kernels.all_threads():
         y_bits = packed_rows(rows, channels) if save else EMPTY
         mask = packed_rows(rows, channels) if save and spec.sign_output else EMPTY
         stats = (mu.contiguous(), sigma1.contiguous(), beta.float().contiguous())
@@ -510,7 +510,7 @@ def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
     cd = product_dtype(sw)
     wd = torch.float32 if spec.first else cd
 
-    with phase("lowmem.backward.bn_sums"):
+    with phase("lowmem.backward.bn_sums"), kernels.all_threads():
         d_beta, sum_g, sum_gy, sum_sgn = ext.bn_backward_sums(
             g_rows, pool_act, mask, y_bits, sigma1, h, w, po2, exp_max, PO2_LEVELS)
         slope = (mean_abs_y * (sum_gy / rows).float()).contiguous()
@@ -526,8 +526,10 @@ def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
         z_hw = ctx.pre_pool_hw if pool_bn.numel() else (h, w)
         rows_dtype = torch.float32 if po2_dz else dtype
         dz_rows = torch.empty(((e - s) * z_hw[0] * z_hw[1], channels), dtype=rows_dtype)
-        ext.bn_backward_dz(g_rows, pool_act, mask, y_bits, sigma1, shift, slope, h, w, po2,
-                           exp_max, PO2_LEVELS, s * h * w, e * h * w, pool_bn, *z_hw, dz_rows)
+        with kernels.all_threads():  # rows split over the pool (fixed blocks: same result)
+            ext.bn_backward_dz(g_rows, pool_act, mask, y_bits, sigma1, shift, slope, h, w,
+                               po2, exp_max, PO2_LEVELS, s * h * w, e * h * w, pool_bn, *z_hw,
+                               dz_rows)
         if po2_dz and quantize:
             dz_rows = po2_quantize_clamped(dz_rows, dz_exp).to(dtype)
         return dz_rows if len(ctx.x_shape) == 2 else nchw(dz_rows, e - s, *z_hw)

@@ -12,6 +12,9 @@
 
 #include "torch_lite.h"
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -73,6 +76,24 @@ inline void pack_flags(const uint8_t* flags, int64_t c, uint8_t* row) {
 void check_rows(const Tensor& t, const char* name, int64_t rows, int64_t cols) {
   TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.is_contiguous(),
               name, ": expected a contiguous (", rows, ", ", cols, ") tensor, got ", t.sizes());
+}
+
+// Per-channel float64 sums over rows, split into fixed blocks of kSumRows rows: each block's
+// partial sums are made on any thread of torch's pool and added in block order, so a sum
+// does not depend on the thread count. add(first, last, partial) adds rows [first, last)
+// into `width` zeroed doubles.
+constexpr int64_t kSumRows = 2048;
+
+template <typename Add>
+void blocked_sums(int64_t rows, int64_t width, double* out, const Add& add) {
+  const int64_t blocks = (rows + kSumRows - 1) / kSumRows;
+  std::vector<double> partial(blocks * width, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      add(b * kSumRows, std::min(rows, (b + 1) * kSumRows), partial.data() + b * width);
+  });
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t i = 0; i < width; ++i) out[i] += partial[b * width + i];
 }
 
 template <typename T>
@@ -316,12 +337,14 @@ Tensor abs_deviation(const Tensor& z, const Tensor& mu) {
   const at::Half* zp = z.data_ptr<at::Half>();
   const float* mp = mu.data_ptr<float>();
   std::vector<double> acc(c, 0.0);
-  std::vector<float> zf(c);
-  for (int64_t r = 0; r < rows; ++r) {
-    load_floats(zp + r * c, c, zf.data());
+  blocked_sums(rows, c, acc.data(), [&](int64_t first, int64_t last, double* part) {
+    std::vector<float> zf(c);
+    for (int64_t r = first; r < last; ++r) {
+      load_floats(zp + r * c, c, zf.data());
 #pragma GCC ivdep
-    for (int64_t j = 0; j < c; ++j) acc[j] += std::fabs(zf[j] - mp[j]);
-  }
+      for (int64_t j = 0; j < c; ++j) part[j] += std::fabs(zf[j] - mp[j]);
+    }
+  });
   auto out = torch::empty({c}, z.options().dtype(torch::kDouble));
   std::copy(acc.begin(), acc.end(), out.data_ptr<double>());
   return out;
@@ -352,33 +375,35 @@ void bn_forward_impl(const at::Half* z, int64_t rows, int64_t c, const float* mu
                      uint8_t* mask, bool sign_output, double* abs_y) {
   const int64_t width = packed_width(c);
   const O plus = from_float<O>(1.0f), minus = from_float<O>(-1.0f);
-  std::vector<float> y(c);
-  std::vector<uint8_t> pos(padded(c), 0), inside(padded(c), 0);
-  for (int64_t r = 0; r < rows; ++r) {
-    O* orow = out ? out + r * c : nullptr;
-    load_floats(z + r * c, c, y.data());
-    #pragma GCC ivdep
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const float v = (y[ch] - mu[ch]) / sigma1[ch];
-      y[ch] = v + beta[ch];
-    }
-    #pragma GCC ivdep
-    for (int64_t ch = 0; ch < c; ++ch) abs_y[ch] += std::fabs(y[ch]);
-    #pragma GCC ivdep
-    for (int64_t ch = 0; ch < c; ++ch) pos[ch] = y[ch] >= 0.0f;
-    if (y_bits) pack_flags(pos.data(), c, y_bits + r * width);
-    if (sign_output) {
-      if (orow) select_signs(pos.data(), c, plus, minus, orow);
-      if (mask) {
-        #pragma GCC ivdep
-        for (int64_t ch = 0; ch < c; ++ch) inside[ch] = std::fabs(y[ch]) <= 1.0f;
-        pack_flags(inside.data(), c, mask + r * width);
-      }
-    } else {
+  blocked_sums(rows, c, abs_y, [&](int64_t first, int64_t last, double* abs_part) {
+    std::vector<float> y(c);
+    std::vector<uint8_t> pos(padded(c), 0), inside(padded(c), 0);
+    for (int64_t r = first; r < last; ++r) {
+      O* orow = out ? out + r * c : nullptr;
+      load_floats(z + r * c, c, y.data());
       #pragma GCC ivdep
-      for (int64_t ch = 0; ch < c; ++ch) orow[ch] = from_float<O>(y[ch]);
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const float v = (y[ch] - mu[ch]) / sigma1[ch];
+        y[ch] = v + beta[ch];
+      }
+      #pragma GCC ivdep
+      for (int64_t ch = 0; ch < c; ++ch) abs_part[ch] += std::fabs(y[ch]);
+      #pragma GCC ivdep
+      for (int64_t ch = 0; ch < c; ++ch) pos[ch] = y[ch] >= 0.0f;
+      if (y_bits) pack_flags(pos.data(), c, y_bits + r * width);
+      if (sign_output) {
+        if (orow) select_signs(pos.data(), c, plus, minus, orow);
+        if (mask) {
+          #pragma GCC ivdep
+          for (int64_t ch = 0; ch < c; ++ch) inside[ch] = std::fabs(y[ch]) <= 1.0f;
+          pack_flags(inside.data(), c, mask + r * width);
+        }
+      } else {
+        #pragma GCC ivdep
+        for (int64_t ch = 0; ch < c; ++ch) orow[ch] = from_float<O>(y[ch]);
+      }
     }
-  }
+  });
 }
 
 Tensor bn_forward(const Tensor& z, const Tensor& mu, const Tensor& sigma1, const Tensor& beta,
@@ -629,27 +654,29 @@ template <typename G>
 void bn_backward_sums_impl(const GradSource<G>& src, const uint8_t* y_bits, int64_t rows,
                            const float* sigma1, double* out) {
   const int64_t c = src.c, width = packed_width(c);
-  double* d_beta = out;
-  double* sum_g = out + c;
-  double* sum_gy = out + 2 * c;
-  double* sum_sgn = out + 3 * c;
-  std::vector<float> g(c);
-  std::vector<uint8_t> flags(padded(c)), pos(padded(c));
-  std::vector<float> sgn(c);
-  for (int64_t r = 0; r < rows; ++r) {
-    src.row(r, g.data(), flags.data());
-    expand_bits(y_bits + r * width, c, pos.data());
+  blocked_sums(rows, 4 * c, out, [&](int64_t first, int64_t last, double* part) {
+    double* d_beta = part;
+    double* sum_g = part + c;
+    double* sum_gy = part + 2 * c;
+    double* sum_sgn = part + 3 * c;
+    std::vector<float> g(c);
+    std::vector<uint8_t> flags(padded(c)), pos(padded(c));
+    std::vector<float> sgn(c);
+    for (int64_t r = first; r < last; ++r) {
+      src.row(r, g.data(), flags.data());
+      expand_bits(y_bits + r * width, c, pos.data());
 #pragma GCC ivdep
-    for (int64_t ch = 0; ch < c; ++ch) sgn[ch] = pos[ch] ? 1.0f : -1.0f;
+      for (int64_t ch = 0; ch < c; ++ch) sgn[ch] = pos[ch] ? 1.0f : -1.0f;
 #pragma GCC ivdep
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const float scaled = g[ch] / sigma1[ch];
-      d_beta[ch] += g[ch];
-      sum_g[ch] += scaled;
-      sum_gy[ch] += sgn[ch] * scaled;
-      sum_sgn[ch] += sgn[ch];
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const float scaled = g[ch] / sigma1[ch];
+        d_beta[ch] += g[ch];
+        sum_g[ch] += scaled;
+        sum_gy[ch] += sgn[ch] * scaled;
+        sum_sgn[ch] += sgn[ch];
+      }
     }
-  }
+  });
 }
 
 // Per-channel sums the batch norm's backward needs: (d_beta, sum g/sigma1,
@@ -686,28 +713,31 @@ void bn_backward_dz_impl(const GradSource<G>& src, const uint8_t* y_bits, int64_
                          const float* slope, const uint8_t* pool_bn, int64_t h2, int64_t w2,
                          D* dz) {
   const int64_t c = src.c, width = packed_width(c), hw = src.h * src.w;
-  std::vector<float> g(c);
-  std::vector<uint8_t> flags(padded(c)), pos(padded(c));
-  for (int64_t r = first; r < last; ++r) {
-    src.row(r, g.data(), flags.data());
-    expand_bits(y_bits + r * width, c, pos.data());
-    #pragma GCC ivdep
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const float signed_slope = pos[ch] ? slope[ch] : -slope[ch];
-      g[ch] = (g[ch] / sigma1[ch] - shift[ch]) - signed_slope;
+  // rows are independent (each writes its own dz row, or its own un-pooled window)
+  at::parallel_for(first, last, kSumRows, [&](int64_t r0, int64_t r1) {
+    std::vector<float> g(c);
+    std::vector<uint8_t> flags(padded(c)), pos(padded(c));
+    for (int64_t r = r0; r < r1; ++r) {
+      src.row(r, g.data(), flags.data());
+      expand_bits(y_bits + r * width, c, pos.data());
+      #pragma GCC ivdep
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const float signed_slope = pos[ch] ? slope[ch] : -slope[ch];
+        g[ch] = (g[ch] / sigma1[ch] - shift[ch]) - signed_slope;
+      }
+      if (!pool_bn) {
+        store_floats(g.data(), c, dz + (r - first) * c);
+        continue;
+      }
+      const int64_t n = r / hw - first / hw, yh = (r % hw) / src.w, yw = (r % hw) % src.w;
+      const uint8_t* prow = pool_bn + r * c;
+      #pragma GCC ivdep
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const int64_t zh = 2 * yh + (prow[ch] >> 1), zw = 2 * yw + (prow[ch] & 1);
+        dz[((n * h2 + zh) * w2 + zw) * c + ch] = static_cast<D>(g[ch]);
+      }
     }
-    if (!pool_bn) {
-      store_floats(g.data(), c, dz + (r - first) * c);
-      continue;
-    }
-    const int64_t n = r / hw - first / hw, yh = (r % hw) / src.w, yw = (r % hw) % src.w;
-    const uint8_t* prow = pool_bn + r * c;
-    #pragma GCC ivdep
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const int64_t zh = 2 * yh + (prow[ch] >> 1), zw = 2 * yw + (prow[ch] & 1);
-      dz[((n * h2 + zh) * w2 + zw) * c + ch] = static_cast<D>(g[ch]);
-    }
-  }
+  });
 }
 
 template <typename G>
