@@ -104,7 +104,16 @@ class ProcessTreeLoad:
 
 
 class ModeledMeter:
-    """A meter that models power from CPU load, one sample per `interval_s`."""
+    """A meter that models power from CPU load, one sample per `interval_s`.
+
+    The load of a read is the mean over the time since the previous read, from cumulative
+    CPU-time counters, so a read that comes late (this thread was not scheduled: the job
+    and the harness's own work share the cores) still knows the mean over the whole late
+    period exactly. It returns one sample per interval that period spans, each with that
+    mean and stamped at its interval's middle, instead of one sample and a hole in time
+    followed by a burst of near-empty reads; the energy over the period is the same, only
+    its distribution inside it is not resolved (a modeled figure either way).
+    """
 
     def __init__(
         self,
@@ -121,11 +130,13 @@ class ModeledMeter:
         self.rejected_records = 0
         self._load: ProcessTreeLoad | None = None
         self._next = 0.0
+        self._last_read = 0.0
         self._seq = 0
 
     def connect(self) -> None:
         self._load = ProcessTreeLoad(self.pid)
-        self._next = time.monotonic() + self.interval_s
+        self._last_read = time.monotonic()
+        self._next = self._last_read + self.interval_s
 
     def close(self) -> None:
         self._load = None
@@ -134,22 +145,28 @@ class ModeledMeter:
         if self._load is None:
             raise MeterError("modeled meter is not connected")
         time.sleep(max(0.0, self._next - time.monotonic()))
-        self._next += self.interval_s
         power_w = self.profile.power_w(self._load.utilisation())
         t_host_s, t_mono_ns = host_now()
-        half_s = self.interval_s / 2  # the load is a mean over the interval: stamp its middle
-        self._seq += 1
-        return [
-            PowerSample(
-                t_host_s=t_host_s - half_s,
-                t_mono_ns=t_mono_ns - int(half_s * 1e9),
+        now = time.monotonic()
+        period_s = max(now - self._last_read, self.interval_s)
+        intervals = max(1, round(period_s / self.interval_s))
+        self._last_read = now
+        self._next = max(self._next + self.interval_s, now + self.interval_s / 2)
+        step_s = period_s / intervals
+        samples = []
+        for i in range(intervals):  # the middle of each interval the period spans
+            back_s = (intervals - i - 0.5) * step_s
+            self._seq += 1
+            samples.append(PowerSample(
+                t_host_s=t_host_s - back_s,
+                t_mono_ns=t_mono_ns - int(back_s * 1e9),
                 power_w=power_w,
                 volts=self.profile.supply_volts,
                 amps=power_w / self.profile.supply_volts,
                 seq=self._seq,
                 modeled=True,
-            )
-        ]
+            ))
+        return samples
 
 
 def default_profile() -> PowerProfile:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import time
 from pathlib import Path
 
@@ -100,6 +101,23 @@ def test_modeled_meter_labels_every_sample():
     assert all(2.7 <= s.power_w <= 7.5 for s in samples)
     assert samples[0].amps == pytest.approx(samples[0].power_w / 5.1)
     assert POWER_PROFILES["pi4"].power_w(1.5) == POWER_PROFILES["pi4"].busy_w  # clamped
+
+
+def test_a_late_modeled_read_covers_every_interval_it_spans_without_a_burst_after():
+    meter = ModeledMeter(POWER_PROFILES["pi5"], interval_s=0.05)
+    meter.connect()
+    first = meter.read()
+    time.sleep(0.4)  # the reading thread was not scheduled for about 8 intervals
+    late = meter.read()
+    assert len(first) == 1 and 7 <= len(late) <= 10, (len(first), len(late))
+    stamps = [s.t_host_s for s in first + late]
+    steps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert all(0.02 < step < 0.08 for step in steps), steps  # no hole, evenly spread
+    assert len({s.power_w for s in late}) == 1  # one mean over the late period
+    assert [s.seq for s in first + late] == list(range(1, len(stamps) + 1))
+    started = time.monotonic()
+    after = meter.read()  # back on its cadence: waits, no burst of near-empty reads
+    assert len(after) == 1 and time.monotonic() - started >= 0.02
 
 
 def test_modeled_profile_takes_the_boards_own_watts_and_refuses_bad_ones():
