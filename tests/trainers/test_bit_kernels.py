@@ -19,15 +19,7 @@ from trainers.methods import make_recipe
 from trainers.models import build_model
 from trainers.optim import build_optimizer
 
-pytestmark = pytest.mark.compiler
-
-
-@pytest.fixture(autouse=True)
-def bit_kernels():
-    if native.load() is None:
-        pytest.skip(f"fused kernels cannot be built here: {native.status()}")
-    yield
-    kernels.set_bit_forward(True)
+pytestmark = [pytest.mark.compiler, pytest.mark.usefixtures("compiled_kernels")]
 
 
 def signs(t: torch.Tensor) -> torch.Tensor:

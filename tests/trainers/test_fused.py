@@ -23,15 +23,7 @@ from trainers.lowmem_optim import LowMemAdam
 from trainers.methods import LowMemSwitches, make_recipe
 from trainers.models import build_model
 
-pytestmark = pytest.mark.compiler
-
-
-@pytest.fixture(autouse=True)
-def fused_kernels():
-    if native.load() is None:
-        pytest.skip(f"fused kernels cannot be built here: {native.status()}")
-    yield
-    native.set_fused(True)
+pytestmark = [pytest.mark.compiler, pytest.mark.usefixtures("compiled_kernels")]
 
 
 FP16_EPS = torch.finfo(torch.float16).eps

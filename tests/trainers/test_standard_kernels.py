@@ -21,13 +21,7 @@ from trainers.layers import (
 )
 from trainers.methods import LowMemSwitches
 
-
-@pytest.fixture(autouse=True)
-def kernels():
-    if native.load() is None:
-        pytest.skip(f"fused kernels cannot be built here: {native.status()}")
-    yield
-    native.set_fused(True)
+pytestmark = pytest.mark.usefixtures("compiled_kernels")
 
 
 def reference(bn: L1BatchNorm, x: torch.Tensor, sign_output: bool) -> torch.Tensor:
