@@ -28,8 +28,8 @@ inside `elementwise_threads()`, while the products (`linear_int8`, `conv2d_int8`
 `linear`, `bit_conv`, `matmul`, `conv2d_input`, `conv2d_weight`) always use all of torch's
 threads.
 
-XNOR-popcount (`bit_conv`, `trainers/csrc/bit_kernels.cpp`): a hidden conv layer's input is
-+-1 and the fused block holds it as packed sign bits already, so its forward product is
+XNOR-popcount (`bit_conv`, `trainers/csrc/bit_kernels.cpp`): a hidden conv or dense layer's
+input is +-1 and the fused block holds it as packed sign bits already, so its forward product is
 C - 2 popcount(x XOR w) per tap, exact like the int8 product and without an unpacked input
 or im2col columns. `BNN_BIT_FORWARD=0` (or `set_bit_forward(False)`) turns it off.
 """
@@ -168,8 +168,8 @@ def grad_dtype() -> torch.dtype:
 
 
 def set_bit_forward(enabled: bool) -> None:
-    """Whether hidden conv layers of the fused low-memory block run XNOR-popcount on their
-    input's sign bits (`bit_conv`); off, they run `get_compute()`'s product."""
+    """Whether hidden conv and dense layers of the fused low-memory block run XNOR-popcount
+    on their input's sign bits (`bit_conv`); off, they run `get_compute()`'s product."""
     global _bit_forward
     _bit_forward = enabled
 
@@ -337,7 +337,7 @@ def describe() -> dict:
     return {
         "compute": get_compute() + (" (auto: the faster here)" if _compute == "auto" else ""),
         "lowmem_block": native.status(),
-        "forward_kernel": (("hidden conv: XNOR-popcount on sign bits; "
+        "forward_kernel": (("hidden layers: XNOR-popcount on sign bits; "
                             if bit_forward_enabled() else "")
                            + ("int8 _int_mm (im2col for conv), int32 accumulation"
                               if int8_enabled() else "fp32 F.linear / F.conv2d")),

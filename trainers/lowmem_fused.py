@@ -315,8 +315,6 @@ def conv_weight_bits(weight: torch.Tensor) -> torch.Tensor:
     order: `kernels.bit_conv`'s right operand."""
     o, c, kh, kw = weight.shape
     w = weight.permute(0, 2, 3, 1).reshape(o * kh * kw, c)
-    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        w = w.float()  # int8 +-1 of a packed-bit parameter
     _, bits, _ = native.kernels().sign_pack(w.contiguous(), True, False)
     return bits.view(o, kh * kw * bits.shape[1])
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from trainers import kernels, native
 from trainers.engine import train_step
 from trainers.lowmem_fused import conv_weight_bits
-from trainers.methods import make_recipe
+from trainers.methods import LowMemSwitches, make_recipe
 from trainers.models import build_model
 from trainers.optim import build_optimizer
 
@@ -60,11 +60,14 @@ def test_bit_conv_refuses_rows_of_the_wrong_width():
                          (3, 3), (1, 1), (0, 0))
 
 
-def lowmem_step(model_name: str, shape: tuple[int, ...], bits: bool) -> tuple[float, list]:
-    """One lowmem training step from the same start: loss and every parameter after it."""
+def lowmem_step(model_name: str, shape: tuple[int, ...], bits: bool, optimizer: str
+                ) -> tuple[float, list]:
+    """One lowmem training step from the same start: loss and every parameter after it.
+    With Bop the binary weights are packed bits, read as int8 +-1."""
     kernels.set_bit_forward(bits)
     torch.manual_seed(0)
-    recipe = make_recipe("lowmem", optimizer="adam")
+    recipe = (make_recipe("bop", enable=LowMemSwitches.lowmem().enabled()) if optimizer == "bop"
+              else make_recipe("lowmem", optimizer=optimizer))
     model = build_model(model_name, recipe, in_shape=shape)
     optimizer = build_optimizer(model, recipe)
     generator = torch.Generator().manual_seed(1)
@@ -74,11 +77,13 @@ def lowmem_step(model_name: str, shape: tuple[int, ...], bits: bool) -> tuple[fl
     return loss, [p.detach().clone() for p in model.parameters()]
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "bop"])
 @pytest.mark.parametrize("model_name,shape", [("cnv", (3, 32, 32)), ("mlp", (1, 28, 28))])
-def test_a_lowmem_step_is_the_same_with_and_without_the_bit_forward(model_name, shape):
-    loss_bits, params_bits = lowmem_step(model_name, shape, bits=True)
+def test_a_lowmem_step_is_the_same_with_and_without_the_bit_forward(model_name, shape,
+                                                                     optimizer):
+    loss_bits, params_bits = lowmem_step(model_name, shape, True, optimizer)
     assert "XNOR-popcount" in kernels.describe()["forward_kernel"]
-    loss_float, params_float = lowmem_step(model_name, shape, bits=False)
+    loss_float, params_float = lowmem_step(model_name, shape, False, optimizer)
     assert "XNOR-popcount" not in kernels.describe()["forward_kernel"]
     assert loss_bits == loss_float
     assert all(torch.equal(a, b) for a, b in zip(params_bits, params_float))

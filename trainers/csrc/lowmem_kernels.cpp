@@ -218,7 +218,7 @@ inline float po2_round(float g, int exp_max, int exp_min) {
 // ---------------------------------------------------------------- forward
 
 // sgn(x) as int8 +-1 (sgn(0) = +1), and optionally the packed sign bits (x >= 0) and the
-// packed STE mask (|x| <= 1) of a (rows, K) float tensor.
+// packed STE mask (|x| <= 1) of a (rows, K) float tensor (or int8 +-1: a packed-bit weight).
 template <typename T>
 void sign_pack_impl(const T* x, int64_t rows, int64_t k, int8_t* out, uint8_t* bits,
                     uint8_t* mask) {
@@ -255,6 +255,8 @@ std::vector<Tensor> sign_pack(const Tensor& x, bool want_bits, bool want_mask) {
     sign_pack_impl(x.data_ptr<at::BFloat16>(), rows, k, out.data_ptr<int8_t>(), bp, mp);
   } else if (x.scalar_type() == torch::kHalf) {
     sign_pack_impl(x.data_ptr<at::Half>(), rows, k, out.data_ptr<int8_t>(), bp, mp);
+  } else if (x.scalar_type() == torch::kChar) {  // int8 +-1 of a packed-bit parameter
+    sign_pack_impl(x.data_ptr<int8_t>(), rows, k, out.data_ptr<int8_t>(), bp, mp);
   } else {
     TORCH_CHECK(false, "sign_pack: unsupported dtype ", x.scalar_type());
   }
@@ -993,8 +995,7 @@ std::vector<Tensor> dense_forward(const Tensor& x, const Tensor& weight, const T
     auto packed = sign_pack(x.contiguous(), pack_input || bits, false);
     x_bits = pack_input ? packed[1] : empty;
     if (bits) {  // XNOR-popcount of the input's sign bits with sgn(W)'s
-      const Tensor w = weight.scalar_type() == torch::kChar ? weight.to(torch::kFloat) : weight;
-      const Tensor w_bits = sign_pack(w.contiguous(), true, false)[1];
+      const Tensor w_bits = sign_pack(weight.contiguous(), true, false)[1];
       z = bit_conv(packed[1], x.size(0), 1, 1, x.size(1), w_bits, 1, 1, 1, 1, 0, 0);
     } else if (int8) {
       z = at::_int_mm(packed[0], signs(weight.contiguous(), torch::kInt8).t());
