@@ -495,7 +495,10 @@ class LowMemBlockFunction(torch.autograd.Function):
                     grad_x.copy_(kernels.matmul(dz, sign_as(weight, cd)))
         else:
             d_w = torch.zeros(weight.shape, dtype=torch.float32)
-            w_sign = sign_as(weight, cd) if need_x else None
+            # channels-last, as the fused path has it (trainers.lowmem_fused): the product
+            # then sums in the same order, and the two paths' dX agree to the bit
+            w_sign = (sign_as(weight, cd).contiguous(memory_format=torch.channels_last)
+                      if need_x else None)
             for s, e in y_rows:
                 with phase("lowmem.backward.bn_grad"):
                     dz = grad_z(s, e)

@@ -238,10 +238,12 @@ class CodedGradient:
         self.rows_per_sample = rows_per_sample
         self.chunk_exponents: list[tuple[int, int, float]] = []
 
-    def add(self, s: int, e: int, dx: torch.Tensor) -> None:
-        exp_max = float(max_exponent(dx))
+    def add(self, s: int, e: int, dx_rows: torch.Tensor) -> None:
+        """Codes samples s:e's dX, given as channels-last rows."""
+        exp_max = float(max_exponent(dx_rows))
         r0, r1 = s * self.rows_per_sample, e * self.rows_per_sample
-        self.codes[r0:r1] = native.kernels().po2_encode(as_rows(dx), exp_max, PO2_LEVELS)
+        with kernels.all_threads():
+            self.codes[r0:r1] = native.kernels().po2_encode(dx_rows, exp_max, PO2_LEVELS)
         self.chunk_exponents.append((r0, r1, exp_max))
 
     def hand_down(self, mailbox: GradientMailbox) -> None:
@@ -565,7 +567,10 @@ def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
         grad_x = (torch.empty(ctx.x_shape, dtype=ctx.x_dtype,
                               memory_format=torch.channels_last)
                   if need_x and coded is None else None)
-        w_sign = native.kernels().signs(weight.contiguous(), cd) if need_x else None
+        # channels-last like dz: the dX product then converts neither, and dX comes out as
+        # channels-last rows that are masked and coded in place (no NCHW copies)
+        w_sign = (native.kernels().signs(weight.contiguous(), cd)
+                  .contiguous(memory_format=torch.channels_last) if need_x else None)
         per_sample = max(channels * math.prod(ctx.pre_pool_hw if pool_bn.numel() else (h, w)),
                          c_in * h_in * w_in)
         samples = max(math.ceil(n / BACKWARD_CHUNKS), BACKWARD_CHUNK_ELEMENTS // per_sample)
@@ -587,18 +592,18 @@ def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
                     del x_in
                 if need_x and o0 == 0:
                     with phase("lowmem.backward.dx"):
-                        dx = kernels.conv2d_input((e - s, c_in, h_in, w_in), w_sign,
-                                                  dz.to(cd), layer.stride, layer.padding)
+                        dx = as_rows(kernels.conv2d_input((e - s, c_in, h_in, w_in), w_sign,
+                                                          dz.to(cd), layer.stride,
+                                                          layer.padding))
                         if spec.sign_input:
-                            keep = ext.unpack_signs(in_mask[s * h_in * w_in:e * h_in * w_in],
-                                                    c_in, torch.int8)
-                            dx = dx.masked_fill(nchw(keep, e - s, h_in, w_in) < 0, 0)
+                            with kernels.all_threads():
+                                ext.mask_rows(dx, in_mask[s * h_in * w_in:e * h_in * w_in])
                         if coded is not None:
                             if ctx.x_dtype == torch.float16:  # code what autograd would carry
                                 dx = dx.to(torch.float16).float()
                             coded.add(s, e, dx)
                         else:
-                            grad_x[s:e] = dx
+                            grad_x[s:e] = nchw(dx, e - s, h_in, w_in)
             if sw.binary_dw:
                 packed_dw[o0:o1] = pack_rows(d_w >= 0)
         if coded is not None:

@@ -314,7 +314,7 @@ def test_coded_gradient_rebased_by_chunks_equals_one_encoding():
         torch.bfloat16).contiguous(memory_format=torch.channels_last)
     coded = CodedGradient(6 * 25, 8, 25)
     for s, e in [(0, 1), (1, 4), (4, 6)]:  # chunks with very different largest exponents
-        coded.add(s, e, dx[s:e])
+        coded.add(s, e, as_rows(dx[s:e]))
     mailbox = GradientMailbox()
     coded.hand_down(mailbox)
     codes, exp_max = mailbox.take()
