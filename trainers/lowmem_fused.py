@@ -73,6 +73,9 @@ DX_BLOCK_ELEMENTS = 1 << 20
 # most about this large (4 MiB): binarynet's two largest layers in 2 and 3 blocks, the others
 # (and all of cnv's) in one.
 CONV_DW_BLOCK_ELEMENTS = 1 << 20
+# A conv block's dW from its input's sign bits (`sign_conv_dw`) makes im2col columns this
+# many float32 values (2 MiB) at a time: a few hundred rows a product on cnv and binarynet.
+SIGN_COLUMNS_ELEMENTS = 1 << 19
 EMPTY = torch.empty(0, dtype=torch.uint8)
 EMPTY_FLOAT = torch.empty(0)
 
@@ -105,6 +108,11 @@ def low_memory_block(block: BinaryBlock, x: torch.Tensor) -> torch.Tensor:
 def dw_block_rows(in_features: int, elements: int = DW_BLOCK_ELEMENTS) -> int:
     """Output rows per block of a dense layer's dW or first-layer sgn(W) (see lowmem)."""
     return max(DW_BLOCK_MIN_ROWS, elements // in_features)
+
+
+def sign_columns_rows(columns: int) -> int:
+    """Rows of `sign_conv_dw`'s im2col block for a layer with this many columns."""
+    return max(1, SIGN_COLUMNS_ELEMENTS // columns)
 
 
 def weight_matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -580,16 +588,26 @@ def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
         out_blocks = conv_dw_blocks(weight.shape) if sw.binary_dw else [(0, weight.shape[0])]
         if sw.binary_dw:
             packed_dw = packed_rows(weight.shape[0], math.prod(weight.shape[1:]))
+        on_bits = ctx.x_packed and wd == torch.float32  # dW from the sign bits
+        _, kh, kw = weight.shape[1:]
         for o0, o1 in out_blocks:  # dz is recomputed for each block of output channels
-            d_w = torch.zeros((o1 - o0, *weight.shape[1:]), dtype=torch.float32)
+            d_w = torch.zeros((o1 - o0, kh * kw * c_in) if on_bits
+                              else (o1 - o0, *weight.shape[1:]), dtype=torch.float32)
             for s, e in spans:
                 with phase("lowmem.backward.bn_grad"):
                     dz = grad_z(s, e, wd)
                 with phase("lowmem.backward.dw"):
-                    x_in = input_chunk(ctx, x_saved, s, e, wd)
-                    d_w += kernels.conv2d_weight(x_in, d_w.shape, dz[:, o0:o1], layer.stride,
-                                                 layer.padding)
-                    del x_in
+                    if on_bits:
+                        with kernels.all_threads():
+                            ext.sign_conv_dw(x_saved, n, h_in, w_in, c_in, kh, kw,
+                                             *layer.stride, *layer.padding,
+                                             s * math.prod(dz.shape[2:]), as_rows(dz)[:, o0:o1],
+                                             d_w, sign_columns_rows(d_w.shape[1]))
+                    else:
+                        x_in = input_chunk(ctx, x_saved, s, e, wd)
+                        d_w += kernels.conv2d_weight(x_in, d_w.shape, dz[:, o0:o1],
+                                                     layer.stride, layer.padding)
+                        del x_in
                 if need_x and o0 == 0:
                     with phase("lowmem.backward.dx"):
                         dx = as_rows(kernels.conv2d_input((e - s, c_in, h_in, w_in), w_sign,
@@ -604,6 +622,8 @@ def fused_backward(ctx, grad_out: torch.Tensor, codes: tuple[torch.Tensor, float
                             coded.add(s, e, dx)
                         else:
                             grad_x[s:e] = nchw(dx, e - s, h_in, w_in)
+            if on_bits:  # taps-major (o, kh, kw, c) -> the weight's (o, c, kh, kw)
+                d_w = d_w.view(o1 - o0, kh, kw, c_in).permute(0, 3, 1, 2).contiguous()
             if sw.binary_dw:
                 packed_dw[o0:o1] = pack_rows(d_w >= 0)
         if coded is not None:

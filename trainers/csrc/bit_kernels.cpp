@@ -199,7 +199,7 @@ const SignFloats kSignFloats;
 // of cols is (kh, kw, c) +-1.0f values, 0 for a tap outside the image (zero padding).
 void sign_columns(const uint8_t* x, const ConvShape& s, int64_t first, int64_t last,
                   float* cols) {
-  const int64_t k = s.taps() * s.c;
+  const int64_t k = s.taps() * s.c, whole = s.c / 8, tail = s.c % 8;
   for (int64_t r = first; r < last; ++r) {
     const int64_t img = r / (s.ho * s.wo), pos = r % (s.ho * s.wo);
     const int64_t oi = pos / s.wo, oj = pos % s.wo;
@@ -213,9 +213,9 @@ void sign_columns(const uint8_t* x, const ConvShape& s, int64_t first, int64_t l
           continue;
         }
         const uint8_t* src = x + ((img * s.h + i) * s.w + j) * s.cb;
-        for (int64_t b = 0; b < s.cb; ++b)
-          std::memcpy(dst + 8 * b, kSignFloats.values[src[b]],
-                      sizeof(float) * std::min<int64_t>(8, s.c - 8 * b));
+        for (int64_t b = 0; b < whole; ++b)  // a fixed size: one vector move, not a call
+          std::memcpy(dst + 8 * b, kSignFloats.values[src[b]], 8 * sizeof(float));
+        if (tail) std::memcpy(dst + 8 * whole, kSignFloats.values[src[whole]], tail * sizeof(float));
       }
   }
 }
