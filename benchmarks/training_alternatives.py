@@ -132,7 +132,8 @@ def worker_main(arm: str, model_name: str, batch_size: int, threads: int) -> int
 
             step_s, best_s = worker.run(int(command[1]))
             print(json.dumps({"step_s": step_s, "best_step_s": best_s,
-                              "threads": governor.describe()}), flush=True)
+                              "threads": governor.describe(),
+                              "reductions": governor.reductions}), flush=True)
         elif command[0] == "memory":
             growth = rss.peak_delta_bytes()  # before the ledger's step, which costs extra
             from trainers import kernels
@@ -163,6 +164,7 @@ class Arm:
         self.ready = self.ask(None)
         self.step_s: list[float] = []
         self.best_s: list[float] = []
+        self.reductions = 0  # times the thread governor went to one thread (engine arms)
 
     def ask(self, command: str | None) -> dict:
         if command is not None:
@@ -207,6 +209,7 @@ def compare_model(model_name: str, args: argparse.Namespace) -> dict:
                 answer = arms[name].ask(f"run {steps}")
                 arms[name].step_s.append(answer["step_s"])
                 arms[name].best_s.append(answer["best_step_s"])
+                arms[name].reductions = answer["reductions"]
             print(f"  {model_name} round {r + 1}/{args.rounds} (load {load_average()})",
                   file=sys.stderr, flush=True)
         memory = {name: arm.ask("memory") for name, arm in arms.items()}
@@ -225,6 +228,7 @@ def compare_model(model_name: str, args: argparse.Namespace) -> dict:
             "x_plain_max": max(ratios) if ratios else None,
             "best_step_s": min(arm.best_s),
             "best_x_plain": min(arm.best_s) / min(plain.best_s) if plain else None,
+            "governor_reductions": arm.reductions,
             **memory[name],
         }
     return {"model": model_name, "steps_per_round": steps, "rows": rows,
@@ -269,6 +273,12 @@ def print_table(result: dict, args: argparse.Namespace) -> None:
               f" {row['best_step_s'] * 1e3:>8.1f} {best_ratio:>8}"
               f" {row['tensor_peak_bytes'] / MIB:>11.2f} {row['rss_growth_bytes'] / MIB:>9.1f}"
               f" {row['peak_rss_bytes'] / MIB:>13.1f}")
+    throttled = {name: row["governor_reductions"] for name, row in result["rows"].items()
+                 if row["governor_reductions"]}
+    if throttled:  # what produced the figures: some engine steps ran on one thread
+        print("  thread governor went to one thread (times): " + ", ".join(
+            f"{name} {count}" for name, count in throttled.items())
+              + " (trainers/threads.py; --no-adaptive-threads keeps the count)")
     for goal, ok in result["goals"].items():
         print(f"  {goal}: {'yes' if ok else 'NO'}")
 

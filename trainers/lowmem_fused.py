@@ -485,8 +485,9 @@ def fused_forward(ctx, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor
 def input_chunk(ctx, x_saved: torch.Tensor, s: int, e: int, dtype: torch.dtype
                 ) -> torch.Tensor:
     """The layer's input for samples s:e in dtype, unpacked from sign-bit rows if packed."""
-    if not ctx.x_packed:
-        return x_saved[s:e].to(dtype)
+    if not ctx.x_packed:  # channels-last like dz (a first layer's dW: half the time)
+        x = x_saved[s:e].to(dtype)
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
     if len(ctx.x_shape) == 2:
         return native.kernels().unpack_signs(x_saved[s:e], ctx.x_shape[1], dtype)
     _, c, h, w = ctx.x_shape
