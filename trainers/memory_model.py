@@ -26,8 +26,14 @@ from torch import nn
 
 from trainers.blocks import BinaryBlock
 from trainers.layers import L1BatchNorm, weight_shape
-from trainers.lowmem import BACKWARD_CHUNK_ELEMENTS, DW_BLOCK_ELEMENTS
-from trainers.lowmem_fused import BACKWARD_CHUNKS, codes_gradients, hands_sign_bits, runs_fused
+from trainers.lowmem import BACKWARD_CHUNK_ELEMENTS, DW_BLOCK_ELEMENTS, product_dtype
+from trainers.lowmem_fused import (
+    BACKWARD_CHUNKS,
+    codes_gradients,
+    hands_sign_bits,
+    runs_fused,
+    sign_columns_rows,
+)
 from trainers.methods import LowMemSwitches, Recipe
 from trainers.models import LayerInfo, layer_inventory
 from trainers.real_blocks import RealConvBN
@@ -311,7 +317,9 @@ def _backward_scratch_bits(shape: BlockShape, recipe: Recipe, in_grad_bits: int,
     of that size). A low-memory first block computes no input gradient; a dense one keeps its
     float32 dz for the real-input dW, plus one block of that dW and its signs. A fused conv
     block adds one chunk of samples' dz, unpacked input and dX (16-bit; dz float32 on a
-    first layer)."""
+    first layer); with float32 products (`kernels`' "auto" on a CPU without fast int8), dz
+    and dX are float32 and dW comes from the input's sign bits through one block of im2col
+    columns (`sign_conv_dw`) instead of an unpacked input."""
     first = shape.block.spec.first and recipe.switches.any
     buffer = 0 if first else shape.input_elements * in_grad_bits * batch_size
     if first and _dense(shape):
@@ -320,8 +328,14 @@ def _backward_scratch_bits(shape: BlockShape, recipe: Recipe, in_grad_bits: int,
         per_sample = max(shape.layer_output_elements, shape.input_elements)
         samples = min(batch_size, max(math.ceil(batch_size / BACKWARD_CHUNKS),
                                       BACKWARD_CHUNK_ELEMENTS // per_sample))
-        per_chunk_sample = shape.layer_output_elements * (32 if first else 16)
-        if not first:
+        float_products = product_dtype(recipe.switches) == torch.float32
+        per_chunk_sample = shape.layer_output_elements * (32 if first or float_products else 16)
+        if not first and float_products:
+            per_chunk_sample += shape.input_elements * 32
+            layer = shape.block.layer
+            columns = layer.in_channels * math.prod(layer.kernel_size)
+            buffer += sign_columns_rows(columns) * columns * 32
+        elif not first:
             per_chunk_sample += shape.input_elements * 16 * 2
         buffer += samples * per_chunk_sample
     return buffer
