@@ -1,7 +1,9 @@
 """Standard binary layers: forward values and gradients (gradcheck in float64)."""
 
+import pytest
 import torch
 
+from trainers import native
 from trainers.layers import (
     BinarizeWeight,
     BinaryConv2d,
@@ -73,3 +75,20 @@ def test_binary_linear_gradcheck_wrt_input():
     layer = BinaryLinear(4, 3).double()
     x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,))
+
+
+@pytest.mark.usefixtures("compiled_kernels")
+def test_binarize_weight_gradient_kernel_equals_the_autograd_expression():
+    """`ste_weight_grad` (one pass) gives what grad * (|w| <= 1) gives, the border included."""
+    torch.manual_seed(4)
+    w = torch.randn(37, 53) * 1.5
+    w[0, :4] = torch.tensor([-1.0, 1.0, -1.0000001, 1.0000001])
+    grad = torch.randn(37, 53)
+    results = []
+    for fused in (True, False):
+        native.set_fused(fused)
+        latent = w.clone().requires_grad_(True)
+        BinarizeWeight.apply(latent).backward(grad)
+        results.append(latent.grad)
+    assert torch.equal(results[0], results[1])
+    assert results[0][0, :4].tolist() == [grad[0, 0].item(), grad[0, 1].item(), 0.0, 0.0]
