@@ -22,7 +22,12 @@ import subprocess
 
 # -std=c++20 (std::bit_cast, std::endian): after torch's own -std flag, so it wins where
 # torch's builder asks for C++17 (torch 2.10, the newest aarch64 CPU build on the index).
-BASE_CFLAGS = ("-std=c++20", "-O3", "-ffp-contract=off", "-fno-math-errno")
+# -fopenmp: without it the kernels' `at::parallel_for` is a plain loop (ATen's header runs
+# the range serially unless _OPENMP is defined), so every "parallel" pass ran on one thread.
+# LDFLAGS link OpenMP's runtime: libgomp.so.1, the soname torch has already loaded, so the
+# process keeps one OpenMP runtime and one thread pool.
+BASE_CFLAGS = ("-std=c++20", "-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 # Tried in order; the first the compiler accepts is used.
 NATIVE_CANDIDATES = {"aarch64": ("-march=native", "-mcpu=native")}
 DEFAULT_NATIVE_CANDIDATES = ("-march=native",)

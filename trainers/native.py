@@ -77,7 +77,8 @@ def build(progress: Callable[[str], None] | None = None) -> kernel_cache.KernelB
         os.environ["MAX_JOBS"] = str(kernel_cache.BUILD_JOBS)  # ninja -j for torch's builder
         try:
             load_extension(name=entry.name, sources=copies, build_directory=str(entry.directory),
-                           extra_cflags=flags, verbose=False)
+                           extra_cflags=flags, extra_ldflags=list(build_flags.LDFLAGS),
+                           verbose=False)
         finally:
             if jobs is None:
                 os.environ.pop("MAX_JOBS", None)
