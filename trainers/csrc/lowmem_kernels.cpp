@@ -223,19 +223,21 @@ template <typename T>
 void sign_pack_impl(const T* x, int64_t rows, int64_t k, int8_t* out, uint8_t* bits,
                     uint8_t* mask) {
   const int64_t width = packed_width(k);
-  std::vector<uint8_t> pos(padded(k), 0), inside(padded(k), 0);
+  std::vector<uint8_t> pos_flags(padded(k), 0), inside_flags(padded(k), 0);
+  uint8_t* __restrict__ pos = pos_flags.data();  // restrict pointers: see bn_forward_impl
+  uint8_t* __restrict__ inside = inside_flags.data();
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * k;
-    int8_t* orow = out + r * k;
+    int8_t* __restrict__ orow = out + r * k;
     #pragma GCC ivdep
     for (int64_t j = 0; j < k; ++j) pos[j] = as_float(xr[j]) >= 0.0f;
     #pragma GCC ivdep
     for (int64_t j = 0; j < k; ++j) orow[j] = static_cast<int8_t>(2 * pos[j] - 1);
-    if (bits) pack_flags(pos.data(), k, bits + r * width);
+    if (bits) pack_flags(pos, k, bits + r * width);
     if (mask) {
       #pragma GCC ivdep
       for (int64_t j = 0; j < k; ++j) inside[j] = std::fabs(as_float(xr[j])) <= 1.0f;
-      pack_flags(inside.data(), k, mask + r * width);
+      pack_flags(inside, k, mask + r * width);
     }
   }
 }
@@ -268,14 +270,17 @@ std::vector<Tensor> sign_pack(const Tensor& x, bool want_bits, bool want_mask) {
 template <typename W, typename T>
 void signs_impl(const W* w, int64_t n, T* out) {
   const T plus = from_float<T>(1.0f), minus = from_float<T>(-1.0f);
-  std::vector<float> wf(std::min<int64_t>(n, 4096));
-  std::vector<uint8_t> pos(wf.size());
-  for (int64_t start = 0; start < n; start += wf.size()) {
-    const int64_t count = std::min<int64_t>(wf.size(), n - start);
-    load_floats(w + start, count, wf.data());
+  const int64_t block = std::min<int64_t>(n, 4096);
+  std::vector<float> values(block);
+  std::vector<uint8_t> flags(block);
+  float* __restrict__ wf = values.data();  // restrict pointers: see bn_forward_impl
+  uint8_t* __restrict__ pos = flags.data();
+  for (int64_t start = 0; start < n; start += block) {
+    const int64_t count = std::min<int64_t>(block, n - start);
+    load_floats(w + start, count, wf);
 #pragma GCC ivdep
     for (int64_t i = 0; i < count; ++i) pos[i] = wf[i] >= 0.0f;
-    select_signs(pos.data(), count, plus, minus, out + start);
+    select_signs(pos, count, plus, minus, out + start);
   }
 }
 
